@@ -1,0 +1,39 @@
+"""The ``lightning-scale`` console script: LightningCLI with the suite's strategies registered.
+
+``lightning-scale fit|validate|test|predict --config recipe.yaml`` runs a recipe. Importing
+:mod:`lightning_scale` registers the suite's strategies with Lightning, so a YAML file may
+select them by registered name (``strategy: pipeline``) or by ``class_path``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+import lightning_scale  # noqa: F401  (registers the strategies)
+from lightning_scale.utils.wandb_offline import configure_offline_if_needed
+
+
+class ScaleCLI(LightningCLI):
+    """LightningCLI whose model and data are any LightningModule / LightningDataModule subclass."""
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Entry point of ``lightning-scale``. ``args`` defaults to ``sys.argv[1:]``."""
+    # W&B: without an API key (or with WANDB_MODE unset on a machine without network) log
+    # offline instead of prompting for a login.
+    configure_offline_if_needed()
+    ScaleCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=None if args is None else list(args),
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,1 @@
+"""Torch-only core: plans, mesh math, schedules, formulas, tables. Nothing here imports lightning."""
