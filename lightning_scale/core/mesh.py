@@ -1,0 +1,100 @@
+"""Parallel dimensions -> one DeviceMesh with named dims ``("pp", "dp", "tp")``. Torch only.
+
+Rank layout: ``tp`` is the innermost (fastest-varying) dimension so the ranks of a
+tensor-parallel group are adjacent (same node, fastest links); ``pp`` is the outermost. With
+world size 8 and ``pp=2, dp=2, tp=2``::
+
+    rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank
+    pp=0: dp=0 -> ranks 0,1 (tp)   dp=1 -> ranks 2,3
+    pp=1: dp=0 -> ranks 4,5        dp=1 -> ranks 6,7
+
+Everything here except :func:`build_device_mesh` is pure arithmetic, so a layout is validated
+on every rank before the first collective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MESH_DIM_NAMES = ("pp", "dp", "tp")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Degrees of pipeline (pp), data (dp) and tensor (tp) parallelism.
+
+    One degree may be ``-1``, meaning "the world size divided by the others".
+    """
+
+    pp: int = 1  # pipeline stages (one rank per stage per replica)
+    dp: int = -1  # data-parallel replicas (or ZeRO shards)
+    tp: int = 1  # tensor-parallel ranks per layer
+
+    def __post_init__(self) -> None:
+        values = {"pp": self.pp, "dp": self.dp, "tp": self.tp}
+        for name, value in values.items():
+            if not isinstance(value, int) or (value < 1 and value != -1):
+                raise ValueError(f"parallel degree {name} must be a positive integer or -1 (= the rest), got {value!r}")
+        if sum(v == -1 for v in values.values()) > 1:
+            raise ValueError(
+                f"at most one of pp/dp/tp may be -1 (= the rest of the world size), got {values}; "
+                f"give explicit sizes for the others"
+            )
+
+    def resolve(self, world_size: int) -> ParallelDims:
+        """Replace -1 by the remaining factor and check that pp * dp * tp == world_size."""
+        if world_size < 1:
+            raise ValueError(f"world size must be >= 1, got {world_size}")
+        values = {"pp": self.pp, "dp": self.dp, "tp": self.tp}
+        known = 1
+        for v in values.values():
+            if v != -1:
+                known *= v
+        for name, v in values.items():
+            if v == -1:
+                if world_size % known != 0:
+                    raise ValueError(
+                        f"world size {world_size} is not divisible by the product of the given parallel "
+                        f"degrees ({' x '.join(f'{k}={x}' for k, x in values.items() if x != -1)} = {known}); "
+                        f"launch a multiple of {known} processes or change the degrees"
+                    )
+                values[name] = world_size // known
+        product = values["pp"] * values["dp"] * values["tp"]
+        if product != world_size:
+            raise ValueError(
+                f"pp x dp x tp = {values['pp']} x {values['dp']} x {values['tp']} = {product} does not equal the "
+                f"world size {world_size} (devices x nodes); change the degrees or set one of them to -1"
+            )
+        return ParallelDims(**values)
+
+    @property
+    def world_size(self) -> int:
+        if -1 in (self.pp, self.dp, self.tp):
+            raise ValueError("call resolve(world_size) first: a degree is still -1")
+        return self.pp * self.dp * self.tp
+
+    def coordinates(self, rank: int) -> dict[str, int]:
+        """The (pp, dp, tp) coordinates of a global rank in the mesh."""
+        size = self.world_size
+        if not 0 <= rank < size:
+            raise ValueError(f"rank {rank} is outside the mesh of {size} ranks")
+        return {"pp": rank // (self.dp * self.tp), "dp": (rank // self.tp) % self.dp, "tp": rank % self.tp}
+
+    def ranks_along(self, dim: str, rank: int) -> list[int]:
+        """Global ranks that share every coordinate of ``rank`` except ``dim`` (its group along dim)."""
+        c = self.coordinates(rank)
+        sizes = {"pp": self.pp, "dp": self.dp, "tp": self.tp}
+        out = []
+        for i in range(sizes[dim]):
+            cc = dict(c, **{dim: i})
+            out.append(cc["pp"] * self.dp * self.tp + cc["dp"] * self.tp + cc["tp"])
+        return out
+
+
+def build_device_mesh(dims: ParallelDims, device_type: str) -> torch.distributed.device_mesh.DeviceMesh:
+    """Create the global mesh (a collective: every rank must call it with the same dims)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (dims.pp, dims.dp, dims.tp), mesh_dim_names=MESH_DIM_NAMES)
