@@ -17,6 +17,7 @@ stage holds only its part of the model.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -161,23 +162,34 @@ class GPT(nn.Module):
         return x
 
     @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        *,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
         """Sample ``max_new_tokens`` tokens after ``idx`` (B, T); returns (B, T + new)."""
-        for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size :]
-            logits = self(context)[:, -1, :] / max(temperature, 1e-6)  # (B, V)
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
-            nxt = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-            idx = torch.cat([idx, nxt], dim=1)
-        return idx
+        return sample_tokens(self, idx, max_new_tokens, block_size=self.config.block_size, **kwargs)
+
+
+@torch.no_grad()
+def sample_tokens(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    block_size: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Autoregressive sampling with any ``forward(idx (B, T)) -> logits (B, T, V)``.
+
+    Taking the forward as a callable lets a strategy stand in for the model (a pipelined
+    network broadcasts its logits to every stage in predict steps).
+    """
+    for _ in range(max_new_tokens):
+        context = idx[:, -block_size:]
+        logits = forward(context)[:, -1, :] / max(temperature, 1e-6)  # (B, V)
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits.float(), dim=-1)
+        nxt = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+        idx = torch.cat([idx, nxt], dim=1)
+    return idx

@@ -14,6 +14,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_scale.core.optim import OptimConfig, adamw_warmup_cosine
 from lightning_scale.models.resnet import ResNet, ResNetConfig
 from lightning_scale.models.vit import ViT, ViTConfig
+from lightning_scale.strategies.interface import data_parallel_group, outputs_here, share_from_output_ranks
+from lightning_scale.tasks.metrics import compute_quietly
 
 
 class ImageClassificationTask(LightningModule):
@@ -54,6 +56,7 @@ class ImageClassificationTask(LightningModule):
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
 
     def setup(self, stage: str) -> None:
+        self.val_acc.process_group = self.test_acc.process_group = data_parallel_group(self.trainer)
         dm = self.trainer.datamodule if self.trainer else None
         cfg = self.model_config
         checks = {
@@ -75,23 +78,32 @@ class ImageClassificationTask(LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], prefix: str, metric) -> torch.Tensor:
         x, y = batch
-        logits = self.model(x)
-        loss = self.loss_fn(logits, y)
-        self.val_acc.update(logits, y)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("val/acc", self.val_acc, prog_bar=True, sync_dist=True)
+        output = self.model(x)
+        loss = self.loss_fn(output, y)
+        logits = outputs_here(output)  # None on pipeline stages that do not hold the outputs
+        if logits is not None:
+            metric.update(logits, y)
+        self.log(f"{prefix}/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, "val", self.val_acc)
+
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        logits = self.model(x)
-        loss = self.loss_fn(logits, y)
-        self.test_acc.update(logits, y)
-        self.log("test/loss", loss, sync_dist=True)
-        self.log("test/acc", self.test_acc, sync_dist=True)
-        return loss
+        return self._eval_step(batch, "test", self.test_acc)
+
+    def _log_accuracy(self, prefix: str, metric) -> None:
+        acc = share_from_output_ranks(self.trainer, compute_quietly(metric).to(self.device))
+        metric.reset()
+        self.log(f"{prefix}/acc", acc, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_accuracy("val", self.val_acc)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_accuracy("test", self.test_acc)
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -18,7 +18,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_scale.core.optim import OptimConfig, adamw_warmup_cosine
-from lightning_scale.models.gpt import GPT, GPTConfig
+from lightning_scale.models.gpt import GPT, GPTConfig, sample_tokens
+from lightning_scale.strategies.interface import data_parallel_group, outputs_here, share_from_output_ranks
+from lightning_scale.tasks.metrics import compute_quietly
 
 
 class LanguageModelingTask(LightningModule):
@@ -65,6 +67,7 @@ class LanguageModelingTask(LightningModule):
 
     # -- steps -------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        self.val_acc.process_group = data_parallel_group(self.trainer)
         data_vocab = getattr(self.trainer.datamodule, "vocab_size", None) if self.trainer else None
         if data_vocab is not None and data_vocab > self.model_config.vocab_size:
             raise ValueError(
@@ -80,11 +83,12 @@ class LanguageModelingTask(LightningModule):
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], prefix: str) -> torch.Tensor:
         x, y = batch
-        logits = self.model(x)
-        loss = self.loss_fn(logits, y)
-        self.val_acc.update(logits.flatten(0, 1), y.flatten())
+        output = self.model(x)
+        loss = self.loss_fn(output, y)
+        logits = outputs_here(output)  # None on pipeline stages that do not hold the outputs
+        if logits is not None:
+            self.val_acc.update(logits.flatten(0, 1), y.flatten())
         self.log(f"{prefix}/loss", loss, prog_bar=True, sync_dist=True)
-        self.log(f"{prefix}/token_acc", self.val_acc, sync_dist=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -93,16 +97,27 @@ class LanguageModelingTask(LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._eval_step(batch, "test")
 
+    def _log_epoch_metrics(self, prefix: str) -> None:
+        # Accuracy is synchronised over the data-parallel group of the ranks holding outputs,
+        # then shared with every rank so rank 0 logs the real value under every strategy.
+        acc = share_from_output_ranks(self.trainer, compute_quietly(self.val_acc).to(self.device))
+        self.val_acc.reset()
+        self.log(f"{prefix}/token_acc", acc)
+        loss = self.trainer.callback_metrics.get(f"{prefix}/loss")
+        if loss is not None:  # already synchronised: identical on every rank
+            self.log(f"{prefix}/perplexity", math.exp(min(float(loss), 50.0)))
+
     def on_validation_epoch_end(self) -> None:
-        loss = self.trainer.callback_metrics.get("val/loss")
-        if loss is not None:
-            # callback_metrics holds the already-synchronised val/loss, identical on every rank.
-            self.log("val/perplexity", math.exp(min(float(loss), 50.0)), sync_dist=True)
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor] | torch.Tensor, batch_idx: int) -> torch.Tensor:
         prompt = batch[0] if isinstance(batch, (tuple, list)) else batch
         gen = torch.Generator(device=prompt.device).manual_seed(self.seed + batch_idx)
-        return self.model.generate(prompt, self.sample_tokens, top_k=50, generator=gen)
+        # self.model (not self.model.generate) so a strategy may stand in for the network.
+        return sample_tokens(self.model, prompt, self.sample_tokens, block_size=self.model_config.block_size, top_k=50, generator=gen)
 
     # -- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -1,0 +1,18 @@
+"""Lightning strategies of the suite (thin adapters over :mod:`lightning_scale.core`)."""
+
+from lightning_scale.strategies.interface import PipelineOutput, data_parallel_group, outputs_here, share_from_output_ranks
+from lightning_scale.strategies.mesh import MeshStrategy
+from lightning_scale.strategies.pipeline import PipelineStrategy
+from lightning_scale.strategies.registry import PRESETS, register_strategies
+
+register_strategies()
+
+__all__ = [
+    "MeshStrategy",
+    "PipelineStrategy",
+    "PipelineOutput",
+    "outputs_here",
+    "data_parallel_group",
+    "share_from_output_ranks",
+    "PRESETS",
+]

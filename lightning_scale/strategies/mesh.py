@@ -1,0 +1,331 @@
+"""``MeshStrategy``: the Lightning adapter every strategy of the suite builds on.
+
+It owns what is common to pipeline, tensor and data parallelism:
+
+* process-group start-up (nccl on CUDA, gloo on CPU) and one DeviceMesh ``("pp", "dp", "tp")``
+  whose product is validated against the world size before any collective;
+* data sharding by the data-parallel rank only (``distributed_sampler_kwargs``);
+* gradient averaging over the ``dp`` group at the optimizer step (after the last accumulation
+  micro-step, before clipping), and clipping by the global norm over model-parallel ranks;
+* ``reduce`` for ``self.log(..., sync_dist=True)`` over the ``dp`` group (model-parallel ranks
+  hold identical values);
+* sharded checkpoints with ``torch.distributed.checkpoint`` (tensors keyed by parameter name,
+  so a checkpoint loads into another layout), metadata loaded with ``weights_only=True``.
+
+Subclasses (:class:`~lightning_scale.strategies.PipelineStrategy`, ...) transform the model in
+:meth:`parallelize` and may take over the step in the ``*_step`` hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.distributed import _distributed_is_initialized, _init_dist_connection
+from lightning.fabric.utilities.distributed import _get_default_process_group_backend_for_device
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.strategies.parallel import ParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_scale.core import checkpoint as ckpt
+from lightning_scale.core.grads import allreduce_gradients, clip_grad_norm_
+from lightning_scale.core.mesh import ParallelDims, build_device_mesh
+
+
+class MeshStrategy(ParallelStrategy):
+    """Data parallelism over a ``("pp", "dp", "tp")`` device mesh; the base of the suite's strategies.
+
+    Args:
+        dims: parallel degrees (subclasses set pp / tp; dp = -1 means "the rest").
+        process_group_backend: ``"gloo"``, ``"nccl"``, ... (default: nccl on CUDA, gloo on CPU).
+        timeout: collective timeout; a dead peer surfaces as an error after this long, not a hang.
+        trust_checkpoint: load checkpoint metadata with full unpickling (only for files you trust).
+    """
+
+    strategy_name = "mesh"
+
+    def __init__(
+        self,
+        dims: ParallelDims | None = None,
+        accelerator=None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment=None,
+        checkpoint_io=None,
+        precision_plugin=None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        trust_checkpoint: bool = False,
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        self.dims = dims or ParallelDims()
+        self._process_group_backend = process_group_backend
+        self._timeout = timeout
+        self.trust_checkpoint = trust_checkpoint
+        self.num_nodes = 1
+        self.resolved_dims: ParallelDims | None = None
+        self.device_mesh = None
+
+    # -- environment ---------------------------------------------------------------------------
+    @property
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def process_group_backend(self) -> str | None:
+        return self._process_group_backend
+
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        if not self.cluster_environment.creates_processes_externally:
+            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = self.global_rank
+
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        self.set_world_ranks()
+        # Validate the layout on every rank before the first collective.
+        self.resolved_dims = self.dims.resolve(self.world_size)
+        self.validate_layout(self.resolved_dims)
+        self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
+            self.root_device
+        )
+        kwargs: dict[str, Any] = {"timeout": self._timeout}
+        if self.root_device.type != "cpu":
+            kwargs["device_id"] = self.root_device
+        _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
+        self.device_mesh = build_device_mesh(self.resolved_dims, self.root_device.type)
+        assert self.lightning_module is not None
+        self.lightning_module._device_mesh = self.device_mesh
+
+    def validate_layout(self, dims: ParallelDims) -> None:
+        """Subclass hook: raise a clear error for an impossible layout (no collectives here)."""
+
+    # -- mesh helpers ------------------------------------------------------------------------------
+    def group(self, dim: str) -> dist.ProcessGroup | None:
+        """Process group of this rank along ``dim`` ("pp", "dp" or "tp"), or None if not distributed."""
+        if self.device_mesh is None:
+            return None
+        return self.device_mesh[dim].get_group()
+
+    def coordinate(self, dim: str) -> int:
+        return 0 if self.device_mesh is None else self.device_mesh[dim].get_local_rank()
+
+    @property
+    def is_distributed(self) -> bool:
+        """Tells Lightning to insert a DistributedSampler (it checks this for custom strategies)."""
+        return True
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        dims = self.resolved_dims or self.dims.resolve(self.world_size)
+        return {"num_replicas": dims.dp, "rank": self.coordinate("dp")}
+
+    # -- model -------------------------------------------------------------------------------------
+    def setup(self, trainer) -> None:
+        assert self.model is not None and self.accelerator is not None
+        self.accelerator.setup(trainer)
+        self.model_to_device()
+        self.parallelize()
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._reset_optimizers_and_schedulers()
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        self._patch_gradient_clipping()
+
+    def parallelize(self) -> None:
+        """Subclass hook: transform ``self.lightning_module`` (split, shard, wrap) in place."""
+
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    def model_parallel_groups(self) -> list[dist.ProcessGroup | None]:
+        """Groups over which one logical model is split (for the global gradient norm)."""
+        return []
+
+    def norm_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters that count towards the global gradient norm on this rank (no duplicates)."""
+        assert self.lightning_module is not None
+        return list(self.lightning_module.parameters())
+
+    def finalize_gradients(self) -> None:
+        """After the last backward of an optimizer step: average gradients over data parallel."""
+        assert self.lightning_module is not None
+        allreduce_gradients(self.lightning_module.parameters(), self.group("dp"))
+
+    def optimizer_step(self, optimizer, closure: Callable[[], Any], model=None, **kwargs: Any) -> Any:
+        def closure_then_sync() -> Any:
+            result = closure()
+            self.finalize_gradients()
+            return result
+
+        return super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
+
+    def _patch_gradient_clipping(self) -> None:
+        """Make norm clipping use the global norm over model-parallel ranks (Lightning clips locally)."""
+        strategy = self
+
+        def clip_grad_by_norm(optimizer: Optimizer, clip_val: float | int) -> None:
+            in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            local = [p for group in optimizer.param_groups for p in group["params"]]
+            norm_params = [p for p in strategy.norm_parameters() if id(p) in in_optimizer]
+            strategy.last_grad_norm = clip_grad_norm_(local, norm_params, float(clip_val), strategy.model_parallel_groups())
+
+        self.precision_plugin.clip_grad_by_norm = clip_grad_by_norm  # type: ignore[method-assign]
+
+    # -- collectives ---------------------------------------------------------------------------
+    def barrier(self, name: str | None = None) -> None:
+        if not _distributed_is_initialized():
+            return
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[self.root_device.index])
+        else:
+            dist.barrier()
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not _distributed_is_initialized():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src)
+        return box[0]
+
+    def reduce(self, tensor: Tensor | Any, group: Any | None = None, reduce_op: str | None = "mean") -> Tensor | Any:
+        """Reduce a logged value over the data-parallel group (model-parallel ranks agree already)."""
+        if not isinstance(tensor, Tensor) or not _distributed_is_initialized():
+            return tensor
+        group = group if group is not None else self.group("dp")
+        op = (reduce_op or "mean").lower() if isinstance(reduce_op, str) else reduce_op
+        out = tensor.detach().clone().float() if not torch.is_floating_point(tensor) else tensor.detach().clone()
+        if op in ("mean", "avg"):
+            dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+            out /= dist.get_world_size(group)
+        elif op == "sum":
+            dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        elif op == "max":
+            dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+        elif op == "min":
+            dist.all_reduce(out, op=dist.ReduceOp.MIN, group=group)
+        else:
+            dist.all_reduce(out, op=op, group=group)
+        return out
+
+    def teardown(self) -> None:
+        assert self.cluster_environment is not None and self.accelerator is not None
+        self.cluster_environment.teardown()
+        self.precision_plugin.teardown()
+        self.accelerator.teardown()
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # load into the split/sharded model, after the optimizers exist
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return False  # load_checkpoint restores optimizer states itself, by parameter name
+
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        assert self.lightning_module is not None
+        return get_optimizer_state_dict(self.lightning_module, optimizer)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options")
+        path = Path(self.broadcast(str(filepath)))
+        tensors = {"state_dict": checkpoint.pop("state_dict")}
+        for i, state in enumerate(checkpoint.pop("optimizer_states", [])):
+            tensors[f"optimizer_{i}"] = state
+        checkpoint["lightning_scale_layout"] = {"dims": vars(self.resolved_dims) if self.resolved_dims else None}
+        ckpt.save_sharded(path, tensors, checkpoint, self.is_global_zero)
+        self.barrier()
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = Path(self.broadcast(str(checkpoint_path)))
+        assert self.lightning_module is not None
+        module = self.lightning_module
+        if not ckpt.is_sharded_checkpoint(path) and path.is_file():
+            return self._load_full_checkpoint(path)
+        meta = ckpt.load_meta(path, trust=self.trust_checkpoint)
+        model_state = {"state_dict": get_model_state_dict(module)}
+        ckpt.load_sharded(path, model_state)
+        set_model_state_dict(module, model_state["state_dict"], options=StateDictOptions(strict=module.strict_loading))
+        for i, optimizer in enumerate(self.optimizers):
+            state = {f"optimizer_{i}": get_optimizer_state_dict(module, optimizer)}
+            ckpt.load_sharded(path, state)
+            set_optimizer_state_dict(module, optimizer, optim_state_dict=state[f"optimizer_{i}"])
+        return meta
+
+    def _load_full_checkpoint(self, path: Path) -> dict[str, Any]:
+        """A single-file (consolidated) checkpoint: each rank takes the names its modules hold."""
+        assert self.lightning_module is not None
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=not self.trust_checkpoint)
+        except Exception as err:
+            raise ckpt.CheckpointError(f"could not read checkpoint file {path}: {type(err).__name__}: {err}") from err
+        own = self.lightning_module.state_dict()
+        missing = [k for k in own if k not in checkpoint.get("state_dict", {})]
+        if missing:
+            raise ckpt.CheckpointError(f"checkpoint {path} lacks {len(missing)} tensors of this model, e.g. {missing[:3]}")
+        self.lightning_module.load_state_dict({k: checkpoint["state_dict"][k] for k in own}, strict=True)
+        checkpoint.pop("optimizer_states", None)  # index-keyed states cannot be mapped to a new layout
+        return checkpoint
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        pass  # done in load_checkpoint
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        pass  # done in load_checkpoint
+
+    def remove_checkpoint(self, filepath) -> None:
+        if self.is_global_zero:
+            import shutil
+
+            path = Path(filepath)
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+    @contextmanager
+    def block_backward_sync(self):
+        yield  # gradients are averaged once per optimizer step in finalize_gradients

@@ -1,0 +1,401 @@
+"""``PipelineStrategy``: pipeline parallelism for Lightning on ``torch.distributed.pipelining``.
+
+The user's side (see docs/strategies/pipeline.md): the LightningModule keeps its network in an
+attribute (``module_name``, default ``"model"``) and computes its loss with a method
+(``loss_name``, default ``"loss_fn"``), ``loss = self.loss_fn(self.model(x), y)``, in its
+training and eval steps. Nothing else changes.
+
+How a step runs: inside ``training_step`` the strategy stands in for the network and the loss
+method. ``self.model(x)`` records the inputs and returns a :class:`PipelineOutput`;
+``self.loss_fn(output, y)`` runs the schedule (forward and backward of every microbatch on every
+stage) and returns the mean microbatch loss, broadcast from the last stage so every rank logs
+the real loss. Lightning's own ``backward`` becomes a no-op. In eval steps the schedule runs
+forward only, and the outputs exist on the last stage (``outputs_here(output)``). In
+``predict_step`` the outputs are broadcast to every stage so prediction code runs unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor, nn
+
+from lightning_scale.core.grads import allreduce_gradients
+from lightning_scale.core.mesh import ParallelDims
+from lightning_scale.core.pipeline import PipelineConfig, PipelineRuntime, ScheduleName, plan_pipeline
+from lightning_scale.strategies.interface import PipelineOutput
+from lightning_scale.strategies.mesh import MeshStrategy
+
+StepMode = Literal["train", "eval", "predict"]
+
+
+class _NetworkProxy:
+    """Takes the network's place on the LightningModule during a step (not an nn.Module)."""
+
+    def __init__(self, strategy: PipelineStrategy, mode: StepMode) -> None:
+        self._strategy = strategy
+        self._mode = mode
+        self.calls: list[PipelineOutput] = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs:
+            raise TypeError(
+                f"under PipelineStrategy pass the network's inputs positionally (got keyword arguments {sorted(kwargs)})"
+            )
+        if self._mode == "predict":
+            return self._strategy._predict(args)
+        out = PipelineOutput(args, kwargs)
+        self.calls.append(out)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._strategy.runtime.local_module, name)
+
+
+class PipelineStrategy(MeshStrategy):
+    """Pipeline parallelism (GPipe, 1F1B, interleaved 1F1B, zero-bubble schedules), with data
+    parallelism over the remaining ranks.
+
+    Args:
+        stages: pipeline ranks per replica; the world size must be a multiple (the rest is data parallel).
+        schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved_1f1b"``, ``"looped_bfs"``,
+            ``"interleaved_zero_bubble"`` or ``"zbv_zero_bubble"``.
+        microbatches: microbatches per batch (default 2 x the number of stages); the per-device
+            batch size must be a multiple of it.
+        virtual_stages: stages per rank for the multi-stage schedules (default 2).
+        balance: split blocks by ``"params"`` (default) or by measured ``"time"`` (needs
+            ``example_input_array`` on the LightningModule).
+        split_points: explicit stage boundaries, e.g. ``["blocks.2"]`` (overrides ``balance``).
+        container: path of the block container in the network (default: found automatically).
+        module_name: attribute of the LightningModule that holds the network to pipeline.
+        loss_name: method of the LightningModule that computes the loss from (output, target).
+        timeline_step: if set, record this global step's schedule and save a PNG timeline.
+        timeline_path: where the PNG goes (default ``<trainer.log_dir>/pipeline_timeline.png``).
+    """
+
+    strategy_name = "pipeline"
+
+    def __init__(
+        self,
+        stages: int = 2,
+        schedule: ScheduleName = "1f1b",
+        microbatches: int | None = None,
+        virtual_stages: int | None = None,
+        balance: Literal["params", "time"] = "params",
+        split_points: list[str] | None = None,
+        container: str | None = None,
+        module_name: str = "model",
+        loss_name: str = "loss_fn",
+        timeline_step: int | None = None,
+        timeline_path: str | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        trust_checkpoint: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        # Validated here, on every rank, before any process group exists.
+        self.pipeline_config = PipelineConfig(
+            stages=stages,
+            schedule=schedule,
+            microbatches=microbatches,
+            virtual_stages=virtual_stages,
+            balance=balance,
+            split_points=split_points,
+            container=container,
+        )
+        super().__init__(
+            dims=ParallelDims(pp=stages, dp=-1, tp=1),
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            trust_checkpoint=trust_checkpoint,
+            **kwargs,
+        )
+        self.module_name = module_name
+        self.loss_name = loss_name
+        self.timeline_step = timeline_step
+        self.timeline_path = timeline_path
+        self.runtime: PipelineRuntime | None = None
+        self._tied_groups: list[tuple[Any, str]] = []
+        self._proxy: _NetworkProxy | None = None
+        self.last_timeline_png: Path | None = None
+        self._stashed_grads: list[tuple[nn.Parameter, Tensor]] = []
+        self._new_accumulation_window = True
+
+    # -- validation ------------------------------------------------------------------------------
+    def validate_layout(self, dims: ParallelDims) -> None:
+        pass  # ParallelDims.resolve already names the fix when world size % stages != 0
+
+    def _network_and_loss(self) -> tuple[nn.Module, Any]:
+        lm = self.lightning_module
+        network = getattr(lm, self.module_name, None)
+        if not isinstance(network, nn.Module):
+            raise AttributeError(
+                f"PipelineStrategy pipelines the network in LightningModule attribute {self.module_name!r}, but "
+                f"{type(lm).__name__}.{self.module_name} is {type(network).__name__}; set module_name= to the "
+                f"attribute that holds your nn.Module"
+            )
+        loss = getattr(lm, self.loss_name, None)
+        if not callable(loss):
+            raise AttributeError(
+                f"PipelineStrategy computes the loss on the last stage with {type(lm).__name__}.{self.loss_name}"
+                f"(output, target), which does not exist; add that method or set loss_name="
+            )
+        return network, loss
+
+    @property
+    def pipelined(self) -> bool:
+        return self.runtime is not None
+
+    # -- setup -------------------------------------------------------------------------------------
+    def parallelize(self) -> None:
+        network, loss = self._network_and_loss()
+        dims = self.resolved_dims
+        assert dims is not None
+        if dims.pp == 1:
+            return  # one stage: plain data parallelism
+        costs = self._measure_block_costs(network) if self.pipeline_config.balance == "time" else None
+        plan = plan_pipeline(network, self.pipeline_config, costs)
+        rank = self.global_rank
+        self.runtime = PipelineRuntime(
+            network=network,
+            plan=plan,
+            cfg=self.pipeline_config,
+            pp_rank=self.coordinate("pp"),
+            pp_group=self.group("pp"),
+            pp_global_ranks=dims.ranks_along("pp", rank),
+            device=self.root_device,
+            loss_fn=loss,
+        )
+        setattr(self.lightning_module, self.module_name, self.runtime.local_module)
+        # Groups that sum the gradients of tied parameters held on several stages; new_group is
+        # collective over the world, so every rank creates every group in the same order.
+        self._tied_groups = []
+        for holders, local_name in self.runtime.tied:
+            for dp in range(dims.dp):
+                for tp in range(dims.tp):
+                    ranks = [pp * dims.dp * dims.tp + dp * dims.tp + tp for pp in holders]
+                    group = dist.new_group(ranks)
+                    if rank in ranks and local_name:
+                        self._tied_groups.append((group, local_name))
+        rank_zero_info(f"PipelineStrategy: {self.pipeline_config.schedule}, m={self.runtime.microbatches}\n{plan.describe()}")
+
+    def _measure_block_costs(self, network: nn.Module) -> tuple[list[float], float, float]:
+        """Forward+backward seconds per block on ``example_input_array``, averaged over ranks."""
+        from lightning_scale.core.pipeline import find_block_container, _outer_modules
+
+        example = getattr(self.lightning_module, "example_input_array", None)
+        if example is None:
+            raise ValueError(
+                "balance='time' measures each block on the LightningModule's example_input_array, which is not set; "
+                "set self.example_input_array in __init__ (one microbatch of inputs) or use balance='params'"
+            )
+        container = find_block_container(network, self.pipeline_config.container)
+        blocks = list(network.get_submodule(container)._modules.values())
+        first, last = _outer_modules(network, container)
+        timed = {id(b): i for i, b in enumerate(blocks)}
+        outer = {id(network.get_submodule(p)): "first" for p in first} | {id(network.get_submodule(p)): "last" for p in last}
+        seconds = torch.zeros(len(blocks) + 2, dtype=torch.float64)
+        starts: dict[int, float] = {}
+
+        def pre(mod: nn.Module, *_: Any) -> None:
+            starts[id(mod)] = time.perf_counter()
+
+        def post(mod: nn.Module, *_: Any) -> None:
+            dt = time.perf_counter() - starts[id(mod)]
+            idx = timed.get(id(mod))
+            if idx is None:
+                idx = len(blocks) if outer[id(mod)] == "first" else len(blocks) + 1
+            seconds[idx] += 3 * dt  # forward + backward ~ 3 x forward (backward does 2 matmuls per forward matmul)
+
+        handles = []
+        for mod_id_owner in [*blocks, *[network.get_submodule(p) for p in first + last]]:
+            handles.append(mod_id_owner.register_forward_pre_hook(pre))
+            handles.append(mod_id_owner.register_forward_hook(post))
+        example = example if isinstance(example, tuple) else (example,)
+        example = tuple(e.to(self.root_device) if isinstance(e, Tensor) else e for e in example)
+        try:
+            with torch.no_grad():
+                network(*example)  # warm-up
+                seconds.zero_()
+                for _ in range(3):
+                    network(*example)
+        finally:
+            for h in handles:
+                h.remove()
+        dist.all_reduce(seconds, op=dist.ReduceOp.SUM)
+        seconds /= dist.get_world_size()
+        values = seconds.tolist()
+        return values[: len(blocks)], values[-2], values[-1]
+
+    # -- gradients ---------------------------------------------------------------------------------
+    def finalize_gradients(self) -> None:
+        if self.runtime is not None:
+            local = self.runtime.local_module
+            for group, name in self._tied_groups:
+                allreduce_gradients([local.get_parameter(name)], group, average=False)
+        super().finalize_gradients()
+
+    def model_parallel_groups(self) -> list[Any]:
+        return [self.group("pp")] if self.pipelined else []
+
+    def norm_parameters(self) -> list[nn.Parameter]:
+        if self.runtime is None:
+            return super().norm_parameters()
+        primary = {id(p) for p in self.runtime.primary_parameters()}
+        network = {id(p) for p in self.runtime.local_module.parameters()}
+        assert self.lightning_module is not None
+        return [p for p in self.lightning_module.parameters() if id(p) in primary or id(p) not in network]
+
+    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
+        if self.pipelined:
+            # The schedule already ran backward for every microbatch: restore its gradients.
+            for p, grad in self._stashed_grads:
+                p.grad = grad
+            self._stashed_grads = []
+            return closure_loss
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    def optimizer_step(self, optimizer, closure, model=None, **kwargs: Any) -> Any:
+        out = super().optimizer_step(optimizer, closure, model, **kwargs)
+        self._new_accumulation_window = True
+        return out
+
+    # -- steps -------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _intercept(self, mode: StepMode) -> Iterator[None]:
+        if not self.pipelined:
+            yield
+            return
+        lm = self.lightning_module
+        proxy = _NetworkProxy(self, mode)
+        self._proxy = proxy
+        lm.__dict__[self.module_name] = proxy  # shadows the registered submodule for this step
+        lm.__dict__[self.loss_name] = self._make_loss(mode)
+        try:
+            yield
+        finally:
+            lm.__dict__.pop(self.module_name, None)
+            lm.__dict__.pop(self.loss_name, None)
+            self._proxy = None
+        unused = [c for c in proxy.calls if not c.consumed]
+        if unused:
+            raise RuntimeError(
+                f"{type(lm).__name__} called self.{self.module_name}(...) in its {mode} step but never passed the "
+                f"output to self.{self.loss_name}(output, target); under PipelineStrategy the schedule runs inside "
+                f"the loss method, so every network call must go through it"
+            )
+
+    def _make_loss(self, mode: StepMode):
+        runtime = self.runtime
+        assert runtime is not None
+
+        def pipelined_loss(output: Any, target: Any, *args: Any, **kwargs: Any) -> Tensor:
+            if not isinstance(output, PipelineOutput):
+                return runtime.loss_fn(output, target, *args, **kwargs)
+            if args or kwargs:
+                raise TypeError(f"under PipelineStrategy {self.loss_name} takes exactly (output, target)")
+            output.consumed = True
+            batch = self._batch_size(output.args, target)
+            if mode == "train":
+                runtime.check_batch(batch)
+                record = self.timeline_step is not None and self.lightning_module.trainer.global_step == self.timeline_step
+                runtime.record_timeline = record
+                accumulate = self.lightning_module.trainer.accumulate_grad_batches
+                params = [p for p in self.lightning_module.parameters() if p.requires_grad]
+                if self._new_accumulation_window:
+                    for p in params:
+                        p.grad = None
+                    self._new_accumulation_window = False
+                loss = runtime.train_step(output.args, target, grad_divisor=accumulate)
+                # Lightning zeroes gradients after the step's forward and before backward (its
+                # closure order); the schedule has already run backward, so keep its gradients
+                # aside and hand them back in backward().
+                self._stashed_grads = [(p, p.grad) for p in params if p.grad is not None]
+                for p, _ in self._stashed_grads:
+                    p.grad = None
+                if record:
+                    runtime.record_timeline = False
+                    self._save_timeline()
+                return loss
+            m = runtime.microbatches
+            if batch < m:
+                raise ValueError(
+                    f"an eval batch of {batch} samples cannot be cut into microbatches={m}; use an eval batch size "
+                    f">= {m} (e.g. drop_last=True on the eval DataLoader, or a larger batch size)"
+                )
+            sizes = [len(c) for c in torch.tensor_split(torch.arange(batch), m)]
+            value, loss = runtime.eval_step(output.args, target, sizes)
+            output.value = value
+            return loss
+
+        return pipelined_loss
+
+    @staticmethod
+    def _batch_size(args: tuple, target: Any) -> int:
+        for t in (*args, target):
+            if isinstance(t, Tensor):
+                return t.shape[0]
+        raise TypeError("PipelineStrategy needs tensor inputs or targets to cut the batch into microbatches")
+
+    def _predict(self, args: tuple) -> Any:
+        runtime = self.runtime
+        assert runtime is not None
+        batch = self._batch_size(args, None)
+        if batch % runtime.microbatches != 0:
+            raise ValueError(
+                f"a predict batch of {batch} samples is not divisible by microbatches={runtime.microbatches}; "
+                f"use a predict batch size that is a multiple of {runtime.microbatches}"
+            )
+        out = runtime.predict_step(args, batch)
+        return runtime.broadcast_from_last_stage(out)
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._intercept("train"):
+            return super().training_step(*args, **kwargs)
+
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._intercept("eval"):
+            return super().validation_step(*args, **kwargs)
+
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._intercept("eval"):
+            return super().test_step(*args, **kwargs)
+
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._intercept("predict"):
+            return super().predict_step(*args, **kwargs)
+
+    def share_from_output_ranks(self, value: Tensor) -> Tensor:
+        """Broadcast a tensor from the last stage to every stage of this pipeline."""
+        if self.runtime is None:
+            return value
+        value = value.detach().clone().to(self.root_device)
+        src = self.runtime.pp_global_ranks[self.runtime.last_stage_rank]
+        dist.broadcast(value, src=src, group=self.group("pp"))
+        return value
+
+    # -- timeline ----------------------------------------------------------------------------------
+    def _save_timeline(self) -> None:
+        from lightning_scale.core.timeline import plot_timeline
+
+        runtime = self.runtime
+        assert runtime is not None
+        gathered: list[Any] = [None] * dist.get_world_size(self.group("pp"))
+        dist.all_gather_object(gathered, list(runtime.timeline), group=self.group("pp"))
+        if self.coordinate("pp") == 0 and self.coordinate("dp") == 0:
+            events = [e for rank_events in gathered for e in rank_events]
+            trainer = self.lightning_module.trainer
+            path = Path(self.timeline_path or Path(trainer.log_dir or trainer.default_root_dir) / "pipeline_timeline.png")
+            cfg = self.pipeline_config
+            title = f"{cfg.schedule}: p={cfg.stages}, v={cfg.num_virtual}, m={cfg.resolved_microbatches} (global step {self.timeline_step})"
+            self.last_timeline_png = plot_timeline(events, path, title=title, num_ranks=cfg.stages)
+            rank_zero_info(f"PipelineStrategy: schedule timeline saved to {self.last_timeline_png}")

@@ -1,0 +1,28 @@
+"""Register the suite's strategies with Lightning's StrategyRegistry (on import of lightning_scale).
+
+Names do not clash with Lightning's own (``ddp``, ``fsdp``, ``deepspeed``, ...).
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.strategies import StrategyRegistry
+
+from lightning_scale.strategies.pipeline import PipelineStrategy
+
+#: name -> (class, description, init params)
+PRESETS: dict[str, tuple[type, str, dict]] = {
+    "pipeline": (PipelineStrategy, "Pipeline parallelism, 2 stages, 1F1B, rest data parallel", {}),
+    "pipeline_gpipe": (PipelineStrategy, "Pipeline parallelism, 2 stages, GPipe", {"schedule": "gpipe"}),
+    "pipeline_1f1b": (PipelineStrategy, "Pipeline parallelism, 2 stages, 1F1B", {"schedule": "1f1b"}),
+    "pipeline_interleaved": (
+        PipelineStrategy,
+        "Pipeline parallelism, 2 stages x 2 virtual stages, interleaved 1F1B",
+        {"schedule": "interleaved_1f1b", "virtual_stages": 2},
+    ),
+}
+
+
+def register_strategies() -> None:
+    for name, (cls, description, params) in PRESETS.items():
+        if name not in StrategyRegistry:
+            StrategyRegistry.register(name, cls, description=description, **params)

@@ -1,0 +1,111 @@
+"""Rank functions for Lightning-level PipelineStrategy tests (run by lightning_scale.testing)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_scale.core.optim import OptimConfig, build_adamw, warmup_cosine
+from lightning_scale.models import GPTConfig
+from lightning_scale.tasks import LanguageModelingTask
+
+CFG = GPTConfig(vocab_size=64, block_size=16, n_layer=4, n_head=2, n_embd=32)
+OPTIM = OptimConfig(lr=1e-3, warmup_steps=2, weight_decay=0.1)
+
+
+def make_data(n: int = 256, seq: int = 16) -> TensorDataset:
+    g = torch.Generator().manual_seed(42)
+    x = torch.randint(0, CFG.vocab_size, (n, seq), generator=g)
+    y = torch.roll(x, -1, dims=1)
+    return TensorDataset(x, y)
+
+
+class _Recorder:
+    def __init__(self):
+        self.losses: list[float] = []
+
+
+def _task(seed: int = 0) -> LanguageModelingTask:
+    torch.manual_seed(seed)
+    return LanguageModelingTask(model=CFG, optim=OPTIM, sample_tokens=0)
+
+
+def fit(strategy_kwargs: dict, steps: int, batch_size: int, accumulate: int = 1, clip: float | None = None,
+        precision: str = "32-true", ckpt_dir: str | None = None, resume: str | None = None) -> dict:
+    """Train with PipelineStrategy on this rank; returns per-step losses and this rank's weights."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_scale.strategies import PipelineStrategy
+
+    rec = _Recorder()
+
+    class Record(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            rec.losses.append(float(outputs["loss"]) * accumulate)
+
+    strategy = PipelineStrategy(**strategy_kwargs)
+    callbacks = [Record()]
+    if ckpt_dir:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=steps, save_top_k=-1, save_last=False))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=int(os.environ["WORLD_SIZE"]),
+        strategy=strategy,
+        max_steps=steps,
+        accumulate_grad_batches=accumulate,
+        gradient_clip_val=clip,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=bool(ckpt_dir),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=callbacks,
+    )
+    task = _task()
+    loader = DataLoader(make_data(), batch_size=batch_size, shuffle=False, drop_last=True)
+    trainer.fit(task, train_dataloaders=loader, ckpt_path=resume)
+    state = {k: v.detach().clone() for k, v in task.state_dict().items()}
+    return {"losses": rec.losses, "state": state, "global_step": trainer.global_step}
+
+
+def reference(steps: int, per_replica_batch: int, replicas: int, microbatches: int, accumulate: int = 1,
+              clip: float | None = None) -> dict:
+    """Single process: the same global batches, as replicas x microbatches accumulated chunks."""
+    task = _task()
+    model = task.model
+    opt = build_adamw(model, OPTIM)
+    total = steps  # Lightning's estimated_stepping_batches = max_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(OPTIM, total))
+    data = make_data()
+    # Lightning injects DistributedSampler(shuffle=True, seed=PL_GLOBAL_SEED or 0) for training.
+    from torch.utils.data import DistributedSampler
+
+    per_replica = [torch.tensor(list(DistributedSampler(data, num_replicas=replicas, rank=r, shuffle=True, seed=0))) for r in range(replicas)]
+    losses = []
+    batch_index = 0
+    for _ in range(steps):
+        opt.zero_grad()
+        for _a in range(accumulate):
+            step_loss = 0.0
+            for r in range(replicas):
+                idx = per_replica[r][batch_index * per_replica_batch : (batch_index + 1) * per_replica_batch]
+                x, y = data.tensors[0][idx], data.tensors[1][idx]
+                for xc, yc in zip(x.chunk(microbatches), y.chunk(microbatches)):
+                    loss = task.loss_fn(model(xc), yc) / (microbatches * replicas * accumulate)
+                    loss.backward()
+                    step_loss += loss.item() * accumulate
+            losses.append(step_loss)
+            batch_index += 1
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        sched.step()
+    state = {k: v.detach().clone() for k, v in task.state_dict().items()}
+    return {"losses": losses, "state": state}

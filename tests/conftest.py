@@ -1,0 +1,47 @@
+"""Shared pytest configuration of lightning_scale's tests.
+
+Multi-rank tests run a module-level function on N real gloo ranks on CPU::
+
+    from lightning_scale.testing import run_distributed
+
+    results = run_distributed(my_target, 2, arg, timeout=60)   # list, index = rank
+
+or request the session fixture ``run_distributed`` (the same function, with the fork server
+already warm). Targets must be importable by name: define them at module level, e.g. in a
+``tests/_*_targets.py`` helper module. Bound each call with its own ``timeout`` (seconds); no
+global pytest-timeout is set here, so the harness's timeout (which kills the ranks and reports
+their stacks) is always the one that fires. Knobs: ``lightning_scale.testing.SETTINGS`` and the
+environment variables ``LIGHTNING_SCALE_TEST_START_METHOD`` / ``LIGHTNING_SCALE_TEST_PRELOAD``.
+
+Add new fixtures in their own section below.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# ---------------------------------------------------------------------------------------------
+# Import path: make the repository importable when the package is not installed (`pytest` run
+# from anywhere, not only `python -m pytest` from the repository root).
+# ---------------------------------------------------------------------------------------------
+_REPO_ROOT = str(Path(__file__).resolve().parents[1])
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-process harness
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def run_distributed() -> Callable[..., list[Any]]:
+    """:func:`lightning_scale.testing.run_distributed`, after starting the fork server once
+    (its preload of torch + lightning takes several seconds, paid once per session)."""
+    from lightning_scale.testing import run_distributed as run, warm_up
+
+    warm_up()
+    return run

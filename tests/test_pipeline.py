@@ -1,0 +1,163 @@
+"""PipelineStrategy: parity with a single-process reference on real gloo ranks, and errors.
+
+Tolerances (issue #3): relative loss difference <= 1e-5 per step, max abs weight difference
+<= 1e-5, fp32, >= 20 optimizer steps. The reference accumulates the same microbatches of the
+same global batches in one process (mathematically the full-batch gradient).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import _pipeline_core_targets as core_targets
+import _pipeline_targets as targets
+from lightning_scale.core.mesh import ParallelDims
+from lightning_scale.core.pipeline import PipelineConfig, partition, plan_pipeline, theoretical_bubble, view_of
+from lightning_scale.models import GPT, GPTConfig
+from lightning_scale.testing import RankFailedError, run_distributed
+
+STEPS = 20
+LOSS_RTOL = 1e-5
+WEIGHT_ATOL = 1e-5
+
+
+def _assert_parity(results: list[dict], ref: dict) -> None:
+    # Each rank logs its replica's loss (identical on the stages of a replica); the reference
+    # loss is the mean over replicas, i.e. the mean over all ranks.
+    for rank, res in enumerate(results):
+        assert len(res["losses"]) == len(ref["losses"]) >= STEPS
+    mean = [sum(vals) / len(vals) for vals in zip(*(r["losses"] for r in results))]
+    for step, (a, b) in enumerate(zip(mean, ref["losses"])):
+        assert abs(a - b) <= LOSS_RTOL * abs(b), f"step {step}: loss {a} vs reference {b}"
+    for rank, res in enumerate(results):
+        assert res["state"], f"rank {rank} holds no parameters"
+        for name, value in res["state"].items():
+            diff = (value - ref["state"][name]).abs().max().item()
+            assert diff <= WEIGHT_ATOL, f"rank {rank} {name}: max abs diff {diff}"
+    # Together the ranks hold every tensor of the model.
+    held = set().union(*(r["state"] for r in results))
+    assert held == set(ref["state"])
+
+
+@pytest.mark.parametrize(
+    "schedule, virtual",
+    [("gpipe", None), ("1f1b", None), ("interleaved_1f1b", 2), ("zbv_zero_bubble", 2)],
+)
+def test_two_stage_parity(schedule: str, virtual: int | None) -> None:
+    kwargs = dict(stages=2, schedule=schedule, microbatches=4, virtual_stages=virtual)
+    results = run_distributed(targets.fit, 2, kwargs, STEPS, 8, init_process_group=False, timeout=240)
+    _assert_parity(results, targets.reference(STEPS, 8, replicas=1, microbatches=4))
+
+
+def test_two_stages_times_two_replicas_parity() -> None:
+    kwargs = dict(stages=2, schedule="1f1b", microbatches=2)
+    results = run_distributed(targets.fit, 4, kwargs, STEPS, 4, init_process_group=False, timeout=300)
+    _assert_parity(results, targets.reference(STEPS, 4, replicas=2, microbatches=2))
+
+
+def test_four_stage_parity() -> None:
+    kwargs = dict(stages=4, schedule="1f1b", microbatches=4)
+    results = run_distributed(targets.fit, 4, kwargs, STEPS, 8, init_process_group=False, timeout=300)
+    _assert_parity(results, targets.reference(STEPS, 8, replicas=1, microbatches=4))
+
+
+def test_accumulation_and_global_norm_clipping_parity() -> None:
+    # A small clip value so clipping is active on every step: the norm must span both stages.
+    kwargs = dict(stages=2, schedule="1f1b", microbatches=2)
+    results = run_distributed(
+        targets.fit, 2, kwargs, STEPS, 4, accumulate=2, clip=0.05, init_process_group=False, timeout=300
+    )
+    ref = targets.reference(STEPS, 4, replicas=1, microbatches=2, accumulate=2, clip=0.05)
+    assert len(results[0]["losses"]) == 2 * STEPS
+    _assert_parity([dict(r, losses=r["losses"]) for r in results], ref)
+
+
+@pytest.mark.parametrize("schedule", ["looped_bfs", "interleaved_zero_bubble"])
+def test_more_torch_schedules_match_the_reference(schedule: str) -> None:
+    res = run_distributed(core_targets.pipeline_parity, 2, schedule, 2, steps=STEPS, microbatches=4, virtual=2, timeout=180)
+    for r in res:
+        for a, b in zip(r["pp"], r["ref"]):
+            assert abs(a - b) <= LOSS_RTOL * abs(b)
+        assert r["max_weight_diff"] <= WEIGHT_ATOL
+
+
+def test_batch_not_divisible_by_microbatches_fails_on_every_rank_with_the_fix() -> None:
+    kwargs = dict(stages=2, schedule="1f1b", microbatches=4)
+    with pytest.raises(RankFailedError) as info:
+        run_distributed(targets.fit, 2, kwargs, 2, 6, init_process_group=False, timeout=120)
+    message = str(info.value)
+    assert "not divisible by pipeline microbatches=4" in message
+    assert "rank 0" in message and "rank 1" in message  # both ranks raised, nobody hung
+
+
+def test_more_stages_than_blocks_fails_on_every_rank() -> None:
+    kwargs = dict(stages=2, schedule="interleaved_1f1b", virtual_stages=4, microbatches=4)  # 8 stages, 4 blocks
+    with pytest.raises(RankFailedError) as info:
+        run_distributed(targets.fit, 2, kwargs, 2, 8, init_process_group=False, timeout=120)
+    assert "only 4 blocks" in str(info.value)
+    assert "rank 0" in str(info.value) and "rank 1" in str(info.value)
+
+
+# ---- pure (no process) checks --------------------------------------------------------------
+
+
+def test_world_size_not_divisible_by_stages_names_the_fix() -> None:
+    with pytest.raises(ValueError, match="launch a multiple of 2 processes"):
+        ParallelDims(pp=2, dp=-1).resolve(3)
+
+
+def test_too_few_microbatches_for_1f1b_names_the_fix() -> None:
+    with pytest.raises(ValueError, match="microbatches >= 4"):
+        PipelineConfig(stages=4, schedule="1f1b", microbatches=2)
+
+
+def test_interleaved_needs_virtual_stages() -> None:
+    with pytest.raises(ValueError, match="virtual_stages >= 2"):
+        PipelineConfig(stages=2, schedule="interleaved_1f1b", virtual_stages=1)
+
+
+def test_model_without_container_or_split_points_names_the_fix() -> None:
+    with pytest.raises(ValueError, match="no block container"):
+        plan_pipeline(nn.Sequential(nn.Linear(2, 2)), PipelineConfig(stages=2, microbatches=2))
+
+
+def test_default_microbatches_is_twice_the_stages() -> None:
+    assert PipelineConfig(stages=4).resolved_microbatches == 8
+    assert PipelineConfig(stages=2, schedule="interleaved_1f1b").resolved_microbatches == 8
+
+
+def test_partition_minimises_the_largest_stage() -> None:
+    assert partition([1, 1, 1, 1], 2) == [0, 2]
+    assert partition([4, 1, 1, 1, 1], 2) == [0, 1]
+    # Heavy embeddings on the first stage push blocks to the second.
+    assert partition([1, 1, 1, 1], 2, first_extra=2) == [0, 1]
+    with pytest.raises(ValueError, match="at most 3 stages"):
+        partition([1, 1, 1], 4)
+
+
+def test_split_points_and_stage_views_keep_parameter_names() -> None:
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=6, n_head=2, n_embd=32))
+    plan = plan_pipeline(model, PipelineConfig(stages=2, microbatches=2, split_points=["blocks.4"]))
+    assert plan.stage_keys == [["0", "1", "2", "3"], ["4", "5"]]
+    first, last = view_of(model, plan, [0]), view_of(model, plan, [1])
+    assert first.head is None and last.tok_emb is None and model.head is not None  # source untouched
+    names = set(first.state_dict()) | set(last.state_dict())
+    assert names == set(model.state_dict())
+    assert first.blocks["3"].attn.q_proj.weight is model.blocks["3"].attn.q_proj.weight  # a view, no copy
+    x = torch.randint(0, 64, (2, 8))
+    torch.testing.assert_close(last(first(x)), model(x))
+
+
+def test_bad_split_points_name_the_fix() -> None:
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=4, n_head=2, n_embd=32))
+    with pytest.raises(ValueError, match="do not name blocks"):
+        plan_pipeline(model, PipelineConfig(stages=2, microbatches=2, split_points=["blocks.9"]))
+    with pytest.raises(ValueError, match="give 1 split points"):
+        PipelineConfig(stages=2, microbatches=2, split_points=["blocks.1", "blocks.2"])
+
+
+def test_theoretical_bubble() -> None:
+    assert theoretical_bubble(2, 8) == pytest.approx(1 / 9)
+    assert theoretical_bubble(4, 4, v=2) == pytest.approx(3 / 11)
