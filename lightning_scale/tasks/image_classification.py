@@ -97,7 +97,7 @@ class ImageClassificationTask(LightningModule):
     def _log_accuracy(self, prefix: str, metric) -> None:
         acc = share_from_output_ranks(self.trainer, compute_quietly(metric).to(self.device))
         metric.reset()
-        self.log(f"{prefix}/acc", acc, prog_bar=True)
+        self.log(f"{prefix}/acc", acc, prog_bar=True, sync_dist=True)  # identical on every rank
 
     def on_validation_epoch_end(self) -> None:
         self._log_accuracy("val", self.val_acc)

@@ -102,10 +102,10 @@ class LanguageModelingTask(LightningModule):
         # then shared with every rank so rank 0 logs the real value under every strategy.
         acc = share_from_output_ranks(self.trainer, compute_quietly(self.val_acc).to(self.device))
         self.val_acc.reset()
-        self.log(f"{prefix}/token_acc", acc)
+        self.log(f"{prefix}/token_acc", acc, sync_dist=True)  # identical on every rank: the mean is a no-op
         loss = self.trainer.callback_metrics.get(f"{prefix}/loss")
         if loss is not None:  # already synchronised: identical on every rank
-            self.log(f"{prefix}/perplexity", math.exp(min(float(loss), 50.0)))
+            self.log(f"{prefix}/perplexity", math.exp(min(float(loss), 50.0)), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_metrics("val")
