@@ -25,15 +25,23 @@ def make_data(n: int = 256, seq: int = 16) -> TensorDataset:
 class _Recorder:
     def __init__(self):
         self.losses: list[float] = []
+        self.lrs: list[float] = []
+        self.adam: list[float | None] = []
 
 
-def _task(seed: int = 0) -> LanguageModelingTask:
+# Constant learning rate: a run stopped early has the same schedule as the full run.
+OPTIM_CONSTANT = OptimConfig(lr=1e-3, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.1)
+
+
+def _task(seed: int = 0, constant_lr: bool = False) -> LanguageModelingTask:
     torch.manual_seed(seed)
-    return LanguageModelingTask(model=CFG, optim=OPTIM, sample_tokens=0)
+    return LanguageModelingTask(model=CFG, optim=OPTIM_CONSTANT if constant_lr else OPTIM, sample_tokens=0)
 
 
 def fit(strategy_kwargs: dict, steps: int, batch_size: int, accumulate: int = 1, clip: float | None = None,
-        precision: str = "32-true", ckpt_dir: str | None = None, resume: str | None = None) -> dict:
+        precision: str = "32-true", ckpt_dir: str | None = None, resume: str | None = None,
+        n_samples: int = 256, save_to: str | None = None, constant_lr: bool = False,
+        max_epochs: int | None = None) -> dict:
     """Train with PipelineStrategy on this rank; returns per-step losses and this rank's weights."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback
@@ -45,18 +53,26 @@ def fit(strategy_kwargs: dict, steps: int, batch_size: int, accumulate: int = 1,
     class Record(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             rec.losses.append(float(outputs["loss"]) * accumulate)
+            opt = trainer.optimizers[0]
+            rec.lrs.append(opt.param_groups[0]["lr"])
+            first = next(iter(opt.state.values()), {})
+            rec.adam.append(float(first["exp_avg"].norm()) if "exp_avg" in first else None)
 
+    # Lightning seeds the training DistributedSampler with PL_GLOBAL_SEED; the reference uses 0.
+    os.environ["PL_GLOBAL_SEED"] = "0"
     strategy = PipelineStrategy(**strategy_kwargs)
     callbacks = [Record()]
     if ckpt_dir:
         from lightning.pytorch.callbacks import ModelCheckpoint
 
-        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=steps, save_top_k=-1, save_last=False))
+        # One checkpoint at the end of every epoch (resume then starts a fresh epoch).
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="{epoch}", every_n_epochs=1, save_top_k=-1))
     trainer = L.Trainer(
         accelerator="cpu",
         devices=int(os.environ["WORLD_SIZE"]),
         strategy=strategy,
-        max_steps=steps,
+        max_steps=-1 if max_epochs else steps,
+        max_epochs=max_epochs,
         accumulate_grad_batches=accumulate,
         gradient_clip_val=clip,
         precision=precision,
@@ -68,11 +84,14 @@ def fit(strategy_kwargs: dict, steps: int, batch_size: int, accumulate: int = 1,
         limit_val_batches=0,
         callbacks=callbacks,
     )
-    task = _task()
-    loader = DataLoader(make_data(), batch_size=batch_size, shuffle=False, drop_last=True)
+    task = _task(constant_lr=constant_lr)
+    loader = DataLoader(make_data(n_samples), batch_size=batch_size, shuffle=False, drop_last=True)
     trainer.fit(task, train_dataloaders=loader, ckpt_path=resume)
+    if save_to:
+        trainer.save_checkpoint(save_to)
     state = {k: v.detach().clone() for k, v in task.state_dict().items()}
-    return {"losses": rec.losses, "state": state, "global_step": trainer.global_step}
+    return {"losses": rec.losses, "lrs": rec.lrs, "adam": rec.adam, "state": state, "global_step": trainer.global_step,
+            "sample_losses": getattr(strategy, "_test_probe", None)}
 
 
 def reference(steps: int, per_replica_batch: int, replicas: int, microbatches: int, accumulate: int = 1,

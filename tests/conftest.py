@@ -45,3 +45,18 @@ def run_distributed() -> Callable[..., list[Any]]:
 
     warm_up()
     return run
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment isolation: tests that run the CLI in-process call seed_everything, which sets
+# PL_GLOBAL_SEED (read by Lightning's DistributedSampler) and other variables; restore the
+# environment after every test so no test depends on the order of the others.
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    import os
+
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

@@ -161,3 +161,63 @@ def test_bad_split_points_name_the_fix() -> None:
 def test_theoretical_bubble() -> None:
     assert theoretical_bubble(2, 8) == pytest.approx(1 / 9)
     assert theoretical_bubble(4, 4, v=2) == pytest.approx(3 / 11)
+
+
+# ---- checkpoints ---------------------------------------------------------------------------
+
+
+def _epoch_run(world: int, stages: int, **kwargs) -> list[dict]:
+    return run_distributed(
+        targets.fit, world, dict(stages=stages, microbatches=4), 0, 8,
+        n_samples=64, max_epochs=2, init_process_group=False, timeout=300, **kwargs,
+    )
+
+
+def test_resume_is_exact_and_loads_into_other_stage_counts(tmp_path) -> None:
+    # Uninterrupted: 2 epochs of 8 steps on 2 stages, a sharded checkpoint after epoch 0.
+    full = _epoch_run(2, 2, ckpt_dir=str(tmp_path))
+    ckpt = tmp_path / "epoch=0.ckpt"
+    assert (ckpt / ".metadata").is_file() and (ckpt / "meta.pt").is_file()
+    expected = full[0]["losses"][8:]
+    # Resume on the same layout, on 1 stage (one process) and on 4 stages: epoch 1 is the same.
+    for world, stages in [(2, 2), (1, 1), (4, 4)]:
+        resumed = _epoch_run(world, stages, resume=str(ckpt))
+        got = resumed[0]["losses"]
+        assert len(got) == len(expected) == 8
+        for step, (a, b) in enumerate(zip(got, expected)):
+            assert abs(a - b) <= 1e-6 * abs(b), f"{stages} stages, step {8 + step}: {a} vs {b}"
+
+
+def test_checkpoint_consolidates_to_a_plain_state_dict(tmp_path) -> None:
+    from lightning_scale.core.checkpoint import consolidate
+    from lightning_scale.tasks import LanguageModelingTask
+
+    one_epoch = run_distributed(
+        targets.fit, 2, dict(stages=2, microbatches=4), 0, 8, n_samples=64, max_epochs=1,
+        ckpt_dir=str(tmp_path), init_process_group=False, timeout=300,
+    )
+    out = tmp_path / "consolidated.ckpt"
+    checkpoint = consolidate(tmp_path / "epoch=0.ckpt", out)
+    weights = {**one_epoch[0]["state"], **one_epoch[1]["state"]}
+    assert set(checkpoint["state_dict"]) == set(weights)
+    for name, value in weights.items():
+        torch.testing.assert_close(checkpoint["state_dict"][name], value, rtol=0, atol=0)
+    # A plain single-device LightningModule loads it (weights_only loading).
+    task = LanguageModelingTask.load_from_checkpoint(out, weights_only=True)
+    torch.testing.assert_close(task.model.head.weight, weights["model.head.weight"], rtol=0, atol=0)
+    assert task.model.head.weight is task.model.tok_emb.weight  # tying survives
+
+
+def test_corrupt_checkpoint_gives_a_clear_error(tmp_path) -> None:
+    from lightning_scale.core.checkpoint import CheckpointError, consolidate, load_meta
+
+    bad = tmp_path / "bad.ckpt"
+    bad.mkdir()
+    (bad / ".metadata").write_bytes(b"not a checkpoint")
+    (bad / "meta.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="meta.pt is corrupt or truncated"):
+        load_meta(bad)
+    with pytest.raises(CheckpointError, match="could not read the shards"):
+        consolidate(bad)
+    with pytest.raises(CheckpointError, match="no .metadata"):
+        consolidate(tmp_path)

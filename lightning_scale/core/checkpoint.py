@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 
 META_FILE = "meta.pt"
@@ -57,6 +58,8 @@ def load_meta(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
     try:
         return torch.load(file, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):
+            raise CheckpointError(f"{file} is corrupt or truncated (not a torch.save file: {str(err).splitlines()[-1]})") from err
         raise CheckpointError(
             f"{file} holds objects that weights_only loading refuses ({err}). If you trust this file, register "
             f"the classes with torch.serialization.add_safe_globals([...]) or pass trust_checkpoint=True to the strategy"
@@ -78,7 +81,7 @@ def load_sharded(path: str | Path, tensors: dict[str, Any]) -> None:
         raise CheckpointError(f"{path} is not a sharded (DCP) checkpoint directory: no .metadata file")
     try:
         dcp.load(tensors, checkpoint_id=path)
-    except Exception as err:  # DCP wraps per-rank failures in CheckpointException
+    except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
         text = str(err)
         hint = ""
         if "Missing key" in text or "missing" in text.lower():
@@ -107,7 +110,7 @@ def consolidate(path: str | Path, out_file: str | Path | None = None, *, trust: 
         try:
             dcp_to_torch_save(path, flat)
             full: dict[str, Any] = torch.load(flat, map_location="cpu", weights_only=True)
-        except Exception as err:
+        except (Exception, CheckpointException) as err:
             raise CheckpointError(f"could not read the shards of {path}: {type(err).__name__}: {err}") from err
     checkpoint = load_meta(path, trust=trust)
     checkpoint["state_dict"] = full.get("state_dict", {})

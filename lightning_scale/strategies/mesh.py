@@ -42,6 +42,18 @@ from lightning_scale.core.grads import allreduce_gradients, clip_grad_norm_
 from lightning_scale.core.mesh import ParallelDims, build_device_mesh
 
 
+def _optim_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Flat, name-keyed optimizer state ("state.<param>.exp_avg", "param_groups.<param>.lr"): a
+    # list-indexed param_groups entry would hold different parameters on different pipeline
+    # stages under the same key, and DCP keeps one copy of each key.
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+_OPTIM_OPTIONS = _optim_options()
+
+
 class MeshStrategy(ParallelStrategy):
     """Data parallelism over a ``("pp", "dp", "tp")`` device mesh; the base of the suite's strategies.
 
@@ -258,7 +270,7 @@ class MeshStrategy(ParallelStrategy):
         if isinstance(optimizer, LightningOptimizer):
             optimizer = optimizer._optimizer
         assert self.lightning_module is not None
-        return get_optimizer_state_dict(self.lightning_module, optimizer)
+        return get_optimizer_state_dict(self.lightning_module, optimizer, options=_OPTIM_OPTIONS)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
         if storage_options is not None:
@@ -290,9 +302,9 @@ class MeshStrategy(ParallelStrategy):
         ckpt.load_sharded(path, model_state)
         set_model_state_dict(module, model_state["state_dict"], options=StateDictOptions(strict=module.strict_loading))
         for i, optimizer in enumerate(self.optimizers):
-            state = {f"optimizer_{i}": get_optimizer_state_dict(module, optimizer)}
+            state = {f"optimizer_{i}": get_optimizer_state_dict(module, optimizer, options=_OPTIM_OPTIONS)}
             ckpt.load_sharded(path, state)
-            set_optimizer_state_dict(module, optimizer, optim_state_dict=state[f"optimizer_{i}"])
+            set_optimizer_state_dict(module, optimizer, optim_state_dict=state[f"optimizer_{i}"], options=_OPTIM_OPTIONS)
         return meta
 
     def _load_full_checkpoint(self, path: Path) -> dict[str, Any]:
