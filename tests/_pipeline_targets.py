@@ -128,3 +128,71 @@ def reference(steps: int, per_replica_batch: int, replicas: int, microbatches: i
         sched.step()
     state = {k: v.detach().clone() for k, v in task.state_dict().items()}
     return {"losses": losses, "state": state}
+
+
+def _trainer(strategy, **kwargs):
+    import lightning as L
+
+    os.environ["PL_GLOBAL_SEED"] = "0"
+    return L.Trainer(
+        accelerator="cpu", devices=int(os.environ["WORLD_SIZE"]), strategy=strategy, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kwargs,
+    )
+
+
+def evaluate_and_predict(strategy_kwargs: dict, prompts: torch.Tensor, new_tokens: int) -> dict:
+    """validate() metrics and predict() samples of the untrained model under the strategy."""
+    from lightning_scale.strategies import PipelineStrategy
+
+    task = LanguageModelingTask(model=CFG, optim=OPTIM, sample_tokens=new_tokens, seed=7)
+    torch.manual_seed(0)
+    task.model.reset_parameters()
+    trainer = _trainer(PipelineStrategy(**strategy_kwargs))
+    val = DataLoader(make_data(64), batch_size=8, shuffle=False)
+    metrics = trainer.validate(task, dataloaders=val, verbose=False)[0]
+    preds = trainer.predict(task, dataloaders=DataLoader(TensorDataset(prompts), batch_size=len(prompts)))
+    return {"metrics": metrics, "preds": torch.cat([p for p in preds]) if preds else None,
+            "stage_modules": len(list(task.model.blocks.keys()))}
+
+
+def reference_evaluate_and_predict(prompts: torch.Tensor, new_tokens: int) -> dict:
+    from lightning_scale.models.gpt import sample_tokens
+
+    task = LanguageModelingTask(model=CFG, optim=OPTIM, sample_tokens=new_tokens, seed=7)
+    torch.manual_seed(0)
+    task.model.reset_parameters()
+    model = task.model.eval()
+    data = make_data(64)
+    losses, correct, total = [], 0, 0
+    with torch.no_grad():
+        for i in range(0, 64, 8):
+            x, y = data.tensors[0][i : i + 8], data.tensors[1][i : i + 8]
+            logits = model(x)
+            losses.append(task.loss_fn(logits, y).item())
+            correct += (logits.argmax(-1) == y).sum().item()
+            total += y.numel()
+        gen = torch.Generator().manual_seed(7)
+        preds = sample_tokens(model, prompts, new_tokens, block_size=CFG.block_size, top_k=50, generator=gen)
+    return {"val/loss": sum(losses) / len(losses), "val/token_acc": correct / total, "preds": preds}
+
+
+def timeline_run(png: str, schedule: str = "1f1b") -> dict:
+    from lightning_scale.strategies import PipelineStrategy
+
+    strategy = PipelineStrategy(stages=2, schedule=schedule, microbatches=4, timeline_step=2, timeline_path=png,
+                                virtual_stages=2 if schedule == "interleaved_1f1b" else None)
+    trainer = _trainer(strategy, max_steps=3, limit_val_batches=0)
+    trainer.fit(_task(), train_dataloaders=DataLoader(make_data(64), batch_size=8, drop_last=True))
+    events = [(e.kind, e.microbatch, e.stage) for e in strategy.runtime.timeline]
+    return {"png": str(strategy.last_timeline_png) if strategy.last_timeline_png else None, "events": events}
+
+
+def balance_by_time(example_batch: int) -> list[list[str]]:
+    from lightning_scale.strategies import PipelineStrategy
+
+    task = _task()
+    task.example_input_array = torch.zeros(example_batch, 16, dtype=torch.long)
+    strategy = PipelineStrategy(stages=2, microbatches=2, balance="time")
+    trainer = _trainer(strategy, max_steps=1, limit_val_batches=0)
+    trainer.fit(task, train_dataloaders=DataLoader(make_data(16), batch_size=4, drop_last=True))
+    return strategy.runtime.plan.stage_keys

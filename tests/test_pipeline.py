@@ -221,3 +221,44 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path) -> None:
         consolidate(bad)
     with pytest.raises(CheckpointError, match="no .metadata"):
         consolidate(tmp_path)
+
+
+# ---- eval, predict, timeline, balance, bf16 -------------------------------------------------
+
+
+def test_validation_metrics_and_predictions_match_a_single_process() -> None:
+    prompts = torch.randint(0, 64, (4, 5), generator=torch.Generator().manual_seed(3))
+    ref = targets.reference_evaluate_and_predict(prompts, 6)
+    results = run_distributed(
+        targets.evaluate_and_predict, 2, dict(stages=2, microbatches=4), prompts, 6, init_process_group=False, timeout=240
+    )
+    for rank, res in enumerate(results):
+        assert res["stage_modules"] == 2  # each rank really holds half of the blocks
+        assert res["metrics"]["val/loss"] == pytest.approx(ref["val/loss"], rel=1e-5), rank
+        assert res["metrics"]["val/token_acc"] == pytest.approx(ref["val/token_acc"], abs=1e-6), rank
+        # Predictions are broadcast to every stage, so sampling runs unchanged on every rank.
+        assert torch.equal(res["preds"], ref["preds"]), rank
+
+
+def test_timeline_png_shows_every_microbatch(tmp_path) -> None:
+    png = tmp_path / "timeline.png"
+    results = run_distributed(targets.timeline_run, 2, str(png), init_process_group=False, timeout=240)
+    assert results[0]["png"] == str(png) and png.stat().st_size > 10_000
+    for rank, res in enumerate(results):
+        kinds = sorted(res["events"])
+        assert kinds == sorted([("F", m, rank) for m in range(4)] + [("B", m, rank) for m in range(4)])
+
+
+def test_balance_by_measured_time_gives_one_plan_on_every_rank() -> None:
+    plans = run_distributed(targets.balance_by_time, 2, 2, init_process_group=False, timeout=240)
+    assert plans[0] == plans[1]
+    assert sorted(k for stage in plans[0] for k in stage) == ["0", "1", "2", "3"]
+
+
+def test_bf16_mixed_precision_trains_close_to_fp32() -> None:
+    kwargs = dict(stages=2, schedule="1f1b", microbatches=4)
+    bf16 = run_distributed(targets.fit, 2, kwargs, 5, 8, precision="bf16-mixed", init_process_group=False, timeout=240)
+    fp32 = targets.reference(5, 8, replicas=1, microbatches=4)
+    for a, b in zip(bf16[0]["losses"], fp32["losses"]):
+        assert abs(a - b) <= 2e-2 * abs(b)  # bf16 has ~3 significant digits
+    assert bf16[0]["losses"] == bf16[1]["losses"]

@@ -465,9 +465,6 @@ class PipelineRuntime:
     timeline: list[TimelineEvent] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        from torch.distributed.pipelining import PipelineStage
-        from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
-
         self.stage_indices = [s for s, r in enumerate(self.plan.stage_ranks) if r == self.pp_rank]
         # What this rank keeps (the LightningModule's network after setup): all of its stages.
         self.local_module = view_of(self.network, self.plan, self.stage_indices)
@@ -476,24 +473,54 @@ class PipelineRuntime:
         else:
             stage_modules = [view_of(self.local_module, self.plan, [s]) for s in self.stage_indices]
         self.stage_modules = stage_modules
-        self.stages = [
-            PipelineStage(mod, s, self.plan.num_stages, self.device, group=self.pp_group)
-            for mod, s in zip(stage_modules, self.stage_indices)
-        ]
-        for stage in self.stages:
-            self._instrument(stage)
-        schedule_cls = get_schedule_class(_TORCH_SCHEDULES[self.cfg.schedule])
-        m = self.cfg.resolved_microbatches
         self._loss_scale = 1.0  # 1 / (m x accumulation) while training, so grads match the full batch
         self._t0 = time.perf_counter()
         self._predicting = False
-        kwargs = dict(n_microbatches=m, loss_fn=self._scheduled_loss, scale_grads=False)
-        if issubclass(schedule_cls, PipelineScheduleSingle):
-            self.schedule = schedule_cls(self.stages[0], **kwargs)
-        else:
-            self.schedule = schedule_cls(self.stages, **kwargs)
+        # torch's stages fix the tensor shapes they send at their first step, so one set of stages
+        # and a schedule is kept per input-shape signature (e.g. training batches, a smaller last
+        # eval batch, each length during generation). Every rank sees the same inputs, so every
+        # rank switches at the same call.
+        self._by_signature: dict[tuple, tuple[list, Any]] = {}
+        self.stages, self.schedule = self._build()
         self.last_stage_rank = self.plan.stage_ranks[-1]  # pp rank that holds the loss
         self.tied = self._tied_sync_plan()
+
+    def _build(self, n_microbatches: int | None = None) -> tuple[list, Any]:
+        from torch.distributed.pipelining import PipelineStage
+        from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
+
+        stages = [
+            PipelineStage(mod, s, self.plan.num_stages, self.device, group=self.pp_group)
+            for mod, s in zip(self.stage_modules, self.stage_indices)
+        ]
+        for stage in stages:
+            self._instrument(stage)
+        schedule_cls = get_schedule_class(_TORCH_SCHEDULES[self.cfg.schedule])
+        m = n_microbatches or self.cfg.resolved_microbatches
+        kwargs = dict(n_microbatches=m, loss_fn=self._scheduled_loss, scale_grads=False)
+        if issubclass(schedule_cls, PipelineScheduleSingle):
+            return stages, schedule_cls(stages[0], **kwargs)
+        return stages, schedule_cls(stages, **kwargs)
+
+    _MAX_SIGNATURES = 8  # cached stage sets; the oldest is dropped beyond this
+
+    def _select(self, inputs: tuple, target: Any, n_microbatches: int | None = None) -> None:
+        """Use the stages and schedule built for these input/target shapes (build on first use)."""
+
+        def sig(x: Any) -> Any:
+            return (tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
+
+        m = n_microbatches or self.cfg.resolved_microbatches
+        key = (tuple(sig(x) for x in inputs), sig(target), m)
+        if key not in self._by_signature:
+            if not self._by_signature and m == self.cfg.resolved_microbatches:
+                built = (self.stages, self.schedule)  # the first signature takes the initial build
+            else:
+                built = self._build(m)
+            if len(self._by_signature) >= self._MAX_SIGNATURES:
+                self._by_signature.pop(next(iter(self._by_signature)))
+            self._by_signature[key] = built
+        self.stages, self.schedule = self._by_signature[key]
 
     # -- properties --------------------------------------------------------------------------
     @property
@@ -507,6 +534,19 @@ class PipelineRuntime:
     @property
     def microbatches(self) -> int:
         return self.cfg.resolved_microbatches
+
+    def eval_microbatches(self, batch_size: int) -> int:
+        """Microbatches for a forward-only batch: the configured m, or the largest divisor of the
+        batch below it (a smaller last eval batch), so every microbatch has the same shape."""
+        floor = self.cfg.stages if self.cfg.schedule in _NEEDS_M_GE_P else 1
+        for m in range(min(self.microbatches, batch_size), floor - 1, -1):
+            if batch_size % m == 0:
+                return m
+        raise ValueError(
+            f"an eval/predict batch of {batch_size} samples cannot be cut into equal microbatches for schedule "
+            f"{self.cfg.schedule!r} with {self.cfg.stages} stages (needs a divisor >= {floor}); use eval batch "
+            f"sizes that are multiples of {self.microbatches} (e.g. drop_last=True on the eval DataLoader)"
+        )
 
     # -- loss ---------------------------------------------------------------------------------
     def _scheduled_loss(self, output: Any, target: Any) -> torch.Tensor:
@@ -533,30 +573,33 @@ class PipelineRuntime:
         self._loss_scale = 1.0 / (self.microbatches * grad_divisor)
         self._t0 = time.perf_counter()
         self.timeline.clear()
+        self._select(inputs, target)
         args = inputs if self.has_first_stage else ()
         tgt = target if self.has_last_stage else None
         losses: list[torch.Tensor] = []  # filled by the schedule on the last stage, one per microbatch
         self.schedule.step(*args, target=tgt, losses=losses, return_outputs=False)
         return self._broadcast_mean_loss(losses)
 
-    def eval_step(self, inputs: tuple, target: Any, chunk_sizes: Sequence[int] | None = None) -> tuple[Any, torch.Tensor]:
+    def eval_step(self, inputs: tuple, target: Any, batch_size: int) -> tuple[Any, torch.Tensor]:
         """Forward only; returns (merged outputs on the last stage or None, mean loss everywhere).
 
-        The loss is the sample-weighted mean of microbatch losses, i.e. the full-batch mean when
-        the loss is a mean over samples, even if the last microbatch is smaller.
+        Microbatches are equal (see :meth:`eval_microbatches`), so the mean of microbatch losses
+        is the full-batch mean of a per-sample mean loss.
         """
         self._loss_scale = 1.0
+        self._select(inputs, target, self.eval_microbatches(batch_size))
         args = inputs if self.has_first_stage else ()
         tgt = target if self.has_last_stage else None
         losses: list[torch.Tensor] = []
         with torch.no_grad():
             out = self.schedule.eval(*args, target=tgt, losses=losses)
-        return (out if self.has_last_stage else None), self._broadcast_mean_loss(losses, chunk_sizes)
+        return (out if self.has_last_stage else None), self._broadcast_mean_loss(losses)
 
     def predict_step(self, inputs: tuple, batch_size: int) -> Any:
         """Forward only with no loss; returns merged outputs on the last stage, else None."""
         self._predicting = True
         try:
+            self._select(inputs, None, self.eval_microbatches(batch_size))
             args = inputs if self.has_first_stage else ()
             dummy = torch.zeros(batch_size, device=self.device) if self.has_last_stage else None
             with torch.no_grad():
@@ -565,15 +608,10 @@ class PipelineRuntime:
             self._predicting = False
         return out if self.has_last_stage else None
 
-    def _broadcast_mean_loss(self, scaled: list[torch.Tensor], weights: Sequence[int] | None = None) -> torch.Tensor:
+    def _broadcast_mean_loss(self, scaled: list[torch.Tensor]) -> torch.Tensor:
         """Mean of the unscaled microbatch losses, sent from the last stage to the whole pipeline."""
         if self.has_last_stage:
-            losses = torch.stack([l.detach().float() for l in scaled]) / self._loss_scale
-            if weights is not None:
-                w = torch.tensor(weights, dtype=losses.dtype, device=losses.device)
-                value = (losses * w).sum() / w.sum()
-            else:
-                value = losses.mean()
+            value = (torch.stack([loss.detach().float() for loss in scaled]) / self._loss_scale).mean()
         else:
             value = torch.zeros((), dtype=torch.float32, device=self.device)
         src = self.pp_global_ranks[self.last_stage_rank]

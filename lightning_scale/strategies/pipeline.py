@@ -162,6 +162,14 @@ class PipelineStrategy(MeshStrategy):
         assert dims is not None
         if dims.pp == 1:
             return  # one stage: plain data parallelism
+        if self.runtime is not None and network is self.runtime.local_module:
+            return  # already split by an earlier fit/validate/test/predict with this strategy
+        if getattr(network, "_lightning_scale_pipeline_part", False):
+            raise RuntimeError(
+                f"{type(self.lightning_module).__name__}.{self.module_name} holds only one pipeline stage's part of the "
+                f"model (it was split by another PipelineStrategy); reuse the same Trainer for fit/validate/test/"
+                f"predict, or load a fresh model from a checkpoint"
+            )
         costs = self._measure_block_costs(network) if self.pipeline_config.balance == "time" else None
         plan = plan_pipeline(network, self.pipeline_config, costs)
         rank = self.global_rank
@@ -175,6 +183,7 @@ class PipelineStrategy(MeshStrategy):
             device=self.root_device,
             loss_fn=loss,
         )
+        self.runtime.local_module._lightning_scale_pipeline_part = True
         setattr(self.lightning_module, self.module_name, self.runtime.local_module)
         # Groups that sum the gradients of tied parameters held on several stages; new_group is
         # collective over the world, so every rank creates every group in the same order.
@@ -326,14 +335,7 @@ class PipelineStrategy(MeshStrategy):
                     runtime.record_timeline = False
                     self._save_timeline()
                 return loss
-            m = runtime.microbatches
-            if batch < m:
-                raise ValueError(
-                    f"an eval batch of {batch} samples cannot be cut into microbatches={m}; use an eval batch size "
-                    f">= {m} (e.g. drop_last=True on the eval DataLoader, or a larger batch size)"
-                )
-            sizes = [len(c) for c in torch.tensor_split(torch.arange(batch), m)]
-            value, loss = runtime.eval_step(output.args, target, sizes)
+            value, loss = runtime.eval_step(output.args, target, batch)
             output.value = value
             return loss
 
@@ -349,13 +351,7 @@ class PipelineStrategy(MeshStrategy):
     def _predict(self, args: tuple) -> Any:
         runtime = self.runtime
         assert runtime is not None
-        batch = self._batch_size(args, None)
-        if batch % runtime.microbatches != 0:
-            raise ValueError(
-                f"a predict batch of {batch} samples is not divisible by microbatches={runtime.microbatches}; "
-                f"use a predict batch size that is a multiple of {runtime.microbatches}"
-            )
-        out = runtime.predict_step(args, batch)
+        out = runtime.predict_step(args, self._batch_size(args, None))
         return runtime.broadcast_from_last_stage(out)
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
