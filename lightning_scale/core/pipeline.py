@@ -241,7 +241,11 @@ class PipelinePlan:
 
 
 def _outer_modules(network: nn.Module, container: str) -> tuple[list[str], list[str]]:
-    """Modules with parameters or buffers before / after the container along its path."""
+    """Modules with parameters before / after the container along its path.
+
+    Modules without parameters (dropout, activations, buffer-only modules such as rotary
+    position tables) stay on every stage: they are cheap and any stage may need them.
+    """
     first, last = [], []
     parts = container.split(".")
     module = network
@@ -252,8 +256,8 @@ def _outer_modules(network: nn.Module, container: str) -> tuple[list[str], list[
             if name == part:
                 seen = True
                 continue
-            if child is None or not any(True for _ in child.parameters()) and not any(True for _ in child.buffers()):
-                continue  # parameter-free modules (dropout, activations) stay on every stage
+            if child is None or not any(True for _ in child.parameters()):
+                continue  # parameter-free modules stay on every stage
             (last if seen else first).append(prefix + name)
         if module._parameters:
             raise ValueError(
@@ -424,6 +428,19 @@ def owner_stage(plan: PipelinePlan, param_name: str) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+class _ForwardAdapter(nn.Module):
+    """Runs ``fn(module, *inputs)`` as the forward of a stage (models whose own forward cannot
+    run with parts missing, e.g. Hugging Face decoders). Holds ``module``; copies nothing."""
+
+    def __init__(self, module: nn.Module, fn: Callable[..., Any]) -> None:
+        super().__init__()
+        self.module = module
+        self.fn = fn
+
+    def forward(self, *inputs: Any) -> Any:
+        return self.fn(self.module, *inputs)
+
+
 @dataclass
 class TimelineEvent:
     """One compute action of a measured step (seconds since the step began)."""
@@ -461,6 +478,7 @@ class PipelineRuntime:
     loss_fn: Callable[[Any, Any], torch.Tensor]
     local_module: nn.Module = field(init=False)
     stage_indices: list[int] = field(init=False)
+    stage_forward: Callable[..., Any] | None = None  # stage_forward(stage_module, *inputs) replaces its forward
     record_timeline: bool = False
     timeline: list[TimelineEvent] = field(default_factory=list)
 
@@ -489,9 +507,12 @@ class PipelineRuntime:
         from torch.distributed.pipelining import PipelineStage
         from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
+        modules = self.stage_modules
+        if self.stage_forward is not None:
+            modules = [_ForwardAdapter(mod, self.stage_forward) for mod in modules]
         stages = [
             PipelineStage(mod, s, self.plan.num_stages, self.device, group=self.pp_group)
-            for mod, s in zip(self.stage_modules, self.stage_indices)
+            for mod, s in zip(modules, self.stage_indices)
         ]
         for stage in stages:
             self._instrument(stage)

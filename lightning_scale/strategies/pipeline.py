@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +36,21 @@ from lightning_scale.strategies.interface import PipelineOutput
 from lightning_scale.strategies.mesh import MeshStrategy
 
 StepMode = Literal["train", "eval", "predict"]
+
+
+def _resolve_callable(spec: str | Callable[..., Any]) -> Callable[..., Any]:
+    if callable(spec):
+        return spec
+    module_name, _, attr = spec.rpartition(".")
+    try:
+        import importlib
+
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"stage_forward={spec!r} is not an importable function 'package.module.function'") from err
+    if not callable(fn):
+        raise ValueError(f"stage_forward={spec!r} is not callable")
+    return fn
 
 
 class _NetworkProxy:
@@ -78,6 +93,9 @@ class PipelineStrategy(MeshStrategy):
         container: path of the block container in the network (default: found automatically).
         module_name: attribute of the LightningModule that holds the network to pipeline.
         loss_name: method of the LightningModule that computes the loss from (output, target).
+        stage_forward: ``fn(stage_module, *inputs)`` run as each stage's forward, for models whose
+            own forward cannot skip missing parts (a callable or its import path, e.g.
+            ``"lightning_scale.adapters.huggingface.decoder_stage_forward"``).
         timeline_step: if set, record this global step's schedule and save a PNG timeline.
         timeline_path: where the PNG goes (default ``<trainer.log_dir>/pipeline_timeline.png``).
     """
@@ -95,6 +113,7 @@ class PipelineStrategy(MeshStrategy):
         container: str | None = None,
         module_name: str = "model",
         loss_name: str = "loss_fn",
+        stage_forward: str | Callable[..., Any] | None = None,
         timeline_step: int | None = None,
         timeline_path: str | None = None,
         process_group_backend: str | None = None,
@@ -121,6 +140,7 @@ class PipelineStrategy(MeshStrategy):
         )
         self.module_name = module_name
         self.loss_name = loss_name
+        self.stage_forward = _resolve_callable(stage_forward) if stage_forward is not None else None
         self.timeline_step = timeline_step
         self.timeline_path = timeline_path
         self.runtime: PipelineRuntime | None = None
@@ -182,6 +202,7 @@ class PipelineStrategy(MeshStrategy):
             pp_global_ranks=dims.ranks_along("pp", rank),
             device=self.root_device,
             loss_fn=loss,
+            stage_forward=self.stage_forward,
         )
         self.runtime.local_module._lightning_scale_pipeline_part = True
         setattr(self.lightning_module, self.module_name, self.runtime.local_module)

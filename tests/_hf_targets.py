@@ -1,0 +1,90 @@
+"""A Hugging Face Llama (built from a config, no weights downloaded) trained with PipelineStrategy."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def _model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=32, attn_implementation="sdpa", tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg)
+
+
+def _data():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(0, 64, (64, 12), generator=g)
+    return TensorDataset(x, torch.roll(x, -1, 1))
+
+
+def _loss(output, target):
+    logits = output.logits if hasattr(output, "logits") else output  # HF output object or stage logits
+    return F.cross_entropy(logits.flatten(0, 1), target.flatten())
+
+
+def fit_hf(steps: int) -> dict:
+    import lightning as L
+
+    from lightning_scale.strategies import PipelineStrategy
+
+    class HFTask(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = _model()
+
+        def loss_fn(self, output, target):
+            return _loss(output, target)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return self.loss_fn(self.model(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    os.environ["PL_GLOBAL_SEED"] = "0"
+    strategy = PipelineStrategy(stages=2, microbatches=4, split_points=["model.layers.2"],
+                                stage_forward="lightning_scale.adapters.huggingface.decoder_stage_forward")
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=steps, logger=False, callbacks=[Record()],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    task = HFTask()
+    trainer.fit(task, DataLoader(_data(), batch_size=8, drop_last=True))
+    return {"losses": losses, "state": {k: v.detach().clone() for k, v in task.state_dict().items()}}
+
+
+def reference_hf(steps: int) -> dict:
+    from torch.utils.data import DistributedSampler
+
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    data = _data()
+    sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0)
+    per_epoch = len(data) // 8
+    losses = []
+    for step in range(steps):
+        epoch, i = divmod(step, per_epoch)
+        sampler.set_epoch(epoch)
+        idx = torch.tensor(list(sampler))[i * 8 : (i + 1) * 8]
+        x, y = data.tensors[0][idx], data.tensors[1][idx]
+        opt.zero_grad()
+        total = 0.0
+        for xc, yc in zip(x.chunk(4), y.chunk(4)):
+            loss = _loss(model(xc), yc) / 4
+            loss.backward()
+            total += loss.item()
+        opt.step()
+        losses.append(total)
+    return {"losses": losses, "state": {f"model.{k}": v for k, v in model.state_dict().items()}}

@@ -1,0 +1,21 @@
+"""PipelineStrategy on a model this project did not write: a Hugging Face Llama decoder."""
+
+from __future__ import annotations
+
+import _hf_targets as targets
+from lightning_scale.testing import run_distributed
+
+
+def test_hugging_face_llama_two_stages_matches_single_process() -> None:
+    steps = 20
+    results = run_distributed(targets.fit_hf, 2, steps, init_process_group=False, timeout=300)
+    ref = targets.reference_hf(steps)
+    for a, b in zip(results[0]["losses"], ref["losses"]):
+        assert abs(a - b) <= 1e-5 * abs(b)
+    assert results[0]["losses"] == results[1]["losses"]
+    held = {}
+    for r in results:
+        held.update(r["state"])
+    assert set(held) == set(ref["state"])
+    for name, value in held.items():
+        assert (value - ref["state"][name]).abs().max().item() <= 1e-5, name
