@@ -3,6 +3,14 @@ the global gradient norm over model-parallel ranks. Torch only.
 
 All functions are no-ops for a ``None`` group or a group of one rank, so single-process runs
 take the same code path.
+
+DTensor gradients (tensor parallelism, :mod:`lightning_scale.core.tensor_parallel`): the
+collectives here work on each gradient's local shard (``to_local()``, a view of the same
+storage), which is exact for data-parallel averaging, tied-copy summing and clipping (all
+linear per element). The norm needs the logical tensor: a sharded gradient contributes its
+local shard's ``sum |g|^p`` summed over its mesh, a replicated one is counted once (by the
+mesh-coordinate-0 replica), and a ``Partial`` one (e.g. a sequence-parallel LayerNorm weight)
+is reduced first. Plain-tensor code paths are unchanged.
 """
 
 from __future__ import annotations
@@ -12,12 +20,21 @@ from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate
 
 
 def _group_size(group: dist.ProcessGroup | None) -> int:
     if group is None or not dist.is_initialized():
         return 1
     return dist.get_world_size(group)
+
+
+def _local_view(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a view sharing its storage); a plain tensor itself."""
+    if isinstance(t, DTensor):
+        with torch.no_grad():
+            return t.to_local()
+    return t
 
 
 def _buckets(tensors: Sequence[torch.Tensor], bucket_bytes: int) -> list[list[torch.Tensor]]:
@@ -55,7 +72,7 @@ def allreduce_gradients(
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
+    grads = [_local_view(p.grad) for p in params]  # DTensor grads: their local shards, in place
     for bucket in _buckets(grads, bucket_bytes):
         flat = torch.cat([g.reshape(-1) for g in bucket])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
@@ -77,8 +94,15 @@ def global_grad_norm(
     ``params`` must hold each logical parameter on exactly one rank of the ``groups`` (for
     example pipeline stages, leaving out tied copies on all but one stage). The local
     ``sum |g|^p`` (or max for inf) is reduced over each group in turn.
+
+    With DTensor gradients (tensor parallelism) each DTensor is reduced over its own device mesh
+    (see :func:`dtensor_grad_norm_contribution`), and plain-tensor gradients beside them are taken
+    as replicated over those meshes (counted once). Do not put the TP group in ``groups``.
     """
-    grads = [p.grad for p in params if p.grad is not None]
+    params = [p for p in params if p.grad is not None]
+    grads = [p.grad for p in params]
+    if any(isinstance(g, DTensor) for g in grads):
+        return _global_grad_norm_with_dtensors(params, groups, norm_type)
     device = grads[0].device if grads else torch.device("cpu")
     if math.isinf(norm_type):
         local = torch.stack([g.detach().abs().max().float() for g in grads]).max() if grads else torch.zeros((), device=device)
@@ -114,5 +138,92 @@ def clip_grad_norm_(
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for p in local_params:
         if p.grad is not None:
-            p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
+            grad = _local_view(p.grad)  # the gradient itself for a plain tensor; a DTensor's shard
+            grad.mul_(coef.to(grad.device, grad.dtype))
     return total
+
+
+# --------------------------------------------------------------------------------------------
+# DTensor gradients (tensor parallelism)
+# --------------------------------------------------------------------------------------------
+
+
+def _mesh_key(mesh: torch.distributed.device_mesh.DeviceMesh) -> tuple:
+    """A rank-independent, sortable identity of a device mesh (same order of collectives everywhere)."""
+    return (tuple(mesh.mesh.flatten().tolist()), tuple(mesh.mesh.shape), tuple(mesh.mesh_dim_names or ()))
+
+
+def reduce_partial_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """Turn ``Partial`` DTensor gradients into the parameter's placements (an all-reduce each).
+
+    A replicated parameter fed by sequence-sharded activations (a sequence-parallel LayerNorm)
+    gets a ``Partial(sum)`` gradient: each rank holds the sum over its sequence shard. The
+    optimizer would redistribute it implicitly; the norm must see the reduced value. Call on
+    every rank of the mesh with the same parameters (it is a collective per Partial gradient).
+    """
+    for p in params:
+        g = p.grad
+        if isinstance(g, DTensor) and any(pl.is_partial() for pl in g.placements):
+            target = p.placements if isinstance(p, DTensor) else [Replicate()] * g.device_mesh.ndim
+            p.grad = g.redistribute(g.device_mesh, target)
+
+
+def dtensor_grad_norm_contribution(grads: Sequence[DTensor], norm_type: float = 2.0) -> torch.Tensor:
+    """``sum |g|^p`` (max |g| for inf) of DTensor gradients over their meshes, as a local fp32 scalar.
+
+    Sharded mesh dimensions are summed (each rank holds a different piece); on a replicated
+    dimension only the replica at mesh coordinate 0 contributes, so a replicated tensor is counted
+    once, exactly (no division by the replica count). The result is the same on every rank of the
+    meshes. ``Partial`` gradients must be reduced first (:func:`reduce_partial_gradients`).
+    Collective over every mesh that holds a gradient: call on all of its ranks with the same list.
+    """
+    inf = math.isinf(norm_type)
+    by_mesh: dict[tuple, list[DTensor]] = {}
+    meshes: dict[tuple, torch.distributed.device_mesh.DeviceMesh] = {}
+    for g in grads:
+        key = _mesh_key(g.device_mesh)
+        by_mesh.setdefault(key, []).append(g)
+        meshes[key] = g.device_mesh
+    total = torch.zeros((), dtype=torch.float32)
+    op = dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM
+    for key in sorted(by_mesh):
+        mesh = meshes[key]
+        coords = mesh.get_coordinate() or [0] * mesh.ndim
+        acc = torch.zeros((), dtype=torch.float32, device=by_mesh[key][0].to_local().device)
+        for g in by_mesh[key]:
+            if any(pl.is_partial() for pl in g.placements):
+                raise ValueError("a DTensor gradient is Partial: call reduce_partial_gradients(params) before the norm")
+            local = g.to_local().detach().float()
+            if inf:
+                if local.numel():
+                    acc = torch.maximum(acc, local.abs().max())
+            elif not any(pl.is_replicate() and coords[i] != 0 for i, pl in enumerate(g.placements)):
+                acc = acc + local.norm(norm_type) ** norm_type  # else another rank counts this replica
+        for dim in range(mesh.ndim):  # sum (max) over the whole mesh, one dimension at a time
+            if mesh.size(dim) > 1:
+                dist.all_reduce(acc, op=op, group=mesh.get_group(dim))
+        acc = acc.to(total.device)
+        total = torch.maximum(total, acc) if inf else total + acc
+    return total
+
+
+def _global_grad_norm_with_dtensors(
+    params: Sequence[torch.nn.Parameter], groups: Sequence[dist.ProcessGroup | None], norm_type: float
+) -> torch.Tensor:
+    """:func:`global_grad_norm` when some gradients are DTensors (tensor parallelism)."""
+    reduce_partial_gradients(params)
+    grads = [p.grad for p in params]
+    dtensors = [g for g in grads if isinstance(g, DTensor)]
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    device = plain[0].device if plain else torch.device(dtensors[0].device_mesh.device_type)
+    inf = math.isinf(norm_type)
+    local = dtensor_grad_norm_contribution(dtensors, norm_type).to(device)
+    if plain:
+        if inf:
+            local = torch.maximum(local, torch.stack([g.detach().abs().max().float() for g in plain]).max())
+        else:
+            local = local + torch.stack([g.detach().float().norm(norm_type) ** norm_type for g in plain]).sum()
+    for group in groups:
+        if _group_size(group) > 1:
+            dist.all_reduce(local, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=group)
+    return local if inf else local ** (1.0 / norm_type)
