@@ -60,7 +60,12 @@ def fit(strategy_kwargs: dict, steps: int, batch_size: int, accumulate: int = 1,
 
     # Lightning seeds the training DistributedSampler with PL_GLOBAL_SEED; the reference uses 0.
     os.environ["PL_GLOBAL_SEED"] = "0"
-    strategy = PipelineStrategy(**strategy_kwargs)
+    if strategy_kwargs.pop("tensor", False):
+        from lightning_scale.strategies import TensorParallelStrategy
+
+        strategy = TensorParallelStrategy(**strategy_kwargs)
+    else:
+        strategy = PipelineStrategy(**strategy_kwargs)
     callbacks = [Record()]
     if ckpt_dir:
         from lightning.pytorch.callbacks import ModelCheckpoint
@@ -89,7 +94,10 @@ def fit(strategy_kwargs: dict, steps: int, batch_size: int, accumulate: int = 1,
     trainer.fit(task, train_dataloaders=loader, ckpt_path=resume)
     if save_to:
         trainer.save_checkpoint(save_to)
-    state = {k: v.detach().clone() for k, v in task.state_dict().items()}
+    from torch.distributed.tensor import DTensor
+
+    # DTensor (tensor-parallel) weights are gathered to full tensors: a collective, same order on every rank.
+    state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in task.state_dict().items()}
     return {"losses": rec.losses, "lrs": rec.lrs, "adam": rec.adam, "state": state, "global_step": trainer.global_step,
             "sample_losses": getattr(strategy, "_test_probe", None)}
 

@@ -4,12 +4,14 @@ from lightning_scale.strategies.interface import PipelineOutput, data_parallel_g
 from lightning_scale.strategies.mesh import MeshStrategy
 from lightning_scale.strategies.pipeline import PipelineStrategy
 from lightning_scale.strategies.registry import PRESETS, register_strategies
+from lightning_scale.strategies.tensor_parallel import TensorParallelStrategy
 
 register_strategies()
 
 __all__ = [
     "MeshStrategy",
     "PipelineStrategy",
+    "TensorParallelStrategy",
     "PipelineOutput",
     "outputs_here",
     "data_parallel_group",

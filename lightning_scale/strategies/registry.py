@@ -8,6 +8,7 @@ from __future__ import annotations
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_scale.strategies.pipeline import PipelineStrategy
+from lightning_scale.strategies.tensor_parallel import TensorParallelStrategy
 
 #: name -> (class, description, init params)
 PRESETS: dict[str, tuple[type, str, dict]] = {
@@ -18,6 +19,12 @@ PRESETS: dict[str, tuple[type, str, dict]] = {
         PipelineStrategy,
         "Pipeline parallelism, 2 stages x 2 virtual stages, interleaved 1F1B",
         {"schedule": "interleaved_1f1b", "virtual_stages": 2},
+    ),
+    "tensor_parallel": (TensorParallelStrategy, "Tensor parallelism over 2 ranks (DTensor), rest data parallel", {}),
+    "tensor_parallel_sp": (
+        TensorParallelStrategy,
+        "Tensor + sequence parallelism over 2 ranks (DTensor), rest data parallel",
+        {"sequence_parallel": True},
     ),
 }
 

@@ -1,0 +1,125 @@
+"""``TensorParallelStrategy``: Megatron-style tensor (and sequence) parallelism on DTensor,
+with data parallelism over the remaining ranks.
+
+The network in ``module_name`` is parallelized in place with
+:func:`lightning_scale.core.tensor_parallel.apply_tp` over the ``tp`` sub-mesh: the built-in plan
+of the suite's GPT / ViT, or a user plan (``{module-path pattern: ParallelStyle}``). The
+training step is the module's own (every TP rank computes the same loss on the same batch);
+gradients are averaged over ``dp`` once per optimizer step and clipped by the global norm
+computed across TP shards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor, nn
+from torch.distributed.tensor.parallel import ParallelStyle
+
+from lightning_scale.core.grads import reduce_partial_gradients
+from lightning_scale.core.mesh import ParallelDims
+from lightning_scale.core.tensor_parallel import apply_tp, gpt_tp_plan, validate_tp, vit_tp_plan
+from lightning_scale.strategies.mesh import MeshStrategy
+
+
+def builtin_plan(network: nn.Module, sequence_parallel: bool, shard_vocab: bool = False) -> dict[str, ParallelStyle]:
+    """The suite's plan for its own models (GPT, ViT); a clear error for any other model."""
+    from lightning_scale.models import GPT, ViT
+
+    if isinstance(network, GPT):
+        return gpt_tp_plan(sequence_parallel, shard_vocab=shard_vocab)
+    if isinstance(network, ViT):
+        return vit_tp_plan(sequence_parallel)
+    raise ValueError(
+        f"there is no built-in tensor-parallel plan for {type(network).__name__}; pass plan={{'pattern': ParallelStyle}} "
+        f"(see docs/strategies/tensor_parallel.md for a Hugging Face example)"
+    )
+
+
+class TensorParallelStrategy(MeshStrategy):
+    """Tensor parallelism over ``tensor_parallel_size`` ranks; data parallel over the rest.
+
+    Args:
+        tensor_parallel_size: ranks that share each layer (the "tp" mesh dimension).
+        sequence_parallel: also shard LayerNorm/dropout activations on the sequence dimension
+            (the sequence length must be divisible by ``tensor_parallel_size``).
+        plan: ``{module-path pattern: ParallelStyle}``; default: the built-in plan for the suite's GPT/ViT.
+        shard_vocab: with the built-in GPT plan, shard the token embedding and head on the vocabulary.
+        module_name: attribute of the LightningModule that holds the network.
+    """
+
+    strategy_name = "tensor_parallel"
+
+    def __init__(
+        self,
+        tensor_parallel_size: int = 2,
+        sequence_parallel: bool = False,
+        plan: Mapping[str, ParallelStyle] | None = None,
+        shard_vocab: bool = False,
+        module_name: str = "model",
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        trust_checkpoint: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            dims=ParallelDims(pp=1, dp=-1, tp=tensor_parallel_size),
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            trust_checkpoint=trust_checkpoint,
+            **kwargs,
+        )
+        self.sequence_parallel = sequence_parallel
+        self.plan = dict(plan) if plan is not None else None
+        self.shard_vocab = shard_vocab
+        self.module_name = module_name
+        self._parallelized: nn.Module | None = None
+
+    @property
+    def tp(self) -> int:
+        return self.dims.tp
+
+    def parallelize(self) -> None:
+        network = getattr(self.lightning_module, self.module_name, None)
+        if not isinstance(network, nn.Module):
+            raise AttributeError(
+                f"TensorParallelStrategy parallelizes the network in LightningModule attribute {self.module_name!r}, "
+                f"which is {type(network).__name__}; set module_name= to the attribute that holds your nn.Module"
+            )
+        if network is self._parallelized:
+            return  # an earlier fit/validate/test/predict of this strategy did it
+        config = getattr(network, "config", None)
+        if self.plan is None and config is not None:
+            # Heads, hidden, MLP (and vocab) against tp: raised on every rank, no collective yet.
+            validate_tp(config, self.tp, None, self.sequence_parallel, shard_vocab=self.shard_vocab)
+        plan = self.plan if self.plan is not None else builtin_plan(network, self.sequence_parallel, self.shard_vocab)
+        # Every parameter a DTensor on CUDA, where torch's default foreach/fused optimizers
+        # reject a mix of DTensors and plain tensors; plain replicated tensors on CPU (cheaper).
+        apply_tp(network, self.device_mesh["tp"], plan, replicate_rest=self.root_device.type == "cuda")
+        self._parallelized = network
+        rank_zero_info(f"TensorParallelStrategy: tp={self.tp}, sequence_parallel={self.sequence_parallel}, {len(plan)} plan entries")
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self.sequence_parallel:
+            self._check_sequence_length(args)
+        return super().training_step(*args, **kwargs)
+
+    def _check_sequence_length(self, args: tuple) -> None:
+        batch = args[0] if args else None
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if isinstance(x, Tensor) and x.dim() >= 2 and x.shape[1] % self.tp != 0:
+            raise ValueError(
+                f"sequence parallelism shards the sequence over tensor_parallel_size={self.tp} ranks, but the batch has "
+                f"sequence length {x.shape[1]}; use a length divisible by {self.tp} or sequence_parallel=False"
+            )
+
+    def finalize_gradients(self) -> None:
+        assert self.lightning_module is not None
+        # Sequence-parallel LayerNorm gradients are partial sums over the TP ranks: reduce them
+        # once here rather than letting every optimizer op redistribute them.
+        reduce_partial_gradients(self.lightning_module.parameters())
+        super().finalize_gradients()
