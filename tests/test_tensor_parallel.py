@@ -56,3 +56,18 @@ def test_world_size_not_divisible_by_tp_names_the_fix() -> None:
 
     with pytest.raises(ValueError, match="launch a multiple of 2 processes"):
         ParallelDims(pp=1, dp=-1, tp=2).resolve(3)
+
+
+def test_tp2_checkpoint_resumes_exactly_and_loads_without_tp(tmp_path) -> None:
+    common = dict(n_samples=64, max_epochs=2, init_process_group=False, timeout=300)
+    tp = dict(tensor=True, tensor_parallel_size=2)
+    full = run_distributed(targets.fit, 2, dict(tp), 0, 8, ckpt_dir=str(tmp_path), **common)
+    ckpt = str(tmp_path / "epoch=0.ckpt")
+    expected = full[0]["losses"][8:]
+    # Same layout, and resharded to a single process without tensor parallelism.
+    for world, kwargs in [(2, dict(tp)), (1, dict(stages=1, microbatches=1))]:
+        resumed = run_distributed(targets.fit, world, kwargs, 0, 8, resume=ckpt, **common)
+        got = resumed[0]["losses"]
+        assert len(got) == 8
+        for a, b in zip(got, expected):
+            assert abs(a - b) <= 1e-5 * abs(b)
