@@ -60,7 +60,11 @@ def fit(strategy_kwargs: dict, steps: int, batch_size: int, accumulate: int = 1,
 
     # Lightning seeds the training DistributedSampler with PL_GLOBAL_SEED; the reference uses 0.
     os.environ["PL_GLOBAL_SEED"] = "0"
-    if strategy_kwargs.pop("tensor", False):
+    if strategy_kwargs.pop("three_d", False):
+        from lightning_scale.strategies import Parallel3DStrategy
+
+        strategy = Parallel3DStrategy(**strategy_kwargs)
+    elif strategy_kwargs.pop("tensor", False):
         from lightning_scale.strategies import TensorParallelStrategy
 
         strategy = TensorParallelStrategy(**strategy_kwargs)

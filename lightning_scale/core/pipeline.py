@@ -468,7 +468,7 @@ class PipelineRuntime:
         loss_fn: ``loss_fn(output, target) -> scalar`` mean over a microbatch.
     """
 
-    network: nn.Module
+    network: nn.Module  # released (set to None) once the stages are built
     plan: PipelinePlan
     cfg: PipelineConfig
     pp_rank: int
@@ -501,7 +501,11 @@ class PipelineRuntime:
         self._by_signature: dict[tuple, tuple[list, Any]] = {}
         self.stages, self.schedule = self._build()
         self.last_stage_rank = self.plan.stage_ranks[-1]  # pp rank that holds the loss
+        self.tied_groups = tied_parameter_groups(self.network)
         self.tied = self._tied_sync_plan()
+        # Drop the full model: the blocks this rank does not own are freed once the caller
+        # replaces its own reference with ``local_module``.
+        self.network = None  # type: ignore[assignment]
 
     def _build(self, n_microbatches: int | None = None) -> tuple[list, Any]:
         from torch.distributed.pipelining import PipelineStage
@@ -649,7 +653,7 @@ class PipelineRuntime:
     def _tied_sync_plan(self) -> list[tuple[list[int], str]]:
         """(pipeline ranks holding a copy, local parameter name) of each tied group split over ranks."""
         out = []
-        for names in tied_parameter_groups(self.network):
+        for names in self.tied_groups:
             holders = sorted({self.plan.stage_ranks[owner_stage(self.plan, n)] for n in names})
             if len(holders) < 2:
                 continue

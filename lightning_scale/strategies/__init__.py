@@ -2,6 +2,7 @@
 
 from lightning_scale.strategies.interface import PipelineOutput, data_parallel_group, outputs_here, share_from_output_ranks
 from lightning_scale.strategies.mesh import MeshStrategy
+from lightning_scale.strategies.parallel3d import Parallel3DStrategy
 from lightning_scale.strategies.pipeline import PipelineStrategy
 from lightning_scale.strategies.registry import PRESETS, register_strategies
 from lightning_scale.strategies.tensor_parallel import TensorParallelStrategy
@@ -10,6 +11,7 @@ register_strategies()
 
 __all__ = [
     "MeshStrategy",
+    "Parallel3DStrategy",
     "PipelineStrategy",
     "TensorParallelStrategy",
     "PipelineOutput",

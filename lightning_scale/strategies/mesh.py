@@ -54,6 +54,22 @@ def _optim_options():
 _OPTIM_OPTIONS = _optim_options()
 
 
+def _rename_params(flat_optim_state: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """Rename parameters in a flattened optimizer state dict ("state.<param>.<key>",
+    "param_groups.<param>.<key>")."""
+    if not names:
+        return flat_optim_state
+    out = {}
+    for key, value in flat_optim_state.items():
+        section, _, rest = key.partition(".")
+        for old, new in names.items():
+            if rest.startswith(old + "."):
+                rest = new + rest[len(old) :]
+                break
+        out[f"{section}.{rest}"] = value
+    return out
+
+
 class MeshStrategy(ParallelStrategy):
     """Data parallelism over a ``("pp", "dp", "tp")`` device mesh; the base of the suite's strategies.
 
@@ -301,11 +317,18 @@ class MeshStrategy(ParallelStrategy):
         model_state = {"state_dict": get_model_state_dict(module)}
         ckpt.load_sharded(path, model_state)
         set_model_state_dict(module, model_state["state_dict"], options=StateDictOptions(strict=module.strict_loading))
+        aliases = self.optimizer_state_aliases()
         for i, optimizer in enumerate(self.optimizers):
-            state = {f"optimizer_{i}": get_optimizer_state_dict(module, optimizer, options=_OPTIM_OPTIONS)}
+            flat = _rename_params(get_optimizer_state_dict(module, optimizer, options=_OPTIM_OPTIONS), aliases)
+            state = {f"optimizer_{i}": flat}
             ckpt.load_sharded(path, state)
-            set_optimizer_state_dict(module, optimizer, optim_state_dict=state[f"optimizer_{i}"], options=_OPTIM_OPTIONS)
+            restored = _rename_params(state[f"optimizer_{i}"], {v: k for k, v in aliases.items()})
+            set_optimizer_state_dict(module, optimizer, optim_state_dict=restored, options=_OPTIM_OPTIONS)
         return meta
+
+    def optimizer_state_aliases(self) -> dict[str, str]:
+        """Parameter names whose optimizer state is read under another name (tied copies)."""
+        return {}
 
     def _load_full_checkpoint(self, path: Path) -> dict[str, Any]:
         """A single-file (consolidated) checkpoint: each rank takes the names its modules hold."""

@@ -180,10 +180,11 @@ class PipelineStrategy(MeshStrategy):
         network, loss = self._network_and_loss()
         dims = self.resolved_dims
         assert dims is not None
-        if dims.pp == 1:
-            return  # one stage: plain data parallelism
         if self.runtime is not None and network is self.runtime.local_module:
             return  # already split by an earlier fit/validate/test/predict with this strategy
+        if dims.pp == 1:
+            self.after_split(network)
+            return  # one stage: no pipeline
         if getattr(network, "_lightning_scale_pipeline_part", False):
             raise RuntimeError(
                 f"{type(self.lightning_module).__name__}.{self.module_name} holds only one pipeline stage's part of the "
@@ -206,6 +207,7 @@ class PipelineStrategy(MeshStrategy):
         )
         self.runtime.local_module._lightning_scale_pipeline_part = True
         setattr(self.lightning_module, self.module_name, self.runtime.local_module)
+        self.after_split(self.runtime.local_module)
         # Groups that sum the gradients of tied parameters held on several stages; new_group is
         # collective over the world, so every rank creates every group in the same order.
         self._tied_groups = []
@@ -217,6 +219,29 @@ class PipelineStrategy(MeshStrategy):
                     if rank in ranks and local_name:
                         self._tied_groups.append((group, local_name))
         rank_zero_info(f"PipelineStrategy: {self.pipeline_config.schedule}, m={self.runtime.microbatches}\n{plan.describe()}")
+
+    def optimizer_state_aliases(self) -> dict[str, str]:
+        """A tied parameter (GPT head = token embedding) split over stages: every copy reads its
+        optimizer state under the group's first name, which every layout saves (an unsplit
+        model saves a tied parameter's state once, under its first name)."""
+        if self.runtime is None:
+            return {}
+        prefix = self.module_name + "."
+        held = {n for n, _ in self.runtime.local_module.named_parameters()}
+        aliases = {}
+        for names in self.runtime.tied_groups:
+            canonical = names[0]
+            for name in names[1:]:
+                if name in held and canonical not in held:
+                    aliases[prefix + name] = prefix + canonical
+        return aliases
+
+    def after_split(self, local_network: nn.Module) -> None:
+        """Hook for composed strategies: transform this rank's part of the network (e.g. TP).
+
+        Stage modules share every leaf module with ``local_network``, so changes made here are
+        what the pipeline stages run.
+        """
 
     def _measure_block_costs(self, network: nn.Module) -> tuple[list[float], float, float]:
         """Forward+backward seconds per block on ``example_input_array``, averaged over ranks."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from lightning.pytorch.strategies import StrategyRegistry
 
+from lightning_scale.strategies.parallel3d import Parallel3DStrategy
 from lightning_scale.strategies.pipeline import PipelineStrategy
 from lightning_scale.strategies.tensor_parallel import TensorParallelStrategy
 
@@ -26,6 +27,7 @@ PRESETS: dict[str, tuple[type, str, dict]] = {
         "Tensor + sequence parallelism over 2 ranks (DTensor), rest data parallel",
         {"sequence_parallel": True},
     ),
+    "parallel_3d": (Parallel3DStrategy, "Pipeline x tensor x data parallelism (pp=2, tp=2, dp=rest)", {}),
 }
 
 

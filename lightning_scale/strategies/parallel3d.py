@@ -1,0 +1,74 @@
+"""``Parallel3DStrategy``: pipeline x tensor x data parallelism on one ``("pp", "dp", "tp")`` mesh.
+
+Order of application (the design guide's): pipeline split (each rank keeps a view of its
+stages) -> tensor parallelism on that view over the ``tp`` sub-mesh -> (activation
+checkpointing, later) -> data parallelism over ``dp`` (gradient averaging at the optimizer step).
+``pp x dp x tp`` must equal the world size; ``data_parallel_size=-1`` takes the rest.
+
+Mesh layout: tp innermost (adjacent ranks share layers), pp outermost. With 8 ranks and
+pp=2, dp=2, tp=2: ranks 0-3 hold stage 0 (dp replica 0: ranks 0,1; replica 1: ranks 2,3), ranks
+4-7 stage 1. Pipeline p2p runs between ranks with equal (dp, tp) coordinates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
+from torch.distributed.tensor.parallel import ParallelStyle
+
+from lightning_scale.core.grads import reduce_partial_gradients
+from lightning_scale.core.mesh import ParallelDims
+from lightning_scale.core.tensor_parallel import apply_tp, validate_tp
+from lightning_scale.strategies.pipeline import PipelineStrategy
+from lightning_scale.strategies.tensor_parallel import builtin_plan
+
+
+class Parallel3DStrategy(PipelineStrategy):
+    """Pipeline (``pipeline_parallel_size`` stages) x tensor (``tensor_parallel_size``) x data parallelism.
+
+    Takes every option of :class:`PipelineStrategy` (schedule, microbatches, split, ...) plus:
+
+    Args:
+        pipeline_parallel_size: pipeline ranks (stages) per replica.
+        tensor_parallel_size: ranks sharing each layer.
+        data_parallel_size: replicas; -1 = world size / (pp x tp).
+        sequence_parallel: shard LayerNorm/dropout activations on the sequence dim (TP only).
+        tp_plan: ``{pattern: ParallelStyle}``; default: the built-in plan for the suite's GPT/ViT.
+    """
+
+    strategy_name = "parallel_3d"
+
+    def __init__(
+        self,
+        pipeline_parallel_size: int = 2,
+        tensor_parallel_size: int = 2,
+        data_parallel_size: int = -1,
+        sequence_parallel: bool = False,
+        tp_plan: Mapping[str, ParallelStyle] | None = None,
+        **pipeline_kwargs: Any,
+    ) -> None:
+        pipeline_kwargs.setdefault("schedule", "1f1b")
+        super().__init__(stages=pipeline_parallel_size, **pipeline_kwargs)
+        self.dims = ParallelDims(pp=pipeline_parallel_size, dp=data_parallel_size, tp=tensor_parallel_size)
+        self.sequence_parallel = sequence_parallel
+        self.tp_plan = dict(tp_plan) if tp_plan is not None else None
+
+    def after_split(self, local_network: nn.Module) -> None:
+        tp = self.resolved_dims.tp if self.resolved_dims else self.dims.tp
+        if tp == 1:
+            return
+        network, _ = self._network_and_loss()
+        config = getattr(network, "config", None)
+        if self.tp_plan is None and config is not None:
+            validate_tp(config, tp, None, self.sequence_parallel)
+        plan = self.tp_plan if self.tp_plan is not None else builtin_plan(local_network, self.sequence_parallel)
+        apply_tp(local_network, self.device_mesh["tp"], plan, replicate_rest=self.root_device.type == "cuda")
+        rank_zero_info(f"Parallel3DStrategy: mesh pp x dp x tp = {self.resolved_dims.pp} x {self.resolved_dims.dp} x {tp}")
+
+    def finalize_gradients(self) -> None:
+        assert self.lightning_module is not None
+        reduce_partial_gradients(self.lightning_module.parameters())
+        super().finalize_gradients()
