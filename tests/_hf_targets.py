@@ -88,3 +88,73 @@ def reference_hf(steps: int) -> dict:
         opt.step()
         losses.append(total)
     return {"losses": losses, "state": {f"model.{k}": v for k, v in model.state_dict().items()}}
+
+
+HF_TP_PLAN_SPEC = {
+    "model.layers.*.self_attn.q_proj": "colwise",
+    "model.layers.*.self_attn.k_proj": "colwise",
+    "model.layers.*.self_attn.v_proj": "colwise",
+    "model.layers.*.self_attn.o_proj": "rowwise",
+    "model.layers.*.mlp.gate_proj": "colwise",
+    "model.layers.*.mlp.up_proj": "colwise",
+    "model.layers.*.mlp.down_proj": "rowwise",
+}
+
+
+def fit_hf_tp(steps: int) -> dict:
+    """The documented Hugging Face TP plan, tp=2, plain Lightning training_step."""
+    import lightning as L
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    from lightning_scale.strategies import TensorParallelStrategy
+
+    plan = {k: (ColwiseParallel() if v == "colwise" else RowwiseParallel()) for k, v in HF_TP_PLAN_SPEC.items()}
+
+    class HFTask(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = _model()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return _loss(self.model(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    os.environ["PL_GLOBAL_SEED"] = "0"
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=TensorParallelStrategy(tensor_parallel_size=2, plan=plan),
+                        max_steps=steps, logger=False, callbacks=[Record()], enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    task = HFTask()
+    trainer.fit(task, DataLoader(_data(), batch_size=8, drop_last=True))
+    local_q = tuple(task.model.model.layers[0].self_attn.q_proj.weight.to_local().shape)
+    state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in task.state_dict().items()}
+    return {"losses": losses, "state": state, "local_q": local_q}
+
+
+def reference_hf_full_batch(steps: int) -> dict:
+    from torch.utils.data import DistributedSampler
+
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    data = _data()
+    sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0)
+    losses = []
+    for step in range(steps):
+        epoch, i = divmod(step, len(data) // 8)
+        sampler.set_epoch(epoch)
+        idx = torch.tensor(list(sampler))[i * 8 : (i + 1) * 8]
+        opt.zero_grad()
+        loss = _loss(model(data.tensors[0][idx]), data.tensors[1][idx])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return {"losses": losses, "state": {f"model.{k}": v for k, v in model.state_dict().items()}}

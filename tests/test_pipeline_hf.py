@@ -19,3 +19,14 @@ def test_hugging_face_llama_two_stages_matches_single_process() -> None:
     assert set(held) == set(ref["state"])
     for name, value in held.items():
         assert (value - ref["state"][name]).abs().max().item() <= 1e-5, name
+
+
+def test_hugging_face_llama_with_the_documented_tp_plan_matches_single_process() -> None:
+    steps = 10
+    results = run_distributed(targets.fit_hf_tp, 2, steps, init_process_group=False, timeout=300)
+    ref = targets.reference_hf_full_batch(steps)
+    assert results[0]["local_q"] == (16, 32)  # q_proj column-sharded: half the heads per rank
+    for a, b in zip(results[0]["losses"], ref["losses"]):
+        assert abs(a - b) <= 1e-5 * abs(b)
+    for name, value in results[0]["state"].items():
+        assert (value - ref["state"][name]).abs().max().item() <= 1e-5, name

@@ -71,3 +71,23 @@ def test_tp2_checkpoint_resumes_exactly_and_loads_without_tp(tmp_path) -> None:
         assert len(got) == 8
         for a, b in zip(got, expected):
             assert abs(a - b) <= 1e-5 * abs(b)
+
+
+def test_tp2_bf16_mixed_trains_close_to_fp32() -> None:
+    kwargs = dict(tensor=True, tensor_parallel_size=2)
+    bf16 = run_distributed(targets.fit, 2, kwargs, 5, 8, precision="bf16-mixed", init_process_group=False, timeout=300)
+    fp32 = targets.reference(5, 8, replicas=1, microbatches=1)
+    for a, b in zip(bf16[0]["losses"], fp32["losses"]):
+        assert abs(a - b) <= 2e-2 * abs(b)  # bf16 keeps ~3 significant digits
+    assert bf16[0]["losses"] == bf16[1]["losses"]
+
+
+def test_tp2_checkpoint_consolidates_to_full_tensors(tmp_path) -> None:
+    from lightning_scale.core.checkpoint import consolidate
+
+    res = run_distributed(targets.fit, 2, dict(tensor=True, tensor_parallel_size=2), 0, 8, n_samples=64, max_epochs=1,
+                          ckpt_dir=str(tmp_path), init_process_group=False, timeout=300)
+    checkpoint = consolidate(tmp_path / "epoch=0.ckpt")
+    assert set(checkpoint["state_dict"]) == set(res[0]["state"])
+    for name, value in res[0]["state"].items():
+        torch.testing.assert_close(checkpoint["state_dict"][name], value, rtol=0, atol=0)
