@@ -30,11 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
+
+from lightning_scale.data.base import OfflineDataModule, check_loader_args
 
 __all__ = [
     "CIFAR10_META_FILE",
@@ -416,7 +417,7 @@ class _Source:
     val_root: Path | None = None  # folder sources with train/ and val/: class folder of val
 
 
-class ImageDataModule(L.LightningDataModule):
+class ImageDataModule(OfflineDataModule):
     """Image classification data from sklearn digits, CIFAR-10 pickles or an image class folder.
 
     Args:
@@ -463,15 +464,7 @@ class ImageDataModule(L.LightningDataModule):
         super().__init__()
         if image_size is not None and image_size < 1:
             raise ValueError(f"image_size must be >= 1 or None (native size); got {image_size}.")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(
-                f"val_fraction must be strictly between 0 and 1 (e.g. 0.2 holds out 20% of each "
-                f"class); got {val_fraction}."
-            )
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0; got {num_workers}.")
+        check_loader_args(batch_size, val_fraction, num_workers, "e.g. 0.2 holds out 20% of each class")
         self.save_hyperparameters()
         self.path = None if path is None else str(path)
         self.batch_size = batch_size
@@ -634,32 +627,12 @@ class ImageDataModule(L.LightningDataModule):
         self.train_dataset = NormalizedImageDataset(x_train, y_train, self.mean, self.std)
         self.val_dataset = NormalizedImageDataset(x_val, y_val, self.mean, self.std)
 
-    def _require_setup(self) -> tuple[NormalizedImageDataset, NormalizedImageDataset]:
-        if self.train_dataset is None or self.val_dataset is None:
-            self.setup()
-        assert self.train_dataset is not None and self.val_dataset is not None
-        return self.train_dataset, self.val_dataset
-
     # ---- loaders -----------------------------------------------------------------------------
-
-    def _loader(self, dataset: Dataset[Any], shuffle: bool, drop_last: bool) -> DataLoader[Any]:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-        )
 
     def train_dataloader(self) -> DataLoader[tuple[torch.Tensor, torch.Tensor]]:
         """Shuffled (seeded) train batches: ``x`` ``(B, C, S, S)`` float32, ``y`` ``(B,)`` int64."""
         train, _ = self._require_setup()
-        trainer = getattr(self, "trainer", None)
-        world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
-        per_rank = math.ceil(len(train) / world)
+        per_rank = math.ceil(len(train) / self._data_replicas())
         if self.drop_last and per_rank < self.batch_size:
             raise ValueError(
                 f"The train split of {self.path or 'digits'!r} has {len(train)} images "

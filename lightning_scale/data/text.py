@@ -28,11 +28,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from lightning_scale.data.base import OfflineDataModule, check_loader_args
 
 __all__ = [
     "VOCAB_SIZE",
@@ -210,7 +210,7 @@ class ByteBlockDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 # --------------------------------------------------------------------------------------------
 
 
-class TextDataModule(L.LightningDataModule):
+class TextDataModule(OfflineDataModule):
     """Byte-level language-modelling data (vocab 256) from the built-in corpus or your text.
 
     Args:
@@ -255,15 +255,7 @@ class TextDataModule(L.LightningDataModule):
         super().__init__()
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1 (tokens per example); got {block_size}.")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(
-                f"val_fraction must be strictly between 0 and 1 (e.g. 0.1 keeps the last 10% of "
-                f"the corpus for validation); got {val_fraction}."
-            )
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0; got {num_workers}.")
+        check_loader_args(batch_size, val_fraction, num_workers, "e.g. 0.1 keeps the last 10% of the corpus for validation")
         if num_prompts < 1 or prompt_length < 1:
             raise ValueError(
                 f"num_prompts and prompt_length must be >= 1; got {num_prompts}, {prompt_length}."
@@ -329,33 +321,10 @@ class TextDataModule(L.LightningDataModule):
         self.train_dataset = ByteBlockDataset(train_tokens, self.block_size)
         self.val_dataset = ByteBlockDataset(val_tokens, self.block_size)
 
-    def _require_setup(self) -> tuple[ByteBlockDataset, ByteBlockDataset]:
-        if self.train_dataset is None or self.val_dataset is None:
-            self.setup()
-        assert self.train_dataset is not None and self.val_dataset is not None
-        return self.train_dataset, self.val_dataset
-
-    def _world_size(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        return int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
-
-    def _loader(self, dataset: Dataset[Any], shuffle: bool, drop_last: bool) -> DataLoader[Any]:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            generator=generator,
-        )
-
     def train_dataloader(self) -> DataLoader[tuple[torch.Tensor, torch.Tensor]]:
         """Shuffled (seeded) train blocks, ``drop_last=True``: batches ``x, y`` of ``(B, T)``."""
         train, _ = self._require_setup()
-        per_rank = math.ceil(len(train) / self._world_size())
+        per_rank = math.ceil(len(train) / self._data_replicas())
         if per_rank < self.batch_size:
             raise ValueError(
                 f"Text corpus {self.source} has {len(train)} train blocks of block_size="
