@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
