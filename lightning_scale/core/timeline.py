@@ -35,7 +35,7 @@ def plot_timeline(events: Sequence[Any], path: str | Path, *, title: str = "", n
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ranks = num_ranks or (max(e.rank for e in events) + 1 if events else 1)
-    fig, ax = plt.subplots(figsize=(12, 0.7 * ranks + 1.5))
+    fig, ax = plt.subplots(figsize=(12, 0.7 * ranks + 1.8))
     for e in events:
         ax.barh(e.rank, (e.end - e.start) * 1e3, left=e.start * 1e3, height=0.8, color=_COLORS.get(e.kind, "gray"), edgecolor="black", linewidth=0.4)
         width_ms = (e.end - e.start) * 1e3
@@ -47,7 +47,8 @@ def plot_timeline(events: Sequence[Any], path: str | Path, *, title: str = "", n
     bubble = bubble_fraction(events, ranks)
     ax.set_title(f"{title}  |  measured bubble {bubble:.1%}  (F forward, B backward, W weight grad)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in _COLORS.values()]
-    ax.legend(handles, ["forward", "backward", "weight grad"], loc="upper right", fontsize=7)
+    ax.legend(handles, ["forward", "backward", "weight grad"], loc="upper center", bbox_to_anchor=(0.5, -0.35),
+              ncol=3, fontsize=7, frameon=False)  # below the axis, never over a box
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
