@@ -1,0 +1,677 @@
+"""Pipeline-parallel step time on CPU: 1 process vs 2 pipeline stages (gloo), per schedule and m.
+
+Usage (from the repository root)::
+
+    python benchmarks/pipeline.py                    # full run: nano + micro, m = 2 4 8 16, 4 schedules
+    python benchmarks/pipeline.py --quick            # smoke configuration, < 1 minute
+    python benchmarks/pipeline.py --presets micro --microbatches 8 --schedules 1f1b --repeats 5
+
+What is measured (every process runs with 1 thread, started by
+``lightning_scale.testing.multiprocess.run_distributed``, so the baseline and the stages see the
+same environment):
+
+* **1 process, gradient accumulation over m microbatches**: the same GPT, the same global batch
+  (``--batch`` sequences of ``--seq`` tokens) cut into m microbatches, forward + backward of each
+  (loss / m), then one AdamW step. This is the baseline of the speedup.
+* **1 process, full batch** (no accumulation): reported for reference only.
+* **2 pipeline stages**: 2 ranks, :class:`~lightning_scale.core.pipeline.PipelineRuntime` runs
+  forward + backward of the m microbatches with the schedule, then the tied-embedding gradient
+  all-reduce (as ``PipelineStrategy.finalize_gradients`` does) and AdamW on each stage's
+  parameters. Multi-stage schedules use ``--virtual`` (default 2) stages per rank. The model is
+  split with the library's default plan (``plan_pipeline``, blocks balanced by parameter count).
+
+Timing: ``time.perf_counter`` around whole steps (zero_grad .. optimizer step), ``--warmup``
+untimed steps first, a barrier before the timed steps. A run's step time is the mean of its
+``--steps`` timed steps; for the pipeline it is the max over ranks. Each figure is the median of
+``--repeats`` runs (fresh processes each time; min and max are reported too). Repeats loop over
+the whole matrix so a change in machine load hits baseline and pipeline alike.
+
+Measured bubble: on timed steps the runtime records a per-action timeline (``record_timeline``);
+per rank, idle = 1 - busy / schedule time, where busy is the sum of its forward/backward(/weight)
+actions and schedule time is the wall time of ``train_step`` on that rank (the schedule incl.
+p2p waits and the loss broadcast, not the optimizer). The figure is the mean over ranks and
+timed steps. Theoretical bubble: ``theoretical_bubble(p, m, v)`` = (p-1)/(v m + p - 1)
+(design guide section 6; Narayanan et al. 2021). Theoretical speedup = p (1 - bubble);
+efficiency = measured speedup / theoretical speedup. The target: efficiency >= 90% at m = 8.
+
+Outputs: a ``rich`` table per preset, JSON with every raw number (``--json``), the markdown table
+next to it (same name, ``.md``), and one PNG timeline per schedule at m = 8 for the largest
+preset (``timeline_<schedule>_m8.png``, via :func:`lightning_scale.core.timeline.plot_timeline`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python benchmarks/pipeline.py` from anywhere
+    sys.path.insert(0, str(REPO))
+
+from lightning_scale.core.grads import allreduce_gradients  # noqa: E402
+from lightning_scale.core.pipeline import (  # noqa: E402
+    MULTI_STAGE_SCHEDULES,
+    PipelineConfig,
+    PipelineRuntime,
+    plan_pipeline,
+    theoretical_bubble,
+)
+from lightning_scale.models import GPT, GPTConfig  # noqa: E402
+
+STAGES = 2  # p: pipeline ranks (the machine has 2 cores; 1 thread per rank)
+TARGET_M = 8
+TARGET_EFFICIENCY = 0.90
+ALL_SCHEDULES = ["gpipe", "1f1b", "interleaved_1f1b", "zbv_zero_bubble"]
+
+FULL_DEFAULTS = dict(
+    presets=["nano", "micro"], microbatches=[2, 4, 8, 16], schedules=ALL_SCHEDULES, batch=32, seq=128,
+    steps=4, warmup=2, repeats=3, json="benchmarks/results/pipeline.json", retries=3,
+)
+QUICK_DEFAULTS = dict(
+    presets=["nano"], microbatches=[2, 8], schedules=ALL_SCHEDULES, batch=16, seq=64,
+    steps=2, warmup=1, repeats=1, json="benchmarks/results/pipeline_quick.json", retries=0,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rank functions (module level: the harness pickles them by reference)
+# ----------------------------------------------------------------------------------------------
+def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy: logits (B, T, V), targets (B, T)."""
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+
+def _model_config(preset: str, seq: int) -> GPTConfig:
+    cfg = GPTConfig.from_preset(preset)
+    if seq > cfg.block_size:  # a longer sequence needs a longer position table
+        cfg = GPTConfig.from_preset(preset, block_size=seq)
+    return cfg
+
+
+def _make_model(preset: str, seq: int) -> GPT:
+    torch.manual_seed(0)
+    return GPT(_model_config(preset, seq))
+
+
+def _batches(vocab: int, n: int, batch: int, seq: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1234)
+    return [
+        (torch.randint(0, vocab, (batch, seq), generator=g), torch.randint(0, vocab, (batch, seq), generator=g))
+        for _ in range(n)
+    ]
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds the whole machine spent busy since boot (/proc/stat; steal counts as busy)."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except OSError:
+        return float("nan")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = values
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class _Window:
+    """Wall time, this process's CPU time and the machine's busy CPU time over the timed steps."""
+
+    def start(self) -> None:
+        self.wall0, self.cpu0, self.machine0 = time.perf_counter(), time.process_time(), _machine_busy_s()
+
+    def stop(self) -> dict:
+        return {
+            "wall_s": time.perf_counter() - self.wall0,
+            "own_cpu_s": time.process_time() - self.cpu0,
+            "machine_busy_s": _machine_busy_s() - self.machine0,
+        }
+
+
+def single_process_worker(preset: str, seq: int, batch: int, accum: int, warmup: int, steps: int, lr: float) -> dict:
+    """One process: ``accum`` microbatches of gradient accumulation + AdamW per step."""
+    model = _make_model(preset, seq)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    data = _batches(model.config.vocab_size, warmup + steps, batch, seq)
+    step_s: list[float] = []
+    losses: list[float] = []
+    window = _Window()
+    for i, (x, y) in enumerate(data):
+        if i == warmup:
+            window.start()
+        t = time.perf_counter()
+        opt.zero_grad()
+        total = torch.zeros(())
+        for xc, yc in zip(x.chunk(accum), y.chunk(accum)):
+            loss = _loss(model(xc), yc) / accum
+            loss.backward()
+            total += loss.detach()
+        opt.step()
+        dt = time.perf_counter() - t
+        if i >= warmup:
+            step_s.append(dt)
+            losses.append(float(total))
+    w = window.stop()
+    return {"step_s": step_s, "losses": losses, "cpu_util": w["own_cpu_s"] / w["wall_s"], "window": w,
+            "threads": torch.get_num_threads()}
+
+
+def pipeline_worker(
+    preset: str, seq: int, batch: int, m: int, schedule: str, virtual: int, warmup: int, steps: int, lr: float
+) -> dict:
+    """One pipeline rank: schedule fwd+bwd, tied-gradient all-reduce, AdamW on the local stages."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = _make_model(preset, seq)
+    pcfg = PipelineConfig(
+        stages=world, schedule=schedule, microbatches=m, virtual_stages=virtual if schedule in MULTI_STAGE_SCHEDULES else 1
+    )
+    plan = plan_pipeline(model, pcfg)
+    rt = PipelineRuntime(model, plan, pcfg, rank, dist.group.WORLD, list(range(world)), torch.device("cpu"), _loss)
+    rt.check_batch(batch)
+    # Tied parameters held on several ranks (GPT head = token embedding): sum their gradients,
+    # as PipelineStrategy.finalize_gradients does. new_group is collective: every rank, same order.
+    tied = []
+    for holders, name in rt.tied:
+        group = dist.new_group(holders)
+        if rank in holders and name:
+            tied.append((group, name))
+    local = rt.local_module
+    opt = torch.optim.AdamW(local.parameters(), lr=lr)
+    data = _batches(model.config.vocab_size, warmup + steps, batch, seq)
+    step_s, sched_s, busy_s, idle, losses = [], [], [], [], []
+    events: list[Any] = []
+    dist.barrier()
+    window = _Window()
+    for i, (x, y) in enumerate(data):
+        timed = i >= warmup
+        if i == warmup:
+            dist.barrier()  # every rank starts the timed steps together
+            window.start()
+        rt.record_timeline = timed
+        t = time.perf_counter()
+        opt.zero_grad()
+        loss = rt.train_step((x,), y)
+        t_sched_end = time.perf_counter()
+        for group, name in tied:
+            allreduce_gradients([local.get_parameter(name)], group, average=False)
+        opt.step()
+        t_end = time.perf_counter()
+        if timed:
+            sched = t_sched_end - rt._t0  # the runtime's own step origin (events are relative to it)
+            busy = sum(e.end - e.start for e in rt.timeline)
+            step_s.append(t_end - t)
+            sched_s.append(sched)
+            busy_s.append(busy)
+            idle.append(max(0.0, 1.0 - busy / sched))
+            losses.append(float(loss))
+            events = list(rt.timeline)  # keep the last timed step's timeline for plotting
+    w = window.stop()
+    return {
+        "rank": rank,
+        "window": w,
+        "stages": rt.stage_indices,
+        "plan": plan.describe(),
+        "params_local": sum(p.numel() for p in local.parameters()),
+        "tied_allreduce": [name for _, name in tied],
+        "step_s": step_s,
+        "schedule_s": sched_s,
+        "busy_s": busy_s,
+        "idle_fraction": idle,
+        "losses": losses,
+        "cpu_util": w["own_cpu_s"] / w["wall_s"],
+        "threads": torch.get_num_threads(),
+        "last_step_events": [vars(e) for e in events],
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------
+def _loadavg() -> list[float]:
+    try:
+        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return []
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _command_line() -> str:
+    script = Path(sys.argv[0]).resolve()
+    shown = str(script.relative_to(REPO)) if script.is_relative_to(REPO) else sys.argv[0]
+    return " ".join(["python", shown, *sys.argv[1:]])
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", nargs="+", help="GPT presets (default: nano micro)")
+    p.add_argument("--microbatches", nargs="+", type=int, help="microbatch counts m (default: 2 4 8 16)")
+    p.add_argument("--schedules", nargs="+", choices=ALL_SCHEDULES + ["looped_bfs", "interleaved_zero_bubble"],
+                   help="pipeline schedules (default: gpipe 1f1b interleaved_1f1b zbv_zero_bubble)")
+    p.add_argument("--virtual", type=int, default=2, help="stages per rank of the multi-stage schedules (default 2)")
+    p.add_argument("--batch", type=int, help="global batch in sequences per step; every m must divide it (default 32)")
+    p.add_argument("--seq", type=int, help="tokens per sequence (default 128; a preset whose block_size is shorter gets a longer position table)")
+    p.add_argument("--steps", type=int, help="timed steps per run (default 4)")
+    p.add_argument("--warmup", type=int, help="untimed steps before them (default 2)")
+    p.add_argument("--repeats", type=int, help="runs per figure; the figure is their median (default 3)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--json", help="output JSON (default benchmarks/results/pipeline.json); the .md table goes next to it")
+    p.add_argument("--no-plots", action="store_true", help="skip the timeline PNGs")
+    p.add_argument("--quick", action="store_true", help="smoke configuration (nano, m=2 8, short sequences, 1 repeat; < 1 min)")
+    p.add_argument("--max-load", type=float, default=0.5, help="1-minute load average regarded as idle (default 0.5)")
+    p.add_argument("--wait-idle", type=float, default=0.0,
+                   help="before measuring, wait up to this many seconds for the load to drop below --max-load (default 0)")
+    p.add_argument("--max-foreign", type=float, default=0.1,
+                   help="cores other processes may use during a run's timed steps before it is re-run (default 0.1)")
+    p.add_argument("--retries", type=int, help="re-runs of a polluted run (default 3; 0 with --quick)")
+    p.add_argument("--retry-wait", type=float, default=30.0, help="seconds to wait before a re-run (default 30)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per run before the harness kills it")
+    args = p.parse_args(argv)
+    defaults = QUICK_DEFAULTS if args.quick else FULL_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for m in args.microbatches:
+        if m < 1 or args.batch % m:
+            p.error(f"--batch {args.batch} is not divisible by microbatches {m}; choose a batch that every m divides")
+    if min(args.steps, args.repeats) < 1 or args.warmup < 0:
+        p.error("--steps and --repeats must be >= 1, --warmup >= 0")
+    return args
+
+
+def _seq_for(preset: str, args: argparse.Namespace) -> int:
+    return args.seq if args.seq is not None else GPTConfig.from_preset(preset).block_size
+
+
+def _foreign_cores(results: list[dict]) -> float:
+    """Cores used by other processes during a run's timed steps: machine busy - our ranks' CPU, / wall.
+
+    Taken over rank 0's window; the ranks' windows start together (barrier) and end within a step.
+    """
+    w0 = results[0]["window"]
+    own = sum(r["window"]["own_cpu_s"] for r in results)
+    return max(0.0, (w0["machine_busy_s"] - own) / w0["wall_s"])
+
+
+def _measure(args: argparse.Namespace, console: Any, label: str, launch: Any) -> dict:
+    """Run ``launch()`` (-> per-rank results); retry while other processes polluted its timed steps.
+
+    A run during which other processes used more than ``--max-foreign`` cores is re-run after
+    ``--retry-wait`` s, up to ``--retries`` times; the cleanest attempt is kept, every attempt's
+    pollution is recorded and a kept polluted run is flagged in the tables.
+    """
+    attempts = []
+    for attempt in range(args.retries + 1):
+        results = launch()
+        foreign = _foreign_cores(results)
+        attempts.append((foreign, results))
+        if foreign <= args.max_foreign:
+            break
+        if attempt < args.retries:
+            console.print(f"    {label}: other processes used {foreign:.2f} cores during the timed steps; "
+                          f"retrying in {args.retry_wait:.0f} s (load {_loadavg()})")
+            time.sleep(args.retry_wait)
+    foreign, results = min(attempts, key=lambda a: a[0])
+    return {"results": results, "foreign_cores": foreign, "polluted": foreign > args.max_foreign,
+            "attempts_foreign_cores": [a[0] for a in attempts]}
+
+
+def _check_pipeline(preset: str, seq: int, m: int, schedule: str, virtual: int) -> str | None:
+    """Why this configuration cannot run (validated in the parent, before any process), or None."""
+    try:
+        pcfg = PipelineConfig(stages=STAGES, schedule=schedule, microbatches=m,
+                              virtual_stages=virtual if schedule in MULTI_STAGE_SCHEDULES else 1)
+        plan_pipeline(GPT(_model_config(preset, seq)), pcfg)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def _virtual(schedule: str, args: argparse.Namespace) -> int:
+    return args.virtual if schedule in MULTI_STAGE_SCHEDULES else 1
+
+
+def _ceiling_m(args: argparse.Namespace) -> int:
+    return TARGET_M if TARGET_M in args.microbatches else max(args.microbatches)
+
+
+def _stats(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "repeats": values}
+
+
+def _summarise(args: argparse.Namespace, runs: list[dict]) -> list[dict]:
+    """One row per (preset, schedule, m): medians over repeats, speedup, bubble."""
+    base: dict[tuple, list[float]] = {}
+    base_polluted: dict[tuple, int] = {}
+    for r in runs:
+        if r["kind"] == "single":
+            key = (r["preset"], r["accum"])
+            base.setdefault(key, []).append(statistics.mean(r["result"]["step_s"]))
+            base_polluted[key] = base_polluted.get(key, 0) + int(r["polluted"])
+    rows = []
+    for preset in args.presets:
+        for schedule in args.schedules:
+            for m in args.microbatches:
+                mine = [r for r in runs if r["kind"] == "pipeline" and r["preset"] == preset and r["schedule"] == schedule and r["m"] == m]
+                if not mine:
+                    continue
+                v = _virtual(schedule, args)
+                row: dict[str, Any] = {"preset": preset, "schedule": schedule, "m": m, "p": STAGES, "v": v,
+                                       "theory_bubble": theoretical_bubble(STAGES, m, v)}
+                row["theory_speedup"] = STAGES * (1 - row["theory_bubble"])
+                if "skipped" in mine[0]:
+                    row["skipped"] = mine[0]["skipped"]
+                    rows.append(row)
+                    continue
+                pipe = [max(statistics.mean(rk["step_s"]) for rk in r["result"]) for r in mine]
+                bubble = [statistics.mean(statistics.mean(rk["idle_fraction"]) for rk in r["result"]) for r in mine]
+                busy = [[statistics.mean(rk["busy_s"]) for rk in r["result"]] for r in mine]
+                sched = [max(statistics.mean(rk["schedule_s"]) for rk in r["result"]) for r in mine]
+                b = base[(preset, m)]
+                row.update(
+                    single_s=_stats(b), full_batch_s=_stats(base[(preset, 1)]) if (preset, 1) in base else None,
+                    pipeline_s=_stats(pipe), schedule_s=_stats(sched), bubble=_stats(bubble),
+                    busy_per_rank_s=busy, cpu_util=[[rk["cpu_util"] for rk in r["result"]] for r in mine],
+                    plan=mine[0]["result"][0]["plan"],
+                    single_polluted_repeats=base_polluted[(preset, m)],
+                    pipeline_polluted_repeats=sum(int(r["polluted"]) for r in mine),
+                    pipeline_foreign_cores=[r["foreign_cores"] for r in mine],
+                )
+                # Sum of the ranks' compute (forward/backward actions) over the 1-process step: > 1 means
+                # the same work runs slower split over 2 concurrent processes (plus per-action overheads).
+                row["busy_sum_over_single"] = statistics.median(sum(bs) for bs in busy) / row["single_s"]["median"]
+                row["speedup"] = row["single_s"]["median"] / row["pipeline_s"]["median"]
+                row["speedup_per_repeat"] = [s / q for s, q in zip(b, pipe)] if len(b) == len(pipe) else None
+                row["efficiency"] = row["speedup"] / row["theory_speedup"]
+                rows.append(row)
+    return rows
+
+
+def _ceilings(args: argparse.Namespace, runs: list[dict]) -> dict:
+    """Per preset: the 1-process run alone vs 2 copies at once (no communication)."""
+    out = {}
+    for preset in args.presets:
+        m = _ceiling_m(args)
+        conc = [max(statistics.mean(rk["step_s"]) for rk in r["result"]) for r in runs
+                if r["kind"] == "concurrent" and r["preset"] == preset]
+        alone = [statistics.mean(r["result"]["step_s"]) for r in runs
+                 if r["kind"] == "single" and r["preset"] == preset and r["accum"] == m]
+        if conc and alone:
+            a, c = statistics.median(alone), statistics.median(conc)
+            out[preset] = {"m": m, "alone_s": _stats(alone), "concurrent_s": _stats(conc),
+                           "slowdown": c / a, "ceiling_speedup": STAGES * a / c}
+    return out
+
+
+def _ceiling_text(c: dict) -> str:
+    return (f"2 independent 1-process runs at once (accum m={c['m']}, no communication): "
+            f"{1e3 * c['concurrent_s']['median']:.0f} ms/step vs {1e3 * c['alone_s']['median']:.0f} ms alone "
+            f"(x{c['slowdown']:.2f}), so no 2-process run can exceed a speedup of {c['ceiling_speedup']:.2f} here.")
+
+
+def _fmt_ms(s: dict, polluted: int = 0) -> str:
+    med, lo, hi = (1e3 * s[k] for k in ("median", "min", "max"))
+    text = f"{med:.0f} ({lo:.0f}-{hi:.0f})" if len(s["repeats"]) > 1 else f"{med:.0f}"
+    return text + ("*" * min(polluted, 1))
+
+
+def _target_mark(row: dict) -> str:
+    if row["m"] != TARGET_M or "skipped" in row:
+        return ""
+    return "met" if row["efficiency"] >= TARGET_EFFICIENCY else "NOT met"
+
+
+HEADERS = ["schedule", "m", "1-proc ms (accum m)", "pipeline ms", "speedup", "theory speedup", "efficiency %",
+           "measured bubble %", "theory bubble %", "busy sum / 1-proc", f"m={TARGET_M} target (>= {TARGET_EFFICIENCY:.0%})"]
+
+
+def _cells(row: dict) -> list[str]:
+    label = row["schedule"] + (f" (v={row['v']})" if row["v"] > 1 else "")
+    if "skipped" in row:
+        return [label, str(row["m"]), "-", "skipped", "-", f"{row['theory_speedup']:.2f}", "-", "-",
+                f"{100 * row['theory_bubble']:.1f}", "-", ""]
+    return [
+        label, str(row["m"]), _fmt_ms(row["single_s"], row["single_polluted_repeats"]),
+        _fmt_ms(row["pipeline_s"], row["pipeline_polluted_repeats"]), f"{row['speedup']:.2f}",
+        f"{row['theory_speedup']:.2f}", f"{100 * row['efficiency']:.0f}", f"{100 * row['bubble']['median']:.1f}",
+        f"{100 * row['theory_bubble']:.1f}", f"{row['busy_sum_over_single']:.2f}", _target_mark(row),
+    ]
+
+
+def _markdown(args: argparse.Namespace, rows: list[dict], env: dict) -> str:
+    out = [
+        "# Pipeline benchmark: 1 process vs 2 stages (CPU, gloo, 1 thread per rank)",
+        "",
+        f"Command: `{env['command']}`  ",
+        f"Date: {env['date']}; CPU: {env['cpu_model']} ({env['nproc']} cores); torch {env['torch']}; "
+        f"load average before {env['load_before']} after {env['load_after']}; wall time {env['wall_s']:.0f} s.",
+        "",
+        f"Global batch {args.batch} sequences; {args.warmup} warm-up + {args.steps} timed steps per run; "
+        f"median (min-max) of {args.repeats} repeats. Speedup = 1 process with m-step gradient accumulation / "
+        f"2 stages; theory speedup = p (1 - (p-1)/(v m + p - 1)); efficiency = speedup / theory speedup.",
+        f"Runs during which other processes used more than {args.max_foreign} cores were re-run (up to "
+        f"{args.retries} times, {env.get('reruns', 0)} re-runs in all); `*` marks a figure that still includes a "
+        f"polluted run. busy sum / 1-proc = the two ranks' forward/backward compute time added up, over the "
+        f"1-process step time.",
+        "",
+    ]
+    for preset in args.presets:
+        mine = [r for r in rows if r["preset"] == preset]
+        if not mine:
+            continue
+        cfg = _model_config(preset, _seq_for(preset, args))
+        n = sum(p.numel() for p in GPT(cfg).parameters())
+        full = next((r["full_batch_s"] for r in mine if r.get("full_batch_s")), None)
+        out.append(f"## {preset} ({n / 1e6:.2f}M params, L={cfg.n_layer}, D={cfg.n_embd}, seq {_seq_for(preset, args)})")
+        out.append("")
+        if full:
+            out.append(f"1 process, full batch (no accumulation): {_fmt_ms(full)} ms/step.")
+            out.append("")
+        if preset in env.get("ceilings", {}):
+            out.append(_ceiling_text(env["ceilings"][preset]))
+            out.append("")
+        out.append("| " + " | ".join(HEADERS) + " |")
+        out.append("|" + "|".join("---" for _ in HEADERS) + "|")
+        for row in mine:
+            out.append("| " + " | ".join(_cells(row)) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _print_tables(args: argparse.Namespace, rows: list[dict], ceilings: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 170)
+    for preset in args.presets:
+        mine = [r for r in rows if r["preset"] == preset]
+        if not mine:
+            continue
+        full = next((r["full_batch_s"] for r in mine if r.get("full_batch_s")), None)
+        caption = f"1 process full batch (no accumulation): {_fmt_ms(full)} ms" if full else ""
+        if preset in ceilings:
+            caption += "\n" + _ceiling_text(ceilings[preset])
+        table = Table(title=f"GPT {preset}, seq {_seq_for(preset, args)}, batch {args.batch}: 1 process vs {STAGES} stages",
+                      caption=caption)
+        for h in HEADERS:
+            table.add_column(h, justify="left" if h == "schedule" else "right")
+        for row in mine:
+            cells = _cells(row)
+            mark = cells[-1]
+            if mark:
+                cells[-1] = f"[green]{mark}[/]" if mark == "met" else f"[red]{mark}[/]"
+            table.add_row(*cells)
+        console.print(table)
+
+
+def _plot(args: argparse.Namespace, runs: list[dict], rows: list[dict], out_dir: Path, prefix: str) -> list[str]:
+    """One timeline PNG per schedule at m = 8 (else the largest m) for the largest preset."""
+    from lightning_scale.core.pipeline import TimelineEvent
+    from lightning_scale.core.timeline import plot_timeline
+
+    sizes = {p: sum(x.numel() for x in GPT(_model_config(p, _seq_for(p, args))).parameters()) for p in args.presets}
+    preset = max(args.presets, key=lambda p: sizes[p])
+    m = TARGET_M if TARGET_M in args.microbatches else max(args.microbatches)
+    paths = []
+    for schedule in args.schedules:
+        mine = [r for r in runs if r["kind"] == "pipeline" and r["preset"] == preset and r["schedule"] == schedule
+                and r["m"] == m and "result" in r]
+        if not mine:
+            continue
+        # the repeat with the median step time, its last timed step
+        mine.sort(key=lambda r: max(statistics.mean(rk["step_s"]) for rk in r["result"]))
+        run = mine[len(mine) // 2]
+        events = [TimelineEvent(**e) for rk in run["result"] for e in rk["last_step_events"]]
+        step_ms = 1e3 * max(rk["step_s"][-1] for rk in run["result"])
+        v = _virtual(schedule, args)
+        path = out_dir / f"{prefix}timeline_{schedule}_m{m}.png"
+        plot_timeline(events, path, num_ranks=STAGES,
+                      title=f"GPT {preset} {schedule} p={STAGES} v={v} m={m}, step {step_ms:.0f} ms, "
+                            f"theory bubble {theoretical_bubble(STAGES, m, v):.1%}")
+        paths.append(str(path))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    from rich.console import Console
+
+    from lightning_scale.testing import multiprocess as mp_harness
+
+    console = Console(width=None if sys.stdout.isatty() else 170)
+    mp_harness.SETTINGS.forward_output = False
+    json_path = Path(args.json)
+    if not json_path.is_absolute():
+        json_path = REPO / json_path
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+
+    waited = 0.0
+    while _loadavg() and _loadavg()[0] > args.max_load and waited < args.wait_idle:
+        console.print(f"load average {_loadavg()} > {args.max_load}: waiting 60 s ({waited:.0f}/{args.wait_idle:.0f} s)")
+        time.sleep(60)
+        waited += 60
+    load_before = _loadavg()
+    if load_before and load_before[0] > args.max_load:
+        console.print(f"[yellow]warning: load average {load_before} is above {args.max_load}; other work on the "
+                      f"machine shares the 2 cores and pollutes the timings[/]")
+    env = {
+        "command": _command_line(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu_model": _cpu_model(),
+        "nproc": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "threads_per_rank": 1,
+        "load_before": load_before,
+        "waited_for_idle_s": waited,
+    }
+    console.print(f"[bold]pipeline benchmark[/] presets={args.presets} m={args.microbatches} schedules={args.schedules} "
+                  f"batch={args.batch} steps={args.steps} warmup={args.warmup} repeats={args.repeats}; load {load_before}")
+
+    mp_harness.warm_up()
+    t_start = time.perf_counter()
+    runs: list[dict] = []
+    loads: list[dict] = []
+    skip_reason: dict[tuple, str | None] = {}
+    common = dict(warmup=args.warmup, steps=args.steps, lr=args.lr)
+    for rep in range(args.repeats):
+        for preset in args.presets:
+            seq = _seq_for(preset, args)
+            for accum in [1] + [m for m in args.microbatches if m != 1]:
+                t0 = time.perf_counter()
+                label = f"[{rep}] {preset} 1 process accum={accum}"
+                meas = _measure(args, console, label, lambda: mp_harness.run_distributed(
+                    single_process_worker, 1, preset, seq, args.batch, accum, timeout=args.timeout, **common))
+                res = meas.pop("results")[0]
+                runs.append({"kind": "single", "preset": preset, "seq": seq, "accum": accum, "repeat": rep, **meas, "result": res})
+                alone = statistics.mean(res["step_s"])
+                console.print(f"  [{rep}] {preset} 1 process accum={accum:<2} {1e3 * alone:8.0f} ms/step "
+                              f"(cpu {res['cpu_util']:.2f}, others {meas['foreign_cores']:.2f} cores; {time.perf_counter() - t0:.0f} s)")
+                if accum == _ceiling_m(args):
+                    # Machine ceiling: the same 1-process run on 2 ranks at once, no communication.
+                    # Slower than alone = the 2 cores do not give 2x (shared caches / memory bandwidth,
+                    # clock, other load); no 2-process run can beat this.
+                    t0 = time.perf_counter()
+                    meas = _measure(args, console, f"[{rep}] {preset} 2 independent", lambda: mp_harness.run_distributed(
+                        single_process_worker, 2, preset, seq, args.batch, accum, timeout=args.timeout, **common))
+                    res2 = meas.pop("results")
+                    runs.append({"kind": "concurrent", "preset": preset, "seq": seq, "accum": accum, "repeat": rep, **meas, "result": res2})
+                    slow = max(statistics.mean(r["step_s"]) for r in res2)
+                    console.print(f"  [{rep}] {preset} 2 independent processes accum={accum:<2} {1e3 * slow:8.0f} ms/step "
+                                  f"(x{slow / alone:.2f} vs alone; others {meas['foreign_cores']:.2f} cores; {time.perf_counter() - t0:.0f} s)")
+                if accum not in args.microbatches:
+                    continue
+                m = accum
+                for schedule in args.schedules:
+                    key = (preset, m, schedule)
+                    if key not in skip_reason:
+                        skip_reason[key] = _check_pipeline(preset, seq, m, schedule, args.virtual)
+                    entry = {"kind": "pipeline", "preset": preset, "seq": seq, "m": m, "schedule": schedule,
+                             "v": _virtual(schedule, args), "repeat": rep}
+                    if skip_reason[key]:
+                        entry["skipped"] = skip_reason[key]
+                        if rep == 0:
+                            console.print(f"  [{rep}] {preset} {schedule} m={m}: skipped ({skip_reason[key]})")
+                        runs.append(entry)
+                        continue
+                    t0 = time.perf_counter()
+                    loads.append({"before": f"{preset}/{schedule}/m{m}/r{rep}", "load": _loadavg()})
+                    meas = _measure(args, console, f"[{rep}] {preset} {schedule} m={m}", lambda: mp_harness.run_distributed(
+                        pipeline_worker, STAGES, preset, seq, args.batch, m, schedule, _virtual(schedule, args),
+                        timeout=args.timeout, **common))
+                    res = meas.pop("results")
+                    entry.update(meas, result=res)
+                    runs.append(entry)
+                    step = max(statistics.mean(rk["step_s"]) for rk in res)
+                    bub = statistics.mean(statistics.mean(rk["idle_fraction"]) for rk in res)
+                    cpus = ", ".join(f"{rk['cpu_util']:.2f}" for rk in res)
+                    console.print(f"  [{rep}] {preset} {schedule:<16} m={m:<2} {1e3 * step:8.0f} ms/step  bubble {bub:.1%} "
+                                  f"(cpu {cpus}; others {meas['foreign_cores']:.2f} cores; {time.perf_counter() - t0:.0f} s)")
+    wall = time.perf_counter() - t_start
+    env["reruns"] = sum(len(r.get("attempts_foreign_cores", [])) - 1 for r in runs if "attempts_foreign_cores" in r)
+    env["load_after"] = _loadavg()
+    env["wall_s"] = wall
+    env["load_samples"] = loads
+
+    rows = _summarise(args, runs)
+    env["ceilings"] = _ceilings(args, runs)
+    _print_tables(args, rows, env["ceilings"])
+    prefix = "quick_" if args.quick else ""
+    plots = [] if args.no_plots else _plot(args, runs, rows, json_path.parent, prefix)
+    md = _markdown(args, rows, env)
+    md_path = json_path.with_suffix(".md")
+    md_path.write_text(md + "\n")
+    config = {k: v for k, v in vars(args).items()}
+    config["stages"] = STAGES
+    config["seq_per_preset"] = {p: _seq_for(p, args) for p in args.presets}
+    config["model_configs"] = {p: _model_config(p, _seq_for(p, args)).to_dict() for p in args.presets}
+    json_path.write_text(json.dumps({"config": config, "environment": env, "summary": rows, "runs": runs, "plots": plots},
+                                    indent=1, default=str))
+    target_rows = [r for r in rows if r["m"] == TARGET_M and "skipped" not in r]
+    for r in target_rows:
+        console.print(f"m={TARGET_M} {r['preset']:<6} {r['schedule']:<16} efficiency {r['efficiency']:.0%} -> {_target_mark(r)}")
+    console.print(f"wall time {wall:.0f} s; load before {load_before} after {env['load_after']}")
+    console.print(f"wrote {json_path}, {md_path}" + (f", {len(plots)} timelines in {json_path.parent}" if plots else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
