@@ -41,7 +41,8 @@ def _task(seed: int = 0, constant_lr: bool = False) -> LanguageModelingTask:
 def fit(strategy_kwargs: dict, steps: int, batch_size: int, accumulate: int = 1, clip: float | None = None,
         precision: str = "32-true", ckpt_dir: str | None = None, resume: str | None = None,
         n_samples: int = 256, save_to: str | None = None, constant_lr: bool = False,
-        max_epochs: int | None = None) -> dict:
+        max_epochs: int | None = None, every_n_train_steps: int | None = None,
+        stateful_loader: bool = False) -> dict:
     """Train with PipelineStrategy on this rank; returns per-step losses and this rank's weights."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback
@@ -74,8 +75,13 @@ def fit(strategy_kwargs: dict, steps: int, batch_size: int, accumulate: int = 1,
     if ckpt_dir:
         from lightning.pytorch.callbacks import ModelCheckpoint
 
-        # One checkpoint at the end of every epoch (resume then starts a fresh epoch).
-        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="{epoch}", every_n_epochs=1, save_top_k=-1))
+        if every_n_train_steps:
+            # Mid-epoch checkpoints: exact resume needs a loader with state_dict (stateful_loader=True).
+            callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=every_n_train_steps,
+                                             save_top_k=-1))
+        else:
+            # One checkpoint at the end of every epoch (resume then starts a fresh epoch).
+            callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="{epoch}", every_n_epochs=1, save_top_k=-1))
     trainer = L.Trainer(
         accelerator="cpu",
         devices=int(os.environ["WORLD_SIZE"]),
@@ -94,7 +100,12 @@ def fit(strategy_kwargs: dict, steps: int, batch_size: int, accumulate: int = 1,
         callbacks=callbacks,
     )
     task = _task(constant_lr=constant_lr)
-    loader = DataLoader(make_data(n_samples), batch_size=batch_size, shuffle=False, drop_last=True)
+    if stateful_loader:
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        loader = StatefulDataLoader(make_data(n_samples), batch_size=batch_size, shuffle=False, drop_last=True)
+    else:
+        loader = DataLoader(make_data(n_samples), batch_size=batch_size, shuffle=False, drop_last=True)
     trainer.fit(task, train_dataloaders=loader, ckpt_path=resume)
     if save_to:
         trainer.save_checkpoint(save_to)

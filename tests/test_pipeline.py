@@ -188,6 +188,22 @@ def test_resume_is_exact_and_loads_into_other_stage_counts(tmp_path) -> None:
             assert abs(a - b) <= 1e-6 * abs(b), f"{stages} stages, step {8 + step}: {a} vs {b}"
 
 
+def test_mid_epoch_resume_is_exact(tmp_path) -> None:
+    # 2 epochs of 8 steps on 2 stages, a checkpoint every 5 steps (steps 5 and 10 are mid-epoch).
+    kwargs = dict(stateful_loader=True)
+    full = _epoch_run(2, 2, ckpt_dir=str(tmp_path), every_n_train_steps=5, **kwargs)
+    assert len(full[0]["losses"]) == 16
+    for step in (5, 10):
+        # The loader's position is restored with the loops: the run continues with batch `step % 8`
+        # of the same epoch (same DistributedSampler permutation), not a restarted epoch.
+        resumed = _epoch_run(2, 2, resume=str(tmp_path / f"step={step}.ckpt"), **kwargs)
+        got, expected = resumed[0]["losses"], full[0]["losses"][step:]
+        assert len(got) == len(expected), (step, len(got), len(expected))
+        for i, (a, b) in enumerate(zip(got, expected)):
+            assert abs(a - b) <= 1e-6 * abs(b), f"resumed at {step}, step {step + i}: {a} vs {b}"
+        assert resumed[0]["global_step"] == 16
+
+
 def test_checkpoint_consolidates_to_a_plain_state_dict(tmp_path) -> None:
     from lightning_scale.core.checkpoint import consolidate
     from lightning_scale.tasks import LanguageModelingTask

@@ -7,6 +7,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 
 def check_loader_args(batch_size: int, val_fraction: float, num_workers: int, val_example: str) -> None:
@@ -46,7 +47,10 @@ class OfflineDataModule(L.LightningDataModule):
         return int(kwargs.get("num_replicas") or getattr(trainer, "world_size", 1) or 1)
 
     def _loader(self, dataset: Dataset[Any], shuffle: bool, drop_last: bool) -> DataLoader[Any]:
-        return DataLoader(
+        # torchdata's StatefulDataLoader (a DataLoader subclass) has state_dict/load_state_dict, which
+        # Lightning saves with the fit loop: a run resumed from a mid-epoch checkpoint continues with
+        # the next unseen batch of the same epoch instead of restarting the epoch.
+        return StatefulDataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,

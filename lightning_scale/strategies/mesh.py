@@ -40,6 +40,7 @@ from torch.optim import Optimizer
 from lightning_scale.core import checkpoint as ckpt
 from lightning_scale.core.grads import allreduce_gradients, clip_grad_norm_
 from lightning_scale.core.mesh import ParallelDims, build_device_mesh
+from lightning_scale.strategies.loader_state import apply_pending_loader_states
 
 
 def _optim_options():
@@ -264,6 +265,11 @@ class MeshStrategy(ParallelStrategy):
         else:
             dist.all_reduce(out, op=op, group=group)
         return out
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        # Exact mid-epoch resume with stateful loaders (Lightning issue #20550; see loader_state.py).
+        apply_pending_loader_states(self.lightning_module.trainer)
 
     def teardown(self) -> None:
         assert self.cluster_environment is not None and self.accelerator is not None
