@@ -42,7 +42,7 @@ def fit(strategy_kwargs: dict, steps: int, batch_size: int, accumulate: int = 1,
         precision: str = "32-true", ckpt_dir: str | None = None, resume: str | None = None,
         n_samples: int = 256, save_to: str | None = None, constant_lr: bool = False,
         max_epochs: int | None = None, every_n_train_steps: int | None = None,
-        stateful_loader: bool = False) -> dict:
+        stateful_loader: bool = False, exact_resume_callback: bool = False) -> dict:
     """Train with PipelineStrategy on this rank; returns per-step losses and this rank's weights."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback
@@ -69,9 +69,15 @@ def fit(strategy_kwargs: dict, steps: int, batch_size: int, accumulate: int = 1,
         from lightning_scale.strategies import TensorParallelStrategy
 
         strategy = TensorParallelStrategy(**strategy_kwargs)
+    elif strategy_kwargs.pop("ddp", False):
+        strategy = "ddp"
     else:
         strategy = PipelineStrategy(**strategy_kwargs)
     callbacks = [Record()]
+    if exact_resume_callback:
+        from lightning_scale.callbacks import ExactResume
+
+        callbacks.append(ExactResume())
     if ckpt_dir:
         from lightning.pytorch.callbacks import ModelCheckpoint
 

@@ -188,15 +188,26 @@ def test_resume_is_exact_and_loads_into_other_stage_counts(tmp_path) -> None:
             assert abs(a - b) <= 1e-6 * abs(b), f"{stages} stages, step {8 + step}: {a} vs {b}"
 
 
-def test_mid_epoch_resume_is_exact(tmp_path) -> None:
-    # 2 epochs of 8 steps on 2 stages, a checkpoint every 5 steps (steps 5 and 10 are mid-epoch).
-    kwargs = dict(stateful_loader=True)
-    full = _epoch_run(2, 2, ckpt_dir=str(tmp_path), every_n_train_steps=5, **kwargs)
+@pytest.mark.parametrize("budget,strategy", [("max_epochs", "pipeline"), ("max_steps", "pipeline"), ("max_steps", "ddp")])
+def test_mid_epoch_resume_is_exact(tmp_path, budget, strategy) -> None:
+    # 2 epochs of 8 steps, a checkpoint every 5 steps (steps 5 and 10 are mid-epoch); the budget is
+    # 2 epochs or 16 steps (two different paths through Lightning's fit loop). Pipeline: 2 stages;
+    # ddp: 2 replicas of 4 steps per epoch with the ExactResume callback.
+    def run(**kwargs):
+        steps, epochs = (0, 2) if budget == "max_epochs" else (16, None)
+        kind = dict(stages=2, microbatches=4) if strategy == "pipeline" else dict(ddp=True)
+        return run_distributed(
+            targets.fit, 2, kind, steps, 8 if strategy == "pipeline" else 4, n_samples=64, max_epochs=epochs,
+            stateful_loader=True, exact_resume_callback=strategy == "ddp", init_process_group=False, timeout=300,
+            **kwargs,
+        )
+
+    full = run(ckpt_dir=str(tmp_path), every_n_train_steps=5)
     assert len(full[0]["losses"]) == 16
     for step in (5, 10):
         # The loader's position is restored with the loops: the run continues with batch `step % 8`
         # of the same epoch (same DistributedSampler permutation), not a restarted epoch.
-        resumed = _epoch_run(2, 2, resume=str(tmp_path / f"step={step}.ckpt"), **kwargs)
+        resumed = run(resume=str(tmp_path / f"step={step}.ckpt"))
         got, expected = resumed[0]["losses"], full[0]["losses"][step:]
         assert len(got) == len(expected), (step, len(got), len(expected))
         for i, (a, b) in enumerate(zip(got, expected)):

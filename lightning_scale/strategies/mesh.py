@@ -40,7 +40,7 @@ from torch.optim import Optimizer
 from lightning_scale.core import checkpoint as ckpt
 from lightning_scale.core.grads import allreduce_gradients, clip_grad_norm_
 from lightning_scale.core.mesh import ParallelDims, build_device_mesh
-from lightning_scale.strategies.loader_state import apply_pending_loader_states
+from lightning_scale.strategies.loader_state import resume_loaders_mid_epoch, saved_loader_states
 
 
 def _optim_options():
@@ -269,7 +269,9 @@ class MeshStrategy(ParallelStrategy):
     def on_train_start(self) -> None:
         super().on_train_start()
         # Exact mid-epoch resume with stateful loaders (Lightning issue #20550; see loader_state.py).
-        apply_pending_loader_states(self.lightning_module.trainer)
+        states, self._saved_loader_states = getattr(self, "_saved_loader_states", None), None
+        if states:
+            resume_loaders_mid_epoch(self.lightning_module.trainer, states)
 
     def teardown(self) -> None:
         assert self.cluster_environment is not None and self.accelerator is not None
@@ -306,6 +308,12 @@ class MeshStrategy(ParallelStrategy):
         self.barrier()
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = self._load_checkpoint_files(checkpoint_path)
+        # Kept to re-apply at on_train_start (Lightning issue #20550; see loader_state.py).
+        self._saved_loader_states = saved_loader_states(checkpoint)
+        return checkpoint
+
+    def _load_checkpoint_files(self, checkpoint_path) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,

@@ -1,0 +1,5 @@
+"""Lightning callbacks of the suite."""
+
+from lightning_scale.callbacks.resume import ExactResume
+
+__all__ = ["ExactResume"]
