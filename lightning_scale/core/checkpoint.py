@@ -91,6 +91,24 @@ def load_sharded(path: str | Path, tensors: dict[str, Any]) -> None:
         raise CheckpointError(f"could not load checkpoint {path}{hint}: {type(err).__name__}: {text[:2000]}") from err
 
 
+def read_metadata(path: str | Path) -> dict[str, tuple[int, ...] | None]:
+    """Every key a DCP checkpoint holds (nested keys joined by "."): its tensor shape, or None
+    for a non-tensor value. Reads only the ``.metadata`` file."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = Path(path)
+    if not is_sharded_checkpoint(path):
+        raise CheckpointError(f"{path} is not a sharded (DCP) checkpoint directory: no .metadata file")
+    try:
+        metadata = dcp.FileSystemReader(path).read_metadata()
+    except (Exception, CheckpointException) as err:
+        raise CheckpointError(f"could not read the metadata of checkpoint {path}: {type(err).__name__}: {err}") from err
+    return {
+        key: tuple(item.size) if isinstance(item, TensorStorageMetadata) else None
+        for key, item in metadata.state_dict_metadata.items()
+    }
+
+
 def consolidate(path: str | Path, out_file: str | Path | None = None, *, trust: bool = False) -> dict[str, Any]:
     """Turn a sharded checkpoint into a plain Lightning checkpoint dict (full ``state_dict``).
 

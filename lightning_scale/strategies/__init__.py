@@ -6,6 +6,7 @@ from lightning_scale.strategies.parallel3d import Parallel3DStrategy
 from lightning_scale.strategies.pipeline import PipelineStrategy
 from lightning_scale.strategies.registry import PRESETS, register_strategies
 from lightning_scale.strategies.tensor_parallel import TensorParallelStrategy
+from lightning_scale.strategies.zero import ZeroStrategy
 
 register_strategies()
 
@@ -14,6 +15,7 @@ __all__ = [
     "Parallel3DStrategy",
     "PipelineStrategy",
     "TensorParallelStrategy",
+    "ZeroStrategy",
     "PipelineOutput",
     "outputs_here",
     "data_parallel_group",

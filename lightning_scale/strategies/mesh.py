@@ -314,13 +314,7 @@ class MeshStrategy(ParallelStrategy):
         return checkpoint
 
     def _load_checkpoint_files(self, checkpoint_path) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
         path = Path(self.broadcast(str(checkpoint_path)))
         assert self.lightning_module is not None
@@ -331,6 +325,15 @@ class MeshStrategy(ParallelStrategy):
         model_state = {"state_dict": get_model_state_dict(module)}
         ckpt.load_sharded(path, model_state)
         set_model_state_dict(module, model_state["state_dict"], options=StateDictOptions(strict=module.strict_loading))
+        self._load_optimizer_states(path)
+        return meta
+
+    def _load_optimizer_states(self, path: Path) -> None:
+        """Restore every optimizer's state from the name-keyed entries of a DCP checkpoint."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        module = self.lightning_module
+        assert module is not None
         aliases = self.optimizer_state_aliases()
         for i, optimizer in enumerate(self.optimizers):
             flat = _rename_params(get_optimizer_state_dict(module, optimizer, options=_OPTIM_OPTIONS), aliases)
@@ -338,7 +341,6 @@ class MeshStrategy(ParallelStrategy):
             ckpt.load_sharded(path, state)
             restored = _rename_params(state[f"optimizer_{i}"], {v: k for k, v in aliases.items()})
             set_optimizer_state_dict(module, optimizer, optim_state_dict=restored, options=_OPTIM_OPTIONS)
-        return meta
 
     def optimizer_state_aliases(self) -> dict[str, str]:
         """Parameter names whose optimizer state is read under another name (tied copies)."""

@@ -10,6 +10,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 from lightning_scale.strategies.parallel3d import Parallel3DStrategy
 from lightning_scale.strategies.pipeline import PipelineStrategy
 from lightning_scale.strategies.tensor_parallel import TensorParallelStrategy
+from lightning_scale.strategies.zero import ZeroStrategy
 
 #: name -> (class, description, init params)
 PRESETS: dict[str, tuple[type, str, dict]] = {
@@ -28,6 +29,16 @@ PRESETS: dict[str, tuple[type, str, dict]] = {
         {"sequence_parallel": True},
     ),
     "parallel_3d": (Parallel3DStrategy, "Pipeline x tensor x data parallelism (pp=2, tp=2, dp=rest)", {}),
+    "zero1": (ZeroStrategy, "ZeRO-1: optimizer state sharded over data-parallel ranks", {"stage": 1}),
+    "zero1_offload": (ZeroStrategy, "ZeRO-1, optimizer state and step on CPU", {"stage": 1, "offload_optimizer": True}),
+    "zero2": (ZeroStrategy, "ZeRO-2: optimizer state and gradients sharded", {"stage": 2}),
+    "zero2_offload": (ZeroStrategy, "ZeRO-2, optimizer state and step on CPU", {"stage": 2, "offload_optimizer": True}),
+    "zero3": (ZeroStrategy, "ZeRO-3 (FSDP2): parameters, gradients and optimizer state sharded", {"stage": 3}),
+    "zero3_offload": (
+        ZeroStrategy,
+        "ZeRO-3 (FSDP2) with sharded parameters, gradients and optimizer step on CPU",
+        {"stage": 3, "offload_params": True},
+    ),
 }
 
 

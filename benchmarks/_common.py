@@ -1,0 +1,138 @@
+"""What the benchmark scripts share: machine-load accounting, the idle guard, re-runs of polluted
+runs, the environment record. Stdlib + torch only; the rank functions live in each script."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine spent busy since boot (/proc/stat; steal counts as busy)."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except OSError:
+        return float("nan")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = values
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class Window:
+    """Wall time, this process's CPU time and the machine's busy CPU time over the timed steps."""
+
+    def start(self) -> None:
+        self.wall0, self.cpu0, self.machine0 = time.perf_counter(), time.process_time(), machine_busy_s()
+
+    def stop(self) -> dict:
+        return {
+            "wall_s": time.perf_counter() - self.wall0,
+            "own_cpu_s": time.process_time() - self.cpu0,
+            "machine_busy_s": machine_busy_s() - self.machine0,
+        }
+
+
+def loadavg() -> list[float]:
+    try:
+        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return []
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def command_line() -> str:
+    script = Path(sys.argv[0]).resolve()
+    shown = str(script.relative_to(REPO)) if script.is_relative_to(REPO) else sys.argv[0]
+    return " ".join(["python", shown, *sys.argv[1:]])
+
+
+def add_load_arguments(p: argparse.ArgumentParser) -> None:
+    """The idle-guard options every benchmark takes."""
+    p.add_argument("--max-load", type=float, default=0.5, help="1-minute load average regarded as idle (default 0.5)")
+    p.add_argument("--wait-idle", type=float, default=0.0,
+                   help="before measuring, wait up to this many seconds for the load to drop below --max-load (default 0)")
+    p.add_argument("--max-foreign", type=float, default=0.1,
+                   help="cores other processes may use during a run's timed steps before it is re-run (default 0.1)")
+    p.add_argument("--retries", type=int, help="re-runs of a polluted run (default 3; 0 with --quick)")
+    p.add_argument("--retry-wait", type=float, default=30.0, help="seconds to wait before a re-run (default 30)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per run before the harness kills it")
+
+
+def wait_for_idle(args: argparse.Namespace, console: Any) -> tuple[list[float], float]:
+    """Wait up to ``--wait-idle`` s for load < ``--max-load``; returns (load, seconds waited)."""
+    waited = 0.0
+    while loadavg() and loadavg()[0] > args.max_load and waited < args.wait_idle:
+        console.print(f"load average {loadavg()} > {args.max_load}: waiting 60 s ({waited:.0f}/{args.wait_idle:.0f} s)")
+        time.sleep(60)
+        waited += 60
+    load = loadavg()
+    if load and load[0] > args.max_load:
+        console.print(f"[yellow]warning: load average {load} is above {args.max_load}; other work on the "
+                      f"machine shares the cores and pollutes the timings[/]")
+    return load, waited
+
+
+def environment(load_before: list[float], waited: float) -> dict:
+    return {
+        "command": command_line(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu_model": cpu_model(),
+        "nproc": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "threads_per_rank": 1,
+        "load_before": load_before,
+        "waited_for_idle_s": waited,
+    }
+
+
+def foreign_cores(results: list[dict]) -> float:
+    """Cores used by other processes during a run's timed steps: machine busy - our ranks' CPU, / wall.
+
+    Taken over rank 0's window; the ranks' windows start together (barrier) and end within a step.
+    """
+    w0 = results[0]["window"]
+    own = sum(r["window"]["own_cpu_s"] for r in results)
+    return max(0.0, (w0["machine_busy_s"] - own) / w0["wall_s"])
+
+
+def measure(args: argparse.Namespace, console: Any, label: str, launch: Callable[[], list[dict]]) -> dict:
+    """Run ``launch()`` (-> per-rank results); retry while other processes polluted its timed steps.
+
+    A run during which other processes used more than ``--max-foreign`` cores is re-run after
+    ``--retry-wait`` s, up to ``--retries`` times; the cleanest attempt is kept, every attempt's
+    pollution is recorded and a kept polluted run is flagged in the tables.
+    """
+    attempts = []
+    for attempt in range(args.retries + 1):
+        results = launch()
+        foreign = foreign_cores(results)
+        attempts.append((foreign, results))
+        if foreign <= args.max_foreign:
+            break
+        if attempt < args.retries:
+            console.print(f"    {label}: other processes used {foreign:.2f} cores during the timed steps; "
+                          f"retrying in {args.retry_wait:.0f} s (load {loadavg()})")
+            time.sleep(args.retry_wait)
+    foreign, results = min(attempts, key=lambda a: a[0])
+    return {"results": results, "foreign_cores": foreign, "polluted": foreign > args.max_foreign,
+            "attempts_foreign_cores": [a[0] for a in attempts]}

@@ -1,0 +1,79 @@
+"""Exact byte counts of the model states a rank holds (parameters, gradients, optimizer state).
+
+Counted from the tensors themselves, by device, each storage once (a view, such as a parameter
+living inside a ZeRO bucket, adds nothing beyond its bucket), in the order parameters ->
+gradients -> optimizer state: a storage already counted in an earlier category is not counted
+again. DTensors (tensor parallel, FSDP2) count their local shard's storage, which includes any
+padding the sharding keeps. Torch only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+CATEGORIES = ("params", "grads", "optimizer")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def _tensors_in(value: Any) -> Iterable[torch.Tensor]:
+    if torch.is_tensor(value):
+        yield value
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _tensors_in(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors_in(v)
+
+
+def model_state_bytes(
+    module: nn.Module,
+    optimizers: Iterable[torch.optim.Optimizer] = (),
+    extra: Mapping[str, Iterable[torch.Tensor]] | None = None,
+) -> dict[str, dict[str, int]]:
+    """``{category: {device: bytes}}`` for ``params``, ``grads`` and ``optimizer``.
+
+    * params: ``module``'s parameters;
+    * grads: their ``.grad`` and the ``.grad`` of the optimizers' parameters, plus ``extra["grads"]``
+      (buffers a sharding engine holds between steps);
+    * optimizer: the optimizers' state tensors and their parameters not already counted (e.g.
+      fp32 master copies on CPU), plus ``extra["optimizer"]``.
+    """
+    extra = extra or {}
+    optimizers = list(optimizers)
+    seen: set[tuple[str, int]] = set()
+    out: dict[str, dict[str, int]] = {c: {} for c in CATEGORIES}
+
+    def add(category: str, tensors: Iterable[torch.Tensor]) -> None:
+        for t in tensors:
+            t = _local(t)
+            storage = t.untyped_storage()
+            key = (str(t.device), storage.data_ptr())
+            if storage.nbytes() == 0 or key in seen:
+                continue
+            seen.add(key)
+            out[category][str(t.device)] = out[category].get(str(t.device), 0) + storage.nbytes()
+
+    opt_params = [p for o in optimizers for g in o.param_groups for p in g["params"]]
+    add("params", module.parameters())
+    add("grads", [p.grad for p in list(module.parameters()) + opt_params if p.grad is not None])
+    add("grads", extra.get("grads", ()))
+    add("optimizer", [t for o in optimizers for state in o.state.values() for t in _tensors_in(state)])
+    add("optimizer", opt_params)
+    add("optimizer", extra.get("optimizer", ()))
+    return out
+
+
+def total(counts: Mapping[str, Mapping[str, int]], category: str | None = None) -> int:
+    """Bytes over all devices, of one category or of all."""
+    cats = [category] if category else list(counts)
+    return sum(sum(counts[c].values()) for c in cats)

@@ -1,0 +1,202 @@
+"""``ZeroStrategy``: ZeRO stages 1, 2 (torch primitives) and 3 (FSDP2), optional CPU offload.
+
+The Lightning side of :mod:`lightning_scale.core.sharding`. Every rank is a data-parallel rank
+(the mesh is ``dp = world size``). Per optimizer step, inside Lightning's closure:
+
+* stages 1/2: the backward(s) run as usual (stage 2 reduce-scatters buckets as gradients arrive);
+  after the last one :meth:`ZeroOptimizer.reduce_gradients` leaves each rank the averaged chunk
+  of every bucket; clipping uses the norm over all chunks (summed over the dp group); the user's
+  optimizer, re-pointed at the chunks, steps; then :meth:`ZeroOptimizer.after_step` all-gathers
+  the updated parameters.
+* stage 3: the network's blocks and the network are wrapped with FSDP2 ``fully_shard`` on the
+  dp mesh (``CPUOffloadPolicy`` with ``offload_params``); FSDP2 all-gathers parameters for each
+  block's forward/backward and reduce-scatters gradients; the optimizer steps the shards.
+
+Checkpoints are the suite's DCP directories with optimizer state keyed by parameter name (the
+format every strategy of the suite writes), so a ZeRO checkpoint resumes on another number of
+processes, under another stage, or under another strategy, and consolidates to a plain file.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.strategies.parallel import ParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.optim import Optimizer
+
+from lightning_scale.core import checkpoint as ckpt
+from lightning_scale.core.grads import allreduce_gradients
+from lightning_scale.core.mesh import ParallelDims
+from lightning_scale.core.pipeline import find_block_container
+from lightning_scale.core.sharding import ZeroConfig, ZeroOptimizer
+from lightning_scale.strategies.mesh import MeshStrategy
+
+
+class ZeroStrategy(MeshStrategy):
+    """ZeRO data parallelism: shard optimizer state (1), + gradients (2), + parameters (3).
+
+    Args:
+        stage: 1, 2 or 3.
+        offload_optimizer: optimizer state, fp32 master weights and the optimizer step on CPU.
+        offload_params: stage 3: sharded parameters (and gradients, and the step) on CPU.
+        backend: ``"native"`` (default) or ``"fairscale"`` (stages 1 and 2).
+        bucket_mb: bucket size in MiB of the stage 1/2 reductions and all-gathers.
+        module_name: stage 3: the LightningModule attribute holding the network to shard.
+        block_container: stage 3: path (in the network) of the blocks to shard one by one;
+            default: the largest ModuleList/ModuleDict/Sequential.
+    """
+
+    strategy_name = "zero"
+
+    def __init__(
+        self,
+        stage: int = 2,
+        offload_optimizer: bool = False,
+        offload_params: bool = False,
+        backend: str = "native",
+        bucket_mb: float = 25.0,
+        module_name: str = "model",
+        block_container: str | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        trust_checkpoint: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        # Validated here, on every rank, before any process group exists.
+        self.zero = ZeroConfig(stage=stage, offload_optimizer=offload_optimizer, offload_params=offload_params,
+                               backend=backend, bucket_mb=bucket_mb)
+        super().__init__(dims=ParallelDims(pp=1, dp=-1, tp=1), process_group_backend=process_group_backend,
+                         timeout=timeout, trust_checkpoint=trust_checkpoint, **kwargs)
+        self.module_name = module_name
+        self.block_container = block_container
+        self._engines: dict[int, ZeroOptimizer] = {}
+        self._sharded: nn.Module | None = None
+
+    # -- model ----------------------------------------------------------------------------------
+    def parallelize(self) -> None:
+        if self.zero.stage == 3:
+            self._fully_shard()
+
+    def _network(self) -> nn.Module:
+        network = getattr(self.lightning_module, self.module_name, None)
+        if not isinstance(network, nn.Module):
+            raise AttributeError(
+                f"ZeroStrategy(stage=3) shards the network in LightningModule attribute {self.module_name!r}, which is "
+                f"{type(network).__name__}; set module_name= to the attribute that holds your nn.Module"
+            )
+        return network
+
+    def _fully_shard(self) -> None:
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+        network = self._network()
+        if network is self._sharded:
+            return  # an earlier fit/validate/test/predict of this strategy did it
+        container = network.get_submodule(find_block_container(network, self.block_container))
+        mesh = self.device_mesh["dp"]
+        # Pinned CPU memory needs an accelerator; on a CPU-only machine FSDP2 offload works unpinned.
+        policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if self.zero.offload_params else OffloadPolicy()
+        blocks = container.values() if isinstance(container, nn.ModuleDict) else list(container)
+        for block in blocks:
+            fully_shard(block, mesh=mesh, offload_policy=policy)
+        fully_shard(network, mesh=mesh, offload_policy=policy)
+        self._sharded = network
+        rank_zero_info(f"ZeroStrategy: stage 3 (FSDP2) over {mesh.size()} ranks, {len(blocks)} blocks sharded one by one"
+                       + (", parameters offloaded to CPU" if self.zero.offload_params else ""))
+
+    def setup(self, trainer) -> None:
+        super().setup(trainer)
+        if self.zero.stage in (1, 2) and trainer.state.fn == TrainerFn.FITTING:
+            assert self.lightning_module is not None
+            self._engines = {}
+            for optimizer in self.optimizers:
+                raw = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+                self._engines[id(raw)] = ZeroOptimizer(self.lightning_module, raw, self.group("dp"), self.zero)
+            rank_zero_info(
+                f"ZeroStrategy: stage {self.zero.stage} over {self.resolved_dims.dp if self.resolved_dims else 1} ranks"
+                + (", optimizer state and step on CPU" if self.zero.offload_optimizer else "")
+                + f"; {sum(len(e.specs) for e in self._engines.values())} buckets"
+            )
+
+    # -- the step -------------------------------------------------------------------------------
+    def optimizer_step(self, optimizer, closure: Callable[[], Any], model=None, **kwargs: Any) -> Any:
+        raw = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+        engine = self._engines.get(id(raw))
+
+        def closure_then_reduce() -> Any:
+            result = closure()
+            if engine is not None:
+                engine.reduce_gradients()
+            else:
+                self.finalize_gradients()
+            return result
+
+        # ParallelStrategy's step (precision plugin -> closure -> clip -> optimizer.step), without
+        # MeshStrategy's dp all-reduce: the reduction is the engine's (or FSDP2's).
+        out = ParallelStrategy.optimizer_step(self, optimizer, closure_then_reduce, model, **kwargs)
+        if engine is not None:
+            engine.after_step()
+        return out
+
+    def finalize_gradients(self) -> None:
+        """Stage 3: FSDP2 reduced the sharded gradients; average any plain (unsharded) ones."""
+        assert self.lightning_module is not None
+        plain = [p for p in self.lightning_module.parameters() if not isinstance(p, DTensor)]
+        if plain:
+            allreduce_gradients(plain, self.group("dp"))
+
+    def norm_parameters(self) -> list[nn.Parameter]:
+        if self._engines:
+            return [p for e in self._engines.values() for p in e.chunk_parameters]
+        return super().norm_parameters()
+
+    def model_parallel_groups(self) -> list[dist.ProcessGroup | None]:
+        # Stage 1/2 chunks partition the model over dp: their norm is summed over dp. Stage 3's
+        # DTensor shards are summed over their own mesh by global_grad_norm.
+        return [self.group("dp")] if self._engines else []
+
+    def engine(self, optimizer: Optimizer | None = None) -> ZeroOptimizer | None:
+        """The stage 1/2 engine of ``optimizer`` (default: the first optimizer)."""
+        if not self._engines:
+            return None
+        if optimizer is None:
+            return next(iter(self._engines.values()))
+        raw = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+        return self._engines.get(id(raw))
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        engine = self.engine(optimizer)
+        if engine is None:
+            return super().optimizer_state(optimizer)
+        return engine.state_dict_by_name()
+
+    def _load_optimizer_states(self, path: Path) -> None:
+        if not self._engines:
+            return super()._load_optimizer_states(path)
+        metadata = ckpt.read_metadata(path)
+        for i, optimizer in enumerate(self.optimizers):
+            engine = self.engine(optimizer)
+            assert engine is not None
+            prefix = f"optimizer_{i}."
+            saved = {k[len(prefix):]: v for k, v in metadata.items() if k.startswith(prefix)}
+            if not saved:
+                raise ckpt.CheckpointError(f"checkpoint {path} has no optimizer_{i} state to resume from")
+            need = engine.keys_to_load(saved)
+            # Tensors this rank needs, plus the param-group options (small objects, every rank).
+            target: dict[str, Any] = {k: torch.empty(saved[k] or ()) for k in need if saved[k] is not None}
+            target.update({k: 0 for k in need if saved[k] is None})
+            target.update({k: 0 for k in saved if k.startswith("param_groups.")})
+            state = {f"optimizer_{i}": target}
+            ckpt.load_sharded(path, state)
+            engine.load_state_dict_by_name(state[f"optimizer_{i}"])

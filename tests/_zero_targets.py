@@ -1,0 +1,50 @@
+"""Rank functions for the ZeroStrategy tests (run by lightning_scale.testing)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+import _pipeline_targets as targets
+
+
+def memory(zero: dict, steps: int = 2) -> dict:
+    """Train a few steps; after the last optimizer step count this rank's model-state bytes."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+    from torch.utils.data import DataLoader
+
+    from lightning_scale.core.memory import model_state_bytes
+    from lightning_scale.strategies import ZeroStrategy
+
+    out: dict = {}
+
+    class Count(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step != steps:
+                return
+            engine = trainer.strategy.engine()
+            extra = engine.held_tensors() if engine is not None else None
+            out["counts"] = model_state_bytes(pl_module, [o for o in trainer.optimizers], extra)
+            if engine is not None:
+                out["psi_padded"] = engine.padded_numel()
+                out["buckets"] = len(engine.specs)
+            out["optimizer_devices"] = sorted({str(t.device) for o in trainer.optimizers for s in o.state.values()
+                                               for t in s.values() if torch.is_tensor(t)})
+
+    os.environ["PL_GLOBAL_SEED"] = "0"
+    strategy = ZeroStrategy(**zero)
+    trainer = L.Trainer(accelerator="cpu", devices=int(os.environ["WORLD_SIZE"]), strategy=strategy, max_steps=steps,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[Count()], limit_val_batches=0)
+    task = targets._task()
+    world = int(os.environ["WORLD_SIZE"])
+    shapes = {id(p): tuple(p.shape) for p in task.parameters()}  # unique (tied once), before sharding
+    out["psi"] = sum(math.prod(s) for s in shapes.values())
+    # FSDP2 pads each parameter's dim 0 to a multiple of the world size.
+    out["psi_fsdp"] = sum(math.ceil(s[0] / world) * world * math.prod(s[1:]) for s in shapes.values())
+    out["n_params"] = len(shapes)
+    trainer.fit(task, DataLoader(targets.make_data(64), batch_size=4, drop_last=True))
+    return out
