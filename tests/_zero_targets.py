@@ -48,3 +48,17 @@ def memory(zero: dict, steps: int = 2) -> dict:
     out["n_params"] = len(shapes)
     trainer.fit(task, DataLoader(targets.make_data(64), batch_size=4, drop_last=True))
     return out
+
+
+def zero_over_dtensor() -> None:
+    """ZeroOptimizer on a tensor-parallel model: must raise before any collective."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_scale.core.sharding import ZeroConfig, ZeroOptimizer
+    from lightning_scale.core.tensor_parallel import apply_tp, gpt_tp_plan
+    from lightning_scale.models import GPT
+
+    model = GPT(targets.CFG)
+    apply_tp(model, init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))["tp"], gpt_tp_plan())
+    ZeroOptimizer(model, torch.optim.AdamW(model.parameters()), dist.group.WORLD, ZeroConfig(stage=2))

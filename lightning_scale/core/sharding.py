@@ -475,7 +475,12 @@ class ZeroOptimizer:
         for b in self.buckets:
             first = b.spec.slots[0].name
             prefix = f"state.{first}."
-            keys = sorted(k[len(prefix):] for k in flat if k.startswith(prefix) and "." not in k[len(prefix):])
+            keys = sorted({
+                k[len(f"state.{slot.name}."):]
+                for slot in b.spec.slots
+                for k in flat
+                if k.startswith(f"state.{slot.name}.") and "." not in k[len(f"state.{slot.name}."):]
+            })
             state: dict[str, Any] = {}
             lo, _ = b.spec.chunk_range(self.rank, self.world)
             for key in keys:

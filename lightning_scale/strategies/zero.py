@@ -75,6 +75,11 @@ class ZeroStrategy(MeshStrategy):
         # Validated here, on every rank, before any process group exists.
         self.zero = ZeroConfig(stage=stage, offload_optimizer=offload_optimizer, offload_params=offload_params,
                                backend=backend, bucket_mb=bucket_mb)
+        if self.zero.backend == "fairscale":
+            raise NotImplementedError(
+                "ZeroStrategy(backend='fairscale') is not implemented yet; use backend='native' (the default), "
+                "which covers stages 1-3 with and without offload"
+            )
         super().__init__(dims=ParallelDims(pp=1, dp=-1, tp=1), process_group_backend=process_group_backend,
                          timeout=timeout, trust_checkpoint=trust_checkpoint, **kwargs)
         self.module_name = module_name
