@@ -60,6 +60,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python benchmarks/pipeline.py` from anywhere
     sys.path.insert(0, str(REPO))
 
+from benchmarks._common import Window as _Window  # noqa: E402
+from benchmarks._common import add_load_arguments  # noqa: E402
+from benchmarks._common import command_line as _command_line  # noqa: E402
+from benchmarks._common import cpu_model as _cpu_model  # noqa: E402
+from benchmarks._common import loadavg as _loadavg  # noqa: E402
+from benchmarks._common import measure as _measure  # noqa: E402
 from lightning_scale.core.grads import allreduce_gradients  # noqa: E402
 from lightning_scale.core.pipeline import (  # noqa: E402
     MULTI_STAGE_SCHEDULES,
@@ -111,30 +117,6 @@ def _batches(vocab: int, n: int, batch: int, seq: int) -> list[tuple[torch.Tenso
         (torch.randint(0, vocab, (batch, seq), generator=g), torch.randint(0, vocab, (batch, seq), generator=g))
         for _ in range(n)
     ]
-
-
-def _machine_busy_s() -> float:
-    """CPU seconds the whole machine spent busy since boot (/proc/stat; steal counts as busy)."""
-    try:
-        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    except OSError:
-        return float("nan")
-    user, nice, system, _idle, _iowait, irq, softirq, steal = values
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-class _Window:
-    """Wall time, this process's CPU time and the machine's busy CPU time over the timed steps."""
-
-    def start(self) -> None:
-        self.wall0, self.cpu0, self.machine0 = time.perf_counter(), time.process_time(), _machine_busy_s()
-
-    def stop(self) -> dict:
-        return {
-            "wall_s": time.perf_counter() - self.wall0,
-            "own_cpu_s": time.process_time() - self.cpu0,
-            "machine_busy_s": _machine_busy_s() - self.machine0,
-        }
 
 
 def single_process_worker(preset: str, seq: int, batch: int, accum: int, warmup: int, steps: int, lr: float) -> dict:
@@ -236,29 +218,6 @@ def pipeline_worker(
 # ----------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------
-def _loadavg() -> list[float]:
-    try:
-        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
-    except OSError:
-        return []
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _command_line() -> str:
-    script = Path(sys.argv[0]).resolve()
-    shown = str(script.relative_to(REPO)) if script.is_relative_to(REPO) else sys.argv[0]
-    return " ".join(["python", shown, *sys.argv[1:]])
-
-
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", help="GPT presets (default: nano micro)")
@@ -275,14 +234,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", help="output JSON (default benchmarks/results/pipeline.json); the .md table goes next to it")
     p.add_argument("--no-plots", action="store_true", help="skip the timeline PNGs")
     p.add_argument("--quick", action="store_true", help="smoke configuration (nano, m=2 8, short sequences, 1 repeat; < 1 min)")
-    p.add_argument("--max-load", type=float, default=0.5, help="1-minute load average regarded as idle (default 0.5)")
-    p.add_argument("--wait-idle", type=float, default=0.0,
-                   help="before measuring, wait up to this many seconds for the load to drop below --max-load (default 0)")
-    p.add_argument("--max-foreign", type=float, default=0.1,
-                   help="cores other processes may use during a run's timed steps before it is re-run (default 0.1)")
-    p.add_argument("--retries", type=int, help="re-runs of a polluted run (default 3; 0 with --quick)")
-    p.add_argument("--retry-wait", type=float, default=30.0, help="seconds to wait before a re-run (default 30)")
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds per run before the harness kills it")
+    add_load_arguments(p)
     args = p.parse_args(argv)
     defaults = QUICK_DEFAULTS if args.quick else FULL_DEFAULTS
     for key, value in defaults.items():
@@ -298,39 +250,6 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _seq_for(preset: str, args: argparse.Namespace) -> int:
     return args.seq if args.seq is not None else GPTConfig.from_preset(preset).block_size
-
-
-def _foreign_cores(results: list[dict]) -> float:
-    """Cores used by other processes during a run's timed steps: machine busy - our ranks' CPU, / wall.
-
-    Taken over rank 0's window; the ranks' windows start together (barrier) and end within a step.
-    """
-    w0 = results[0]["window"]
-    own = sum(r["window"]["own_cpu_s"] for r in results)
-    return max(0.0, (w0["machine_busy_s"] - own) / w0["wall_s"])
-
-
-def _measure(args: argparse.Namespace, console: Any, label: str, launch: Any) -> dict:
-    """Run ``launch()`` (-> per-rank results); retry while other processes polluted its timed steps.
-
-    A run during which other processes used more than ``--max-foreign`` cores is re-run after
-    ``--retry-wait`` s, up to ``--retries`` times; the cleanest attempt is kept, every attempt's
-    pollution is recorded and a kept polluted run is flagged in the tables.
-    """
-    attempts = []
-    for attempt in range(args.retries + 1):
-        results = launch()
-        foreign = _foreign_cores(results)
-        attempts.append((foreign, results))
-        if foreign <= args.max_foreign:
-            break
-        if attempt < args.retries:
-            console.print(f"    {label}: other processes used {foreign:.2f} cores during the timed steps; "
-                          f"retrying in {args.retry_wait:.0f} s (load {_loadavg()})")
-            time.sleep(args.retry_wait)
-    foreign, results = min(attempts, key=lambda a: a[0])
-    return {"results": results, "foreign_cores": foreign, "polluted": foreign > args.max_foreign,
-            "attempts_foreign_cores": [a[0] for a in attempts]}
 
 
 def _check_pipeline(preset: str, seq: int, m: int, schedule: str, virtual: int) -> str | None:

@@ -21,13 +21,18 @@ CASES = [
     pytest.param(dict(stage=2, offload_optimizer=True), id="stage2-offload"),
     pytest.param(dict(stage=3), id="stage3"),
     pytest.param(dict(stage=3, offload_params=True), id="stage3-offload"),
+    # fairscale 0.4.13: ShardedDataParallel + zero_grad(set_to_none=True) diverges from step 3;
+    # this parity test fails if ZeroOSS stops forcing in-place zeroing.
+    pytest.param(dict(stage=1, backend="fairscale"), id="fairscale-stage1"),
+    pytest.param(dict(stage=2, backend="fairscale"), id="fairscale-stage2"),
 ]
 
 
 @pytest.mark.parametrize("zero", CASES)
 def test_two_rank_parity_with_clipping(zero: dict) -> None:
     # Small buckets (several per model) so bucketing, padding and in-flight reductions are exercised.
-    kwargs = dict(zero=True, bucket_mb=0.02, **zero) if zero["stage"] < 3 else dict(zero=True, **zero)
+    small_buckets = zero["stage"] < 3 and zero.get("backend", "native") == "native"
+    kwargs = dict(zero=True, bucket_mb=0.02, **zero) if small_buckets else dict(zero=True, **zero)
     results = run_distributed(targets.fit, 2, kwargs, STEPS, 4, clip=0.05, init_process_group=False, timeout=300)
     _assert_parity(results, targets.reference(STEPS, 4, replicas=2, microbatches=1, clip=0.05))
 
@@ -91,7 +96,9 @@ def _mean_losses(results: list[dict]) -> list[float]:
     ((4, dict(stage=1, offload_optimizer=True)), (2, dict(stage=2))),  # 4 -> 2 ranks, stage 1 -> 2
     ((2, dict(stage=2)), (4, dict(stage=3))),  # stage 2 -> FSDP2
     ((4, dict(stage=3)), (2, dict(stage=1, bucket_mb=0.02))),  # FSDP2 -> stage 1
-], ids=["2to2", "2to4", "4to2-stage1to2", "stage2to3", "stage3to1"])
+    ((2, dict(stage=2, backend="fairscale")), (4, dict(stage=2, backend="fairscale"))),  # fairscale 2 -> 4
+    ((4, dict(stage=2)), (2, dict(stage=1, backend="fairscale"))),  # native -> fairscale
+], ids=["2to2", "2to4", "4to2-stage1to2", "stage2to3", "stage3to1", "fairscale-2to4", "native-to-fairscale"])
 def test_resume_is_exact_across_world_sizes_and_stages(tmp_path, save, load) -> None:
     (w_save, z_save), (w_load, z_load) = save, load
     full = _run(w_save, z_save, 8 // w_save, ckpt_dir=str(tmp_path))
@@ -121,7 +128,8 @@ def test_zero_checkpoint_consolidates_to_a_plain_state_dict(tmp_path) -> None:
     torch.testing.assert_close(task.model.head.weight, results[0]["state"]["model.head.weight"], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("zero", [dict(stage=2, bucket_mb=0.02), dict(stage=3)], ids=["stage2", "stage3"])
+@pytest.mark.parametrize("zero", [dict(stage=2, bucket_mb=0.02), dict(stage=3), dict(stage=2, backend="fairscale")],
+                         ids=["stage2", "stage3", "fairscale-stage2"])
 def test_four_rank_parity_with_gradient_accumulation(zero: dict) -> None:
     # Stage 2 reduce-scatters every micro-step and accumulates the chunks; FSDP2 accumulates shards.
     # 4 replicas x 1 sequence x 2 accumulated batches per step (256 samples cover the 20 steps).

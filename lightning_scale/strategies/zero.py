@@ -19,6 +19,7 @@ processes, under another stage, or under another strategy, and consolidates to a
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
@@ -75,17 +76,13 @@ class ZeroStrategy(MeshStrategy):
         # Validated here, on every rank, before any process group exists.
         self.zero = ZeroConfig(stage=stage, offload_optimizer=offload_optimizer, offload_params=offload_params,
                                backend=backend, bucket_mb=bucket_mb)
-        if self.zero.backend == "fairscale":
-            raise NotImplementedError(
-                "ZeroStrategy(backend='fairscale') is not implemented yet; use backend='native' (the default), "
-                "which covers stages 1-3 with and without offload"
-            )
         super().__init__(dims=ParallelDims(pp=1, dp=-1, tp=1), process_group_backend=process_group_backend,
                          timeout=timeout, trust_checkpoint=trust_checkpoint, **kwargs)
         self.module_name = module_name
         self.block_container = block_container
         self._engines: dict[int, ZeroOptimizer] = {}
         self._sharded: nn.Module | None = None
+        self._oss: list[Any] = []  # fairscale backend: the OSS optimizers
 
     # -- model ----------------------------------------------------------------------------------
     def parallelize(self) -> None:
@@ -121,7 +118,9 @@ class ZeroStrategy(MeshStrategy):
 
     def setup(self, trainer) -> None:
         super().setup(trainer)
-        if self.zero.stage in (1, 2) and trainer.state.fn == TrainerFn.FITTING:
+        if self.zero.backend == "fairscale" and trainer.state.fn == TrainerFn.FITTING:
+            self._setup_fairscale()
+        elif self.zero.stage in (1, 2) and trainer.state.fn == TrainerFn.FITTING:
             assert self.lightning_module is not None
             self._engines = {}
             for optimizer in self.optimizers:
@@ -132,6 +131,45 @@ class ZeroStrategy(MeshStrategy):
                 + (", optimizer state and step on CPU" if self.zero.offload_optimizer else "")
                 + f"; {sum(len(e.specs) for e in self._engines.values())} buckets"
             )
+
+    def _setup_fairscale(self) -> None:
+        """Replace each optimizer by an equivalent ``OSS``; at stage 2 wrap the module in
+        ``ShardedDataParallel`` (Lightning then calls the training step through it)."""
+        from fairscale.nn.data_parallel import ShardedDataParallel
+
+        from lightning_scale.core.sharding_fairscale import make_oss
+
+        raw = [o._optimizer if isinstance(o, LightningOptimizer) else o for o in self.optimizers]
+        self._oss = [make_oss(o, self.group("dp")) for o in raw]
+        self.optimizers = self._oss
+        if self.zero.stage == 2:
+            self.model = ShardedDataParallel(self.lightning_module, sharded_optimizer=self._oss,
+                                             process_group=self.group("dp"))
+        rank_zero_info(f"ZeroStrategy: stage {self.zero.stage} with fairscale OSS"
+                       + (" + ShardedDataParallel" if self.zero.stage == 2 else ""))
+
+    def _patch_gradient_clipping(self) -> None:
+        super()._patch_gradient_clipping()
+        if self.zero.backend != "fairscale":
+            return
+        strategy = self
+
+        def clip_grad_by_norm(optimizer: Optimizer, clip_val: float | int) -> None:
+            # OSS: norm over each rank's own parameters, summed over the group.
+            strategy.last_grad_norm = optimizer.clip_grad_norm(float(clip_val))
+
+        self.precision_plugin.clip_grad_by_norm = clip_grad_by_norm  # type: ignore[method-assign]
+
+    @contextmanager
+    def block_backward_sync(self):
+        """Accumulation micro-steps: ShardedDataParallel keeps gradients local until the last one."""
+        from fairscale.nn.data_parallel import ShardedDataParallel
+
+        if isinstance(self.model, ShardedDataParallel):
+            with self.model.no_sync():
+                yield
+        else:
+            yield
 
     # -- the step -------------------------------------------------------------------------------
     def optimizer_step(self, optimizer, closure: Callable[[], Any], model=None, **kwargs: Any) -> Any:
@@ -154,8 +192,11 @@ class ZeroStrategy(MeshStrategy):
         return out
 
     def finalize_gradients(self) -> None:
-        """Stage 3: FSDP2 reduced the sharded gradients; average any plain (unsharded) ones."""
+        """Stage 3: FSDP2 reduced the sharded gradients; average any plain (unsharded) ones.
+        fairscale: stage 1 all-reduces the full gradients; stage 2's ShardedDataParallel did it."""
         assert self.lightning_module is not None
+        if self.zero.backend == "fairscale" and self.zero.stage == 2:
+            return
         plain = [p for p in self.lightning_module.parameters() if not isinstance(p, DTensor)]
         if plain:
             allreduce_gradients(plain, self.group("dp"))
@@ -181,12 +222,20 @@ class ZeroStrategy(MeshStrategy):
 
     # -- checkpoints ------------------------------------------------------------------------------
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        if self._oss:
+            from lightning_scale.core.sharding_fairscale import oss_state_by_name
+
+            raw = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+            assert self.lightning_module is not None
+            return oss_state_by_name(raw, self.lightning_module, self.global_rank)
         engine = self.engine(optimizer)
         if engine is None:
             return super().optimizer_state(optimizer)
         return engine.state_dict_by_name()
 
     def _load_optimizer_states(self, path: Path) -> None:
+        if self._oss:
+            return self._load_oss_states(path)
         if not self._engines:
             return super()._load_optimizer_states(path)
         metadata = ckpt.read_metadata(path)
@@ -205,3 +254,19 @@ class ZeroStrategy(MeshStrategy):
             state = {f"optimizer_{i}": target}
             ckpt.load_sharded(path, state)
             engine.load_state_dict_by_name(state[f"optimizer_{i}"])
+
+    def _load_oss_states(self, path: Path) -> None:
+        """fairscale: every rank reads every parameter's state; OSS keeps its partition."""
+        from lightning_scale.core.sharding_fairscale import load_oss_state_by_name
+
+        metadata = ckpt.read_metadata(path)
+        for i, oss in enumerate(self._oss):
+            prefix = f"optimizer_{i}."
+            saved = {k[len(prefix):]: v for k, v in metadata.items() if k.startswith(prefix)}
+            if not saved:
+                raise ckpt.CheckpointError(f"checkpoint {path} has no optimizer_{i} state to resume from")
+            target: dict[str, Any] = {k: (torch.empty(v) if v is not None else 0) for k, v in saved.items()}
+            state = {f"optimizer_{i}": target}
+            ckpt.load_sharded(path, state)
+            assert self.lightning_module is not None
+            load_oss_state_by_name(oss, self.lightning_module, state[f"optimizer_{i}"])
