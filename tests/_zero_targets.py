@@ -27,11 +27,13 @@ def memory(zero: dict, steps: int = 2) -> dict:
                 return
             engine = trainer.strategy.engine()
             extra = engine.held_tensors() if engine is not None else None
-            out["counts"] = model_state_bytes(pl_module, [o for o in trainer.optimizers], extra)
+            # fairscale's OSS keeps the state in its partition's optimizer (``.optim``).
+            optimizers = [getattr(o, "optim", o) for o in trainer.optimizers]
+            out["counts"] = model_state_bytes(pl_module, optimizers, extra)
             if engine is not None:
                 out["psi_padded"] = engine.padded_numel()
                 out["buckets"] = len(engine.specs)
-            out["optimizer_devices"] = sorted({str(t.device) for o in trainer.optimizers for s in o.state.values()
+            out["optimizer_devices"] = sorted({str(t.device) for o in optimizers for s in o.state.values()
                                                for t in s.values() if torch.is_tensor(t)})
 
     os.environ["PL_GLOBAL_SEED"] = "0"

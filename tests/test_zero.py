@@ -78,6 +78,17 @@ def test_model_state_bytes_equal_the_zero_formulas(world: int, zero: dict) -> No
         assert r["optimizer_devices"] == ["cpu"]
 
 
+def test_fairscale_partitions_the_optimizer_state_by_whole_parameters() -> None:
+    import _zero_targets as zt
+
+    results = run_distributed(zt.memory, 2, dict(stage=2, backend="fairscale"), init_process_group=False, timeout=240)
+    per_rank = [sum(r["counts"]["optimizer"].values()) for r in results]
+    psi, n_params = results[0]["psi"], results[0]["n_params"]
+    # Every parameter's moments (8 bytes per element) and step (4 bytes) live on exactly one rank.
+    assert sum(per_rank) == 8 * psi + 4 * n_params
+    assert all(0 < b < 8 * psi for b in per_rank), per_rank
+
+
 # ---- checkpoints -----------------------------------------------------------------------------------
 def _run(world: int, zero: dict, per_rank_batch: int, **kwargs) -> list[dict]:
     # 64 samples, global batch 8 -> 8 steps per epoch, 2 epochs. The same global batches whatever

@@ -19,6 +19,7 @@ the full state and OSS keeps its part.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from itertools import chain
 from typing import Any
@@ -45,7 +46,11 @@ def make_oss(optimizer: torch.optim.Optimizer, group: dist.ProcessGroup | None) 
     """
     if optimizer.state:
         raise ValueError("the fairscale backend must wrap an optimizer that has not stepped yet")
-    return ZeroOSS(optimizer.param_groups, optim=type(optimizer), group=group, **optimizer.defaults)
+    # Only the options the class's constructor takes (torch's AdamW keeps "decoupled_weight_decay"
+    # in its defaults but does not accept it).
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+    return ZeroOSS(optimizer.param_groups, optim=type(optimizer), group=group, **defaults)
 
 
 def _index_to_name(oss: OSS, module: nn.Module) -> list[str]:
@@ -96,4 +101,11 @@ def load_oss_state_by_name(oss: OSS, module: nn.Module, flat: Mapping[str, Any])
                 saved[k] = value
         saved["params"] = indices
         groups.append(saved)
+    originals = list(oss.param_groups)
     oss.load_state_dict({"state": state, "param_groups": groups})
+    # torch's load_state_dict installs new param-group dicts; put the original dicts (shared with
+    # the optimizer an LR scheduler was built on, see make_oss) back, with the loaded options.
+    for original, loaded in zip(originals, oss.param_groups):
+        for key, value in loaded.items():
+            original[key] = value
+    oss.param_groups = originals
