@@ -145,8 +145,8 @@ def bench_worker(variant: str, preset: str, batch: int, seq: int, warmup: int, s
 # ----------------------------------------------------------------------------------------------
 def expected_bytes(variant: str, r: dict) -> int | None:
     """Formula total for this rank (None where the backend's partition is not a formula)."""
-    if variant in ("ddp",):
-        return 16 * r["psi"]
+    if variant == "ddp":
+        return 16 * r["psi"] + 4 * r["n_params"]  # + Adam's 4-byte step per parameter
     if variant.startswith("fairscale"):
         return None
     spec = VARIANTS.get(variant) or {"stage": 3}
