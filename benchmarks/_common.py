@@ -64,6 +64,29 @@ def command_line() -> str:
     return " ".join(["python", shown, *sys.argv[1:]])
 
 
+def apply_defaults(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
+    """Fill the options left unset (None) from the full or ``--quick`` defaults."""
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def output_path(json_arg: str) -> Path:
+    """The JSON output path (relative paths are taken from the repository root); its folder exists."""
+    path = Path(json_arg)
+    if not path.is_absolute():
+        path = REPO / path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def console() -> Any:
+    """A rich console (170 columns when not on a terminal, so logs keep the tables whole)."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 170)
+
+
 def add_load_arguments(p: argparse.ArgumentParser) -> None:
     """The idle-guard options every benchmark takes."""
     p.add_argument("--max-load", type=float, default=0.5, help="1-minute load average regarded as idle (default 0.5)")
@@ -136,3 +159,15 @@ def measure(args: argparse.Namespace, console: Any, label: str, launch: Callable
     foreign, results = min(attempts, key=lambda a: a[0])
     return {"results": results, "foreign_cores": foreign, "polluted": foreign > args.max_foreign,
             "attempts_foreign_cores": [a[0] for a in attempts]}
+
+
+def start(args: argparse.Namespace) -> tuple[Any, Path, dict]:
+    """What every benchmark's ``main`` does first: a console, quiet harness output, the output
+    path, the idle guard and the environment record. Returns (console, json path, environment)."""
+    from lightning_scale.testing import multiprocess as mp_harness
+
+    out = console()
+    mp_harness.SETTINGS.forward_output = False
+    path = output_path(args.json)
+    load_before, waited = wait_for_idle(args, out)
+    return out, path, environment(load_before, waited)

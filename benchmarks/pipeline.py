@@ -42,10 +42,7 @@ preset (``timeline_<schedule>_m8.png``, via :func:`lightning_scale.core.timeline
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -60,10 +57,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python benchmarks/pipeline.py` from anywhere
     sys.path.insert(0, str(REPO))
 
+from benchmarks import _common  # noqa: E402
 from benchmarks._common import Window as _Window  # noqa: E402
 from benchmarks._common import add_load_arguments  # noqa: E402
-from benchmarks._common import command_line as _command_line  # noqa: E402
-from benchmarks._common import cpu_model as _cpu_model  # noqa: E402
 from benchmarks._common import loadavg as _loadavg  # noqa: E402
 from benchmarks._common import measure as _measure  # noqa: E402
 from lightning_scale.core.grads import allreduce_gradients  # noqa: E402
@@ -236,10 +232,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke configuration (nano, m=2 8, short sequences, 1 repeat; < 1 min)")
     add_load_arguments(p)
     args = p.parse_args(argv)
-    defaults = QUICK_DEFAULTS if args.quick else FULL_DEFAULTS
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    _common.apply_defaults(args, QUICK_DEFAULTS if args.quick else FULL_DEFAULTS)
     for m in args.microbatches:
         if m < 1 or args.batch % m:
             p.error(f"--batch {args.batch} is not divisible by microbatches {m}; choose a batch that every m divides")
@@ -470,38 +463,10 @@ def _plot(args: argparse.Namespace, runs: list[dict], rows: list[dict], out_dir:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    from rich.console import Console
-
     from lightning_scale.testing import multiprocess as mp_harness
 
-    console = Console(width=None if sys.stdout.isatty() else 170)
-    mp_harness.SETTINGS.forward_output = False
-    json_path = Path(args.json)
-    if not json_path.is_absolute():
-        json_path = REPO / json_path
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-
-    waited = 0.0
-    while _loadavg() and _loadavg()[0] > args.max_load and waited < args.wait_idle:
-        console.print(f"load average {_loadavg()} > {args.max_load}: waiting 60 s ({waited:.0f}/{args.wait_idle:.0f} s)")
-        time.sleep(60)
-        waited += 60
-    load_before = _loadavg()
-    if load_before and load_before[0] > args.max_load:
-        console.print(f"[yellow]warning: load average {load_before} is above {args.max_load}; other work on the "
-                      f"machine shares the 2 cores and pollutes the timings[/]")
-    env = {
-        "command": _command_line(),
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu_model": _cpu_model(),
-        "nproc": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "threads_per_rank": 1,
-        "load_before": load_before,
-        "waited_for_idle_s": waited,
-    }
+    console, json_path, env = _common.start(args)
+    load_before = env["load_before"]
     console.print(f"[bold]pipeline benchmark[/] presets={args.presets} m={args.microbatches} schedules={args.schedules} "
                   f"batch={args.batch} steps={args.steps} warmup={args.warmup} repeats={args.repeats}; load {load_before}")
 

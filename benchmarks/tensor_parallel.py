@@ -182,9 +182,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke configuration (hidden 128 256, 1 repeat; < 1 min)")
     common.add_load_arguments(p)
     args = p.parse_args(argv)
-    for key, value in (QUICK_DEFAULTS if args.quick else FULL_DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    common.apply_defaults(args, QUICK_DEFAULTS if args.quick else FULL_DEFAULTS)
     for h in args.hidden:
         if h % HEAD_DIM and h >= HEAD_DIM or h % 2:
             p.error(f"--hidden {h}: use a multiple of {HEAD_DIM} (heads of {HEAD_DIM}) so 2 ranks split heads evenly")
@@ -261,19 +259,12 @@ def _markdown(args: argparse.Namespace, rows: list[dict], env: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    from rich.console import Console
     from rich.table import Table
 
     from lightning_scale.testing import multiprocess as mp_harness
 
-    console = Console(width=None if sys.stdout.isatty() else 170)
-    mp_harness.SETTINGS.forward_output = False
-    json_path = Path(args.json)
-    if not json_path.is_absolute():
-        json_path = REPO / json_path
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    load_before, waited = common.wait_for_idle(args, console)
-    env = common.environment(load_before, waited)
+    console, json_path, env = common.start(args)
+    load_before = env["load_before"]
     console.print(f"[bold]tensor-parallel benchmark[/] hidden={args.hidden} layers={args.layers} batch={args.batch} "
                   f"seq={args.seq} steps={args.steps} repeats={args.repeats} sp={args.sequence_parallel}; load {load_before}")
     mp_harness.warm_up()

@@ -173,9 +173,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke configuration")
     common.add_load_arguments(p)
     args = p.parse_args(argv)
-    for key, value in (QUICK_DEFAULTS if args.quick else FULL_DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    common.apply_defaults(args, QUICK_DEFAULTS if args.quick else FULL_DEFAULTS)
     if min(args.batch, args.seq, args.steps, args.repeats) < 1 or args.warmup < 1:
         p.error("--batch, --seq, --steps, --repeats must be >= 1 and --warmup >= 1")
     return args
@@ -187,17 +185,11 @@ HEADERS = ["variant", "params MB", "grads MB", "optimizer MB", "total MB", "form
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    from rich.console import Console
     from rich.table import Table
 
     from lightning_scale.testing import multiprocess as mp_harness
 
-    console = Console(width=None if sys.stdout.isatty() else 170)
-    mp_harness.SETTINGS.forward_output = False
-    json_path = Path(args.json) if Path(args.json).is_absolute() else REPO / args.json
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    load_before, waited = common.wait_for_idle(args, console)
-    env = common.environment(load_before, waited)
+    console, json_path, env = common.start(args)
     mp_harness.warm_up()
     runs: list[dict] = []
     t_start = time.perf_counter()

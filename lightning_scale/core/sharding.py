@@ -54,7 +54,7 @@ group: see :meth:`ZeroOptimizer.norm_groups`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 

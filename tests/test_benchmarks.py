@@ -1,0 +1,51 @@
+"""The benchmark scripts still run (smoke configuration) and write the JSON their docs describe.
+
+No timing is asserted (benchmarks measure; tests check behaviour): each script runs with
+``--quick`` in a subprocess and the test checks the summary rows it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / f"{script}.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / f"{script}.py"), "--quick", "--json", str(out), *extra],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert out.with_suffix(".md").is_file()
+    return json.loads(out.read_text())
+
+
+@pytest.mark.timeout(700)
+def test_pipeline_benchmark_smoke(tmp_path) -> None:
+    result = _run("pipeline", tmp_path, "--no-plots")
+    rows = result["summary"]
+    assert {r["schedule"] for r in rows} >= {"gpipe", "1f1b"} and {r["m"] for r in rows} == {2, 8}
+    assert all(r["speedup"] > 0 for r in rows if "skipped" not in r)
+
+
+@pytest.mark.timeout(700)
+def test_tensor_parallel_benchmark_smoke(tmp_path) -> None:
+    rows = _run("tensor_parallel", tmp_path)["summary"]
+    assert [r["hidden"] for r in rows] == [128, 256]
+    assert all(0 < r["comm_share"]["median"] < 1 for r in rows)
+
+
+@pytest.mark.timeout(700)
+def test_zero_benchmark_smoke(tmp_path) -> None:
+    rows = _run("zero", tmp_path)["summary"]
+    by_variant = {r["variant"]: r for r in rows}
+    # The native stages and FSDP2 hold exactly the formula's bytes (see docs/strategies/zero.md).
+    for variant in ("ddp", "zero1", "zero2", "zero3", "lightning_fsdp2"):
+        assert by_variant[variant]["at_formula"] is True, by_variant[variant]
