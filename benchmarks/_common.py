@@ -143,7 +143,8 @@ def measure(args: argparse.Namespace, console: Any, label: str, launch: Callable
 
     A run during which other processes used more than ``--max-foreign`` cores is re-run after
     ``--retry-wait`` s, up to ``--retries`` times; the cleanest attempt is kept, every attempt's
-    pollution is recorded and a kept polluted run is flagged in the tables.
+    pollution is recorded, and the result says whether the kept run is still polluted
+    (``polluted``) for the script's table to show.
     """
     attempts = []
     for attempt in range(args.retries + 1):
@@ -163,11 +164,12 @@ def measure(args: argparse.Namespace, console: Any, label: str, launch: Callable
 
 def start(args: argparse.Namespace) -> tuple[Any, Path, dict]:
     """What every benchmark's ``main`` does first: a console, quiet harness output, the output
-    path, the idle guard and the environment record. Returns (console, json path, environment)."""
+    path, the idle guard, the harness's forkserver and the environment record. Returns (console, json path, environment)."""
     from lightning_scale.testing import multiprocess as mp_harness
 
     out = console()
     mp_harness.SETTINGS.forward_output = False
     path = output_path(args.json)
     load_before, waited = wait_for_idle(args, out)
+    mp_harness.warm_up()  # start the forkserver before anything is timed
     return out, path, environment(load_before, waited)

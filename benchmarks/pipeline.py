@@ -121,26 +121,32 @@ def single_process_worker(preset: str, seq: int, batch: int, accum: int, warmup:
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     data = _batches(model.config.vocab_size, warmup + steps, batch, seq)
     step_s: list[float] = []
+    compute_s: list[float] = []  # forward + backward only, comparable with the stages' busy time
     losses: list[float] = []
     window = _Window()
     for i, (x, y) in enumerate(data):
         if i == warmup:
+            if dist.is_initialized():
+                dist.barrier()  # the "2 independent" runs time the same window (foreign_cores assumes it)
             window.start()
         t = time.perf_counter()
         opt.zero_grad()
         total = torch.zeros(())
+        t_compute = time.perf_counter()
         for xc, yc in zip(x.chunk(accum), y.chunk(accum)):
             loss = _loss(model(xc), yc) / accum
             loss.backward()
             total += loss.detach()
+        t_optim = time.perf_counter()
         opt.step()
         dt = time.perf_counter() - t
         if i >= warmup:
             step_s.append(dt)
+            compute_s.append(t_optim - t_compute)
             losses.append(float(total))
     w = window.stop()
-    return {"step_s": step_s, "losses": losses, "cpu_util": w["own_cpu_s"] / w["wall_s"], "window": w,
-            "threads": torch.get_num_threads()}
+    return {"step_s": step_s, "compute_s": compute_s, "losses": losses, "cpu_util": w["own_cpu_s"] / w["wall_s"],
+            "window": w, "threads": torch.get_num_threads()}
 
 
 def pipeline_worker(
@@ -271,11 +277,13 @@ def _stats(values: list[float]) -> dict:
 def _summarise(args: argparse.Namespace, runs: list[dict]) -> list[dict]:
     """One row per (preset, schedule, m): medians over repeats, speedup, bubble."""
     base: dict[tuple, list[float]] = {}
+    base_compute: dict[tuple, list[float]] = {}
     base_polluted: dict[tuple, int] = {}
     for r in runs:
         if r["kind"] == "single":
             key = (r["preset"], r["accum"])
             base.setdefault(key, []).append(statistics.mean(r["result"]["step_s"]))
+            base_compute.setdefault(key, []).append(statistics.mean(r["result"]["compute_s"]))
             base_polluted[key] = base_polluted.get(key, 0) + int(r["polluted"])
     rows = []
     for preset in args.presets:
@@ -306,9 +314,12 @@ def _summarise(args: argparse.Namespace, runs: list[dict]) -> list[dict]:
                     pipeline_polluted_repeats=sum(int(r["polluted"]) for r in mine),
                     pipeline_foreign_cores=[r["foreign_cores"] for r in mine],
                 )
-                # Sum of the ranks' compute (forward/backward actions) over the 1-process step: > 1 means
-                # the same work runs slower split over 2 concurrent processes (plus per-action overheads).
-                row["busy_sum_over_single"] = statistics.median(sum(bs) for bs in busy) / row["single_s"]["median"]
+                # Sum of the ranks' forward/backward time over the 1-process forward/backward time (both
+                # without the optimizer step): > 1 means the same work runs slower split over 2 concurrent
+                # processes (plus per-action overheads).
+                row["single_compute_s"] = _stats(base_compute[(preset, m)])
+                row["busy_sum_over_single"] = (statistics.median(sum(bs) for bs in busy)
+                                               / row["single_compute_s"]["median"])
                 row["speedup"] = row["single_s"]["median"] / row["pipeline_s"]["median"]
                 row["speedup_per_repeat"] = [s / q for s, q in zip(b, pipe)] if len(b) == len(pipe) else None
                 row["efficiency"] = row["speedup"] / row["theory_speedup"]
@@ -407,11 +418,9 @@ def _markdown(args: argparse.Namespace, rows: list[dict], env: dict) -> str:
     return "\n".join(out)
 
 
-def _print_tables(args: argparse.Namespace, rows: list[dict], ceilings: dict) -> None:
-    from rich.console import Console
+def _print_tables(console: Any, args: argparse.Namespace, rows: list[dict], ceilings: dict) -> None:
     from rich.table import Table
 
-    console = Console(width=None if sys.stdout.isatty() else 170)
     for preset in args.presets:
         mine = [r for r in rows if r["preset"] == preset]
         if not mine:
@@ -433,7 +442,7 @@ def _print_tables(args: argparse.Namespace, rows: list[dict], ceilings: dict) ->
         console.print(table)
 
 
-def _plot(args: argparse.Namespace, runs: list[dict], rows: list[dict], out_dir: Path, prefix: str) -> list[str]:
+def _plot(args: argparse.Namespace, runs: list[dict], out_dir: Path, prefix: str) -> list[str]:
     """One timeline PNG per schedule at m = 8 (else the largest m) for the largest preset."""
     from lightning_scale.core.pipeline import TimelineEvent
     from lightning_scale.core.timeline import plot_timeline
@@ -470,7 +479,6 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"[bold]pipeline benchmark[/] presets={args.presets} m={args.microbatches} schedules={args.schedules} "
                   f"batch={args.batch} steps={args.steps} warmup={args.warmup} repeats={args.repeats}; load {load_before}")
 
-    mp_harness.warm_up()
     t_start = time.perf_counter()
     runs: list[dict] = []
     loads: list[dict] = []
@@ -537,9 +545,9 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = _summarise(args, runs)
     env["ceilings"] = _ceilings(args, runs)
-    _print_tables(args, rows, env["ceilings"])
+    _print_tables(console, args, rows, env["ceilings"])
     prefix = "quick_" if args.quick else ""
-    plots = [] if args.no_plots else _plot(args, runs, rows, json_path.parent, prefix)
+    plots = [] if args.no_plots else _plot(args, runs, json_path.parent, prefix)
     md = _markdown(args, rows, env)
     md_path = json_path.with_suffix(".md")
     md_path.write_text(md + "\n")

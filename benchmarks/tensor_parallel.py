@@ -74,7 +74,7 @@ COMM_OPS = ("_c10d_functional::",)  # launches and waits of the functional colle
 # Rank function (module level: the harness pickles it by reference)
 # ----------------------------------------------------------------------------------------------
 def model_config(hidden: int, layers: int, seq: int) -> GPTConfig:
-    return GPTConfig(vocab_size=256, block_size=seq, n_layer=layers, n_head=max(1, hidden // HEAD_DIM), n_embd=hidden,
+    return GPTConfig(vocab_size=256, block_size=seq, n_layer=layers, n_head=hidden // HEAD_DIM, n_embd=hidden,
                      dropout=0.0, tie_weights=True)
 
 
@@ -168,7 +168,7 @@ def tp_worker(hidden: int, layers: int, seq: int, batch: int, warmup: int, steps
 # ----------------------------------------------------------------------------------------------
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", nargs="+", type=int, help="hidden sizes (default 256 512 1024 2048); multiples of 64")
+    p.add_argument("--hidden", nargs="+", type=int, help="hidden sizes (default 256 512 1024 2048); multiples of 128 (heads of 64, split over 2 ranks)")
     p.add_argument("--layers", type=int, help="transformer blocks (default 2)")
     p.add_argument("--batch", type=int, help="sequences per step (default 8)")
     p.add_argument("--seq", type=int, help="tokens per sequence (default 128)")
@@ -184,10 +184,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     common.apply_defaults(args, QUICK_DEFAULTS if args.quick else FULL_DEFAULTS)
     for h in args.hidden:
-        if h % HEAD_DIM and h >= HEAD_DIM or h % 2:
-            p.error(f"--hidden {h}: use a multiple of {HEAD_DIM} (heads of {HEAD_DIM}) so 2 ranks split heads evenly")
-        if max(1, h // HEAD_DIM) % 2:
-            p.error(f"--hidden {h} gives {max(1, h // HEAD_DIM)} heads, not divisible by TP=2; use a multiple of 128")
+        if h < 1 or h % (2 * HEAD_DIM):
+            p.error(f"--hidden {h}: use a multiple of {2 * HEAD_DIM} (heads of {HEAD_DIM}, split evenly over 2 ranks)")
     if min(args.steps, args.repeats, args.layers, args.batch, args.seq) < 1 or args.warmup < 0:
         p.error("--steps, --repeats, --layers, --batch, --seq must be >= 1, --warmup >= 0")
     return args
@@ -209,7 +207,7 @@ def _summarise(args: argparse.Namespace, runs: list[dict]) -> list[dict]:
         t2 = _stats([r["step_s"] for r in of["tp2"]])
         speedup = t1["median"] / t2["median"]
         row = {
-            "hidden": h, "heads": max(1, h // HEAD_DIM), "params": of["tp1"][0]["results"][0]["params_total"],
+            "hidden": h, "heads": h // HEAD_DIM, "params": of["tp1"][0]["results"][0]["params_total"],
             "params_local_tp2": of["tp2"][0]["results"][0]["params_local"],
             "tp1_s": t1, "tp2_s": t2, "speedup": speedup, "efficiency": speedup / 2,
             "comm_share": _stats([r["comm_share"] for r in of["tp2"]]),
@@ -267,7 +265,6 @@ def main(argv: list[str] | None = None) -> int:
     load_before = env["load_before"]
     console.print(f"[bold]tensor-parallel benchmark[/] hidden={args.hidden} layers={args.layers} batch={args.batch} "
                   f"seq={args.seq} steps={args.steps} repeats={args.repeats} sp={args.sequence_parallel}; load {load_before}")
-    mp_harness.warm_up()
     t_start = time.perf_counter()
     runs: list[dict] = []
     shape = dict(layers=args.layers, seq=args.seq, batch=args.batch, warmup=args.warmup, steps=args.steps, lr=args.lr)

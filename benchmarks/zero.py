@@ -4,7 +4,7 @@ fairscale backends) and Lightning's ModelParallelStrategy with FSDP2, all under 
 Usage (from the repository root)::
 
     python benchmarks/zero.py                  # GPT nano and micro, 2 ranks, 3 repeats
-    python benchmarks/zero.py --quick          # smoke configuration, ~2 minutes
+    python benchmarks/zero.py --quick          # smoke configuration, < 1 minute
     python benchmarks/zero.py --presets micro --variants ddp zero1 zero2 --repeats 5
 
 Each run is a real ``Trainer.fit`` on 2 gloo processes (1 thread each) of the suite's
@@ -15,11 +15,11 @@ step, all-gathers), mean over ``--steps`` steps after ``--warmup``, max over ran
 the median over ``--repeats`` fresh runs. Model-state bytes: counted after a step from the tensors
 each rank holds (:func:`lightning_scale.core.memory.model_state_bytes`; each storage once).
 
-Expected bytes (fp32 Adam, Psi parameters, N ranks; design guide section 6): DDP 16 Psi; ZeRO-1
-8 Psi + 8 Psi/N; ZeRO-2 4 Psi + 12 Psi/N; ZeRO-3 16 Psi/N; offload moves the optimizer part
-(plus a 4 Psi/N fp32 master copy) to CPU. Native stages use Psi' (bucket padding) and Adam's
-4-byte step per bucket / parameter; fairscale partitions whole parameters, so its figure is
-compared with the formula only in total over ranks. Targets: native bytes exactly at the formula;
+Expected bytes: :func:`lightning_scale.core.memory.zero_state_bytes` (fp32 Adam, Psi parameters,
+N ranks; design guide section 6): DDP 16 Psi; ZeRO-1 8 Psi + 8 Psi/N; ZeRO-2 4 Psi + 12 Psi/N;
+ZeRO-3 16 Psi/N; offload adds the fp32 master chunk and a CPU gradient chunk (4 Psi/N each).
+Native stages use Psi' (bucket padding) and Adam's 4-byte step per bucket / parameter;
+fairscale partitions whole parameters, so it has no per-rank formula. Targets: native bytes exactly at the formula;
 native ZeRO-1/2 step time within 15% of DDP.
 """
 
@@ -57,7 +57,7 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "lightning_fsdp2": None,
 }
 FULL_DEFAULTS = dict(presets=["nano", "micro"], variants=list(VARIANTS), batch=8, seq=128, steps=4, warmup=2, repeats=3,
-                     json="benchmarks/results/zero.json", retries=2)
+                     json="benchmarks/results/zero.json", retries=3)
 QUICK_DEFAULTS = dict(presets=["nano"], variants=["ddp", "zero1", "zero2", "zero3", "fairscale_zero2", "lightning_fsdp2"],
                       batch=4, seq=64, steps=2, warmup=1, repeats=1, json="benchmarks/results/zero_quick.json", retries=0)
 
@@ -145,19 +145,17 @@ def bench_worker(variant: str, preset: str, batch: int, seq: int, warmup: int, s
 # ----------------------------------------------------------------------------------------------
 def expected_bytes(variant: str, r: dict) -> int | None:
     """Formula total for this rank (None where the backend's partition is not a formula)."""
-    if variant == "ddp":
-        return 16 * r["psi"] + 4 * r["n_params"]  # + Adam's 4-byte step per parameter
+    from lightning_scale.core.memory import zero_state_bytes
+
     if variant.startswith("fairscale"):
         return None
-    spec = VARIANTS.get(variant) or {"stage": 3}
-    n = WORLD
-    if spec["stage"] == 3:
-        psi = r["psi_fsdp"]  # FSDP2 pads dim 0 of each parameter to a multiple of N
-        return 16 * psi // n + 4 * r["n_params"]
-    psi, steps = r["psi_padded"], 4 * r["buckets"]
-    offload = spec.get("offload_optimizer", False)
-    grads = (4 * psi if spec["stage"] == 1 else 0) + (4 * psi // n if spec["stage"] == 2 or offload else 0)
-    return 4 * psi + grads + (12 if offload else 8) * psi // n + steps
+    if variant == "ddp":  # + Adam's 4-byte step per parameter
+        return sum(zero_state_bytes(r["psi"], WORLD, 0, step_tensors=r["n_params"]).values())
+    spec = VARIANTS.get(variant) or {"stage": 3}  # lightning_fsdp2: FSDP2 like stage 3
+    if spec["stage"] == 3:  # FSDP2 pads dim 0 of each parameter to a multiple of N
+        return sum(zero_state_bytes(r["psi_fsdp"], WORLD, 3, step_tensors=r["n_params"]).values())
+    return sum(zero_state_bytes(r["psi_padded"], WORLD, spec["stage"], offload=spec.get("offload_optimizer", False),
+                                step_tensors=r["buckets"]).values())
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -190,7 +188,6 @@ def main(argv: list[str] | None = None) -> int:
     from lightning_scale.testing import multiprocess as mp_harness
 
     console, json_path, env = common.start(args)
-    mp_harness.warm_up()
     runs: list[dict] = []
     t_start = time.perf_counter()
     for rep in range(args.repeats):
@@ -207,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                 console.print(f"  {label:<30} {1e3 * step:8.0f} ms/step (others {meas['foreign_cores']:.2f} cores; "
                               f"{time.perf_counter() - t0:.0f} s)")
     env["wall_s"] = time.perf_counter() - t_start
+    env["reruns"] = sum(len(r["attempts_foreign_cores"]) - 1 for r in runs)
     env["load_after"] = common.loadavg()
     rows = []
     md = []

@@ -29,17 +29,16 @@ def _loss(output, target):
     return F.cross_entropy(logits.flatten(0, 1), target.flatten())
 
 
-def fit_hf(steps: int) -> dict:
+def _fit(strategy, steps: int):
+    """Train the Llama with ``strategy`` on 2 ranks; returns the task and rank's per-step losses."""
     import lightning as L
-
-    from lightning_scale.strategies import PipelineStrategy
 
     class HFTask(L.LightningModule):
         def __init__(self):
             super().__init__()
             self.model = _model()
 
-        def loss_fn(self, output, target):
+        def loss_fn(self, output, target):  # the loss method PipelineStrategy runs on the last stage
             return _loss(output, target)
 
         def training_step(self, batch, batch_idx):
@@ -56,16 +55,32 @@ def fit_hf(steps: int) -> dict:
             losses.append(float(outputs["loss"]))
 
     os.environ["PL_GLOBAL_SEED"] = "0"
-    strategy = PipelineStrategy(stages=2, microbatches=4, split_points=["model.layers.2"],
-                                stage_forward="lightning_scale.adapters.huggingface.decoder_stage_forward")
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=steps, logger=False, callbacks=[Record()],
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     task = HFTask()
     trainer.fit(task, DataLoader(_data(), batch_size=8, drop_last=True))
-    return {"losses": losses, "state": {k: v.detach().clone() for k, v in task.state_dict().items()}}
+    return task, losses
 
 
-def reference_hf(steps: int) -> dict:
+def _full_state(task) -> dict:
+    from torch.distributed.tensor import DTensor
+
+    # DTensor (tensor-parallel) weights are gathered to full tensors: a collective, same order on every rank.
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in task.state_dict().items()}
+
+
+def fit_hf(steps: int) -> dict:
+    """2 pipeline stages split before layer 2, with the Hugging Face decoder adapter."""
+    from lightning_scale.strategies import PipelineStrategy
+
+    strategy = PipelineStrategy(stages=2, microbatches=4, split_points=["model.layers.2"],
+                                stage_forward="lightning_scale.adapters.huggingface.decoder_stage_forward")
+    task, losses = _fit(strategy, steps)
+    return {"losses": losses, "state": _full_state(task)}
+
+
+def reference_hf(steps: int, microbatches: int = 4) -> dict:
+    """One process: the same batches (Lightning's DistributedSampler order), ``microbatches`` accumulated."""
     from torch.utils.data import DistributedSampler
 
     model = _model()
@@ -81,8 +96,8 @@ def reference_hf(steps: int) -> dict:
         x, y = data.tensors[0][idx], data.tensors[1][idx]
         opt.zero_grad()
         total = 0.0
-        for xc, yc in zip(x.chunk(4), y.chunk(4)):
-            loss = _loss(model(xc), yc) / 4
+        for xc, yc in zip(x.chunk(microbatches), y.chunk(microbatches)):
+            loss = _loss(model(xc), yc) / microbatches
             loss.backward()
             total += loss.item()
         opt.step()
@@ -90,71 +105,21 @@ def reference_hf(steps: int) -> dict:
     return {"losses": losses, "state": {f"model.{k}": v for k, v in model.state_dict().items()}}
 
 
-HF_TP_PLAN_SPEC = {
-    "model.layers.*.self_attn.q_proj": "colwise",
-    "model.layers.*.self_attn.k_proj": "colwise",
-    "model.layers.*.self_attn.v_proj": "colwise",
-    "model.layers.*.self_attn.o_proj": "rowwise",
-    "model.layers.*.mlp.gate_proj": "colwise",
-    "model.layers.*.mlp.up_proj": "colwise",
-    "model.layers.*.mlp.down_proj": "rowwise",
-}
-
-
 def fit_hf_tp(steps: int) -> dict:
     """The documented Hugging Face TP plan, tp=2, plain Lightning training_step."""
-    import lightning as L
-    from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     from lightning_scale.strategies import TensorParallelStrategy
 
-    plan = {k: (ColwiseParallel() if v == "colwise" else RowwiseParallel()) for k, v in HF_TP_PLAN_SPEC.items()}
-
-    class HFTask(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.model = _model()
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return _loss(self.model(x), y)
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=1e-3)
-
-    losses = []
-
-    class Record(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            losses.append(float(outputs["loss"]))
-
-    os.environ["PL_GLOBAL_SEED"] = "0"
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=TensorParallelStrategy(tensor_parallel_size=2, plan=plan),
-                        max_steps=steps, logger=False, callbacks=[Record()], enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
-    task = HFTask()
-    trainer.fit(task, DataLoader(_data(), batch_size=8, drop_last=True))
+    plan = {
+        "model.layers.*.self_attn.q_proj": ColwiseParallel(),
+        "model.layers.*.self_attn.k_proj": ColwiseParallel(),
+        "model.layers.*.self_attn.v_proj": ColwiseParallel(),
+        "model.layers.*.self_attn.o_proj": RowwiseParallel(),
+        "model.layers.*.mlp.gate_proj": ColwiseParallel(),
+        "model.layers.*.mlp.up_proj": ColwiseParallel(),
+        "model.layers.*.mlp.down_proj": RowwiseParallel(),
+    }
+    task, losses = _fit(TensorParallelStrategy(tensor_parallel_size=2, plan=plan), steps)
     local_q = tuple(task.model.model.layers[0].self_attn.q_proj.weight.to_local().shape)
-    state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in task.state_dict().items()}
-    return {"losses": losses, "state": state, "local_q": local_q}
-
-
-def reference_hf_full_batch(steps: int) -> dict:
-    from torch.utils.data import DistributedSampler
-
-    model = _model()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    data = _data()
-    sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0)
-    losses = []
-    for step in range(steps):
-        epoch, i = divmod(step, len(data) // 8)
-        sampler.set_epoch(epoch)
-        idx = torch.tensor(list(sampler))[i * 8 : (i + 1) * 8]
-        opt.zero_grad()
-        loss = _loss(model(data.tensors[0][idx]), data.tensors[1][idx])
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return {"losses": losses, "state": {f"model.{k}": v for k, v in model.state_dict().items()}}
+    return {"losses": losses, "state": _full_state(task), "local_q": local_q}

@@ -145,7 +145,6 @@ def gpt_train_parity(
         "ln_is_dtensor": isinstance(model.blocks["0"].ln_1.weight, DTensor),
         "tok_emb_is_dtensor": isinstance(model.tok_emb.weight, DTensor),
         "tied": model.head.weight is model.tok_emb.weight,
-        "n_dtensor_params": sum(isinstance(p, DTensor) for p in params),
         "n_plain_params": sum(not isinstance(p, DTensor) for p in params),
     }
 

@@ -9,22 +9,10 @@ from __future__ import annotations
 import pytest
 
 import _pipeline_targets as targets
+from _parity import STEPS
+from _parity import assert_parity as _assert_parity
 from lightning_scale.testing import run_distributed
 
-STEPS = 20
-
-
-def _assert_parity(results: list[dict], ref: dict) -> None:
-    mean = [sum(v) / len(v) for v in zip(*(r["losses"] for r in results))]
-    assert len(mean) == len(ref["losses"]) >= STEPS
-    for step, (a, b) in enumerate(zip(mean, ref["losses"])):
-        assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: {a} vs {b}"
-    held: dict = {}
-    for res in results:
-        held.update(res["state"])
-    assert set(held) == set(ref["state"])
-    for name, value in held.items():
-        assert (value - ref["state"][name]).abs().max().item() <= 1e-5, name
 
 
 @pytest.mark.parametrize("sequence_parallel", [False, True])

@@ -13,32 +13,13 @@ from torch import nn
 
 import _pipeline_core_targets as core_targets
 import _pipeline_targets as targets
+from _parity import LOSS_RTOL, STEPS, WEIGHT_ATOL
+from _parity import assert_parity as _assert_parity
 from lightning_scale.core.mesh import ParallelDims
 from lightning_scale.core.pipeline import PipelineConfig, partition, plan_pipeline, theoretical_bubble, view_of
 from lightning_scale.models import GPT, GPTConfig
 from lightning_scale.testing import RankFailedError, run_distributed
 
-STEPS = 20
-LOSS_RTOL = 1e-5
-WEIGHT_ATOL = 1e-5
-
-
-def _assert_parity(results: list[dict], ref: dict) -> None:
-    # Each rank logs its replica's loss (identical on the stages of a replica); the reference
-    # loss is the mean over replicas, i.e. the mean over all ranks.
-    for rank, res in enumerate(results):
-        assert len(res["losses"]) == len(ref["losses"]) >= STEPS
-    mean = [sum(vals) / len(vals) for vals in zip(*(r["losses"] for r in results))]
-    for step, (a, b) in enumerate(zip(mean, ref["losses"])):
-        assert abs(a - b) <= LOSS_RTOL * abs(b), f"step {step}: loss {a} vs reference {b}"
-    for rank, res in enumerate(results):
-        assert res["state"], f"rank {rank} holds no parameters"
-        for name, value in res["state"].items():
-            diff = (value - ref["state"][name]).abs().max().item()
-            assert diff <= WEIGHT_ATOL, f"rank {rank} {name}: max abs diff {diff}"
-    # Together the ranks hold every tensor of the model.
-    held = set().union(*(r["state"] for r in results))
-    assert held == set(ref["state"])
 
 
 @pytest.mark.parametrize(

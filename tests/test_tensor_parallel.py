@@ -8,25 +8,13 @@ import pytest
 import torch
 
 import _pipeline_targets as targets
+from _parity import STEPS, assert_parity
+
+
+def _assert_parity(results: list[dict], ref: dict) -> None:
+    assert_parity(results, ref, every_rank_holds_all=True)  # TP weights are gathered to full tensors
 from lightning_scale.testing import RankFailedError, run_distributed
 
-STEPS = 20
-
-
-def _full(state: dict) -> dict:
-    return {k: v for k, v in state.items()}
-
-
-def _assert_parity(results: list[dict], ref: dict, weight_atol: float = 1e-5) -> None:
-    mean = [sum(v) / len(v) for v in zip(*(r["losses"] for r in results))]
-    assert len(mean) == len(ref["losses"]) >= STEPS
-    for step, (a, b) in enumerate(zip(mean, ref["losses"])):
-        assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: {a} vs {b}"
-    for rank, res in enumerate(results):
-        assert set(res["state"]) == set(ref["state"])
-        for name, value in res["state"].items():
-            diff = (value - ref["state"][name]).abs().max().item()
-            assert diff <= weight_atol, f"rank {rank} {name}: {diff}"
 
 
 @pytest.mark.parametrize("sequence_parallel", [False, True])

@@ -37,7 +37,8 @@ NORM_RTOL = 1e-6
 TIGHT_WEIGHT_ATOL = 2e-6
 
 
-def _assert_training_parity(results: list[dict], steps: int, tp: int = 2) -> None:
+def _assert_training_parity(results: list[dict], steps: int) -> None:
+    tp = 2
     for rank, res in enumerate(results):
         assert len(res["losses"]) == len(res["ref_losses"]) == steps
         for step, (a, b) in enumerate(zip(res["losses"], res["ref_losses"])):
@@ -73,8 +74,8 @@ def test_tp2_gpt_training_matches_single_process(
         # Sequence parallel: the residual stream between blocks is the local (B, T/2, D) shard and
         # the LayerNorm weights are Replicate DTensors; plain TP keeps (B, T, D) and plain norms.
         assert res["residual_shape"] == ((4, 8, 32) if sequence_parallel else (4, 16, 32))
-        assert res["ln_is_dtensor"] is sequence_parallel or replicate_rest
-        assert res["tok_emb_is_dtensor"] is shard_vocab or replicate_rest
+        assert res["ln_is_dtensor"] is (sequence_parallel or replicate_rest)
+        assert res["tok_emb_is_dtensor"] is (shard_vocab or replicate_rest)
         assert (res["n_plain_params"] == 0) is replicate_rest
 
 

@@ -12,7 +12,8 @@ import pytest
 
 import _pipeline_targets as targets
 from lightning_scale.testing import run_distributed
-from test_pipeline import STEPS, _assert_parity
+from _parity import STEPS
+from _parity import assert_parity as _assert_parity
 
 CASES = [
     pytest.param(dict(stage=1), id="stage1"),
@@ -38,20 +39,27 @@ def test_two_rank_parity_with_clipping(zero: dict) -> None:
 
 
 # ---- memory accounting ---------------------------------------------------------------------------
-# fp32 AdamW: 4 bytes of parameter, 4 of gradient, 8 of moments per element (design guide section 6).
 # Psi' = parameters incl. bucket padding (stages 1/2) or FSDP2's dim-0 padding (stage 3); Adam also
-# keeps one 4-byte "step" tensor per parameter it steps (one per bucket at stages 1/2).
+# keeps one 4-byte "step" tensor per tensor it steps (one per bucket at stages 1/2, per parameter at 3).
 def _expected(zero: dict, r: dict, world: int) -> dict[str, int]:
+    from lightning_scale.core.memory import zero_state_bytes
+
     if zero["stage"] == 3:
-        psi = r["psi_fsdp"]
-        return {"params": 4 * psi // world, "grads": 4 * psi // world, "optimizer": 8 * psi // world + 4 * r["n_params"]}
-    psi, steps = r["psi_padded"], 4 * r["buckets"]
-    offload = zero.get("offload_optimizer", False)
-    grads = 4 * psi if zero["stage"] == 1 else 0  # full gradient buffers (stage 1 only)
-    grads += 4 * psi // world if (zero["stage"] == 2 or offload) else 0  # the reduced chunk (device, or CPU)
-    # With offload the fp32 master chunk is a separate (CPU) copy: 12 Psi / N as in the ZeRO paper's K = 12.
-    optimizer = (12 if offload else 8) * psi // world + steps
-    return {"params": 4 * psi, "grads": grads, "optimizer": optimizer}
+        return zero_state_bytes(r["psi_fsdp"], world, 3, step_tensors=r["n_params"])
+    return zero_state_bytes(r["psi_padded"], world, zero["stage"], offload=zero.get("offload_optimizer", False),
+                            step_tensors=r["buckets"])
+
+
+def test_zero_state_bytes_formulas() -> None:
+    from lightning_scale.core.memory import zero_state_bytes
+
+    # Psi = 1000 elements, N = 4 (bytes): the design guide's table for fp32 Adam.
+    assert zero_state_bytes(1000, 4, 0) == {"params": 4000, "grads": 4000, "optimizer": 8000}
+    assert zero_state_bytes(1000, 4, 1) == {"params": 4000, "grads": 4000, "optimizer": 2000}
+    assert zero_state_bytes(1000, 4, 2) == {"params": 4000, "grads": 1000, "optimizer": 2000}
+    assert zero_state_bytes(1000, 4, 3, step_tensors=2) == {"params": 1000, "grads": 1000, "optimizer": 2008}
+    assert zero_state_bytes(1000, 4, 1, offload=True) == {"params": 4000, "grads": 5000, "optimizer": 3000}
+    assert zero_state_bytes(1000, 4, 2, offload=True) == {"params": 4000, "grads": 1000, "optimizer": 3000}
 
 
 @pytest.mark.parametrize("world, zero", [

@@ -100,25 +100,28 @@ def global_grad_norm(
     as replicated over those meshes (counted once). Do not put the TP group in ``groups``.
     """
     params = [p for p in params if p.grad is not None]
+    if any(isinstance(p.grad, DTensor) for p in params):
+        reduce_partial_gradients(params)  # the norm needs the reduced value (no-op without Partial)
     grads = [p.grad for p in params]
-    if any(isinstance(g, DTensor) for g in grads):
-        return _global_grad_norm_with_dtensors(params, groups, norm_type)
-    device = grads[0].device if grads else torch.device("cpu")
-    if math.isinf(norm_type):
-        local = torch.stack([g.detach().abs().max().float() for g in grads]).max() if grads else torch.zeros((), device=device)
-        for group in groups:
-            if _group_size(group) > 1:
-                dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)
-        return local
-    local = (
-        torch.stack([g.detach().float().norm(norm_type) ** norm_type for g in grads]).sum()
-        if grads
-        else torch.zeros((), device=device)
-    )
+    dtensors = [g for g in grads if isinstance(g, DTensor)]
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    inf = math.isinf(norm_type)
+    if plain:
+        device = plain[0].device
+        if inf:
+            local = torch.stack([g.detach().abs().max().float() for g in plain]).max()
+        else:
+            local = torch.stack([g.detach().float().norm(norm_type) ** norm_type for g in plain]).sum()
+    else:
+        device = dtensors[0].to_local().device if dtensors else torch.device("cpu")
+        local = torch.zeros((), device=device)
+    if dtensors:  # each DTensor reduced over its own mesh; plain gradients counted as replicated
+        part = dtensor_grad_norm_contribution(dtensors, norm_type).to(device)
+        local = torch.maximum(local, part) if inf else local + part
     for group in groups:
         if _group_size(group) > 1:
-            dist.all_reduce(local, op=dist.ReduceOp.SUM, group=group)
-    return local ** (1.0 / norm_type)
+            dist.all_reduce(local, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=group)
+    return local if inf else local ** (1.0 / norm_type)
 
 
 def clip_grad_norm_(
@@ -184,7 +187,7 @@ def dtensor_grad_norm_contribution(grads: Sequence[DTensor], norm_type: float = 
         key = _mesh_key(g.device_mesh)
         by_mesh.setdefault(key, []).append(g)
         meshes[key] = g.device_mesh
-    total = torch.zeros((), dtype=torch.float32)
+    total: torch.Tensor | None = None  # on the gradients' device: no host sync per mesh
     op = dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM
     for key in sorted(by_mesh):
         mesh = meshes[key]
@@ -202,28 +205,5 @@ def dtensor_grad_norm_contribution(grads: Sequence[DTensor], norm_type: float = 
         for dim in range(mesh.ndim):  # sum (max) over the whole mesh, one dimension at a time
             if mesh.size(dim) > 1:
                 dist.all_reduce(acc, op=op, group=mesh.get_group(dim))
-        acc = acc.to(total.device)
-        total = torch.maximum(total, acc) if inf else total + acc
-    return total
-
-
-def _global_grad_norm_with_dtensors(
-    params: Sequence[torch.nn.Parameter], groups: Sequence[dist.ProcessGroup | None], norm_type: float
-) -> torch.Tensor:
-    """:func:`global_grad_norm` when some gradients are DTensors (tensor parallelism)."""
-    reduce_partial_gradients(params)
-    grads = [p.grad for p in params]
-    dtensors = [g for g in grads if isinstance(g, DTensor)]
-    plain = [g for g in grads if not isinstance(g, DTensor)]
-    device = plain[0].device if plain else torch.device(dtensors[0].device_mesh.device_type)
-    inf = math.isinf(norm_type)
-    local = dtensor_grad_norm_contribution(dtensors, norm_type).to(device)
-    if plain:
-        if inf:
-            local = torch.maximum(local, torch.stack([g.detach().abs().max().float() for g in plain]).max())
-        else:
-            local = local + torch.stack([g.detach().float().norm(norm_type) ** norm_type for g in plain]).sum()
-    for group in groups:
-        if _group_size(group) > 1:
-            dist.all_reduce(local, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=group)
-    return local if inf else local ** (1.0 / norm_type)
+        total = acc if total is None else (torch.maximum(total, acc.to(total.device)) if inf else total + acc.to(total.device))
+    return total if total is not None else torch.zeros((), dtype=torch.float32)

@@ -73,7 +73,31 @@ def model_state_bytes(
     return out
 
 
-def total(counts: Mapping[str, Mapping[str, int]], category: str | None = None) -> int:
-    """Bytes over all devices, of one category or of all."""
-    cats = [category] if category else list(counts)
-    return sum(sum(counts[c].values()) for c in cats)
+def zero_state_bytes(psi: int, world: int, stage: int, *, offload: bool = False, step_tensors: int = 0) -> dict[str, int]:
+    """Per-rank bytes of model states for fp32 AdamW under DDP (``stage=0``) or ZeRO stage 1-3.
+
+    fp32 Adam holds 4 bytes of parameter, 4 of gradient and 8 of moments per element (design
+    guide section 6; Rajbhandari et al., arXiv 1910.02054, with K = 8 and no fp16 copies):
+
+    * DDP: 4 Psi + 4 Psi + 8 Psi;
+    * stage 1: 4 Psi + 4 Psi + 8 Psi / N; stage 2: 4 Psi + 4 Psi / N + 8 Psi / N;
+    * stage 3: (4 + 4 + 8) Psi / N;
+    * ``offload`` (stages 1/2, :mod:`lightning_scale.core.sharding`): the optimizer part gains the
+      fp32 master chunk (12 Psi / N, the paper's K = 12) and the gradients a CPU chunk of 4 Psi / N
+      (stage 1 keeps its full device buffers too; stage 2 keeps only the CPU chunk).
+
+    ``psi`` must already include the sharding's padding (a multiple of ``world``);
+    ``step_tensors`` counts Adam's 4-byte ``step`` tensors (one per stepped tensor).
+    """
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"stage must be 0 (DDP), 1, 2 or 3; got {stage}")
+    n = world
+    if stage == 0:
+        params, grads, optimizer = 4 * psi, 4 * psi, 8 * psi
+    elif stage == 3:
+        params, grads, optimizer = 4 * psi // n, 4 * psi // n, 8 * psi // n
+    else:
+        params = 4 * psi
+        grads = (4 * psi if stage == 1 else 0) + (4 * psi // n if stage == 2 or offload else 0)
+        optimizer = (12 if offload else 8) * psi // n
+    return {"params": params, "grads": grads, "optimizer": optimizer + 4 * step_tensors}

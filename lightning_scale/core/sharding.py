@@ -274,7 +274,6 @@ class ZeroOptimizer:
             if config.offload_optimizer and isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
                 if g.get("fused") is None and not g.get("differentiable") and not g.get("foreach"):
                     g["fused"] = True  # torch's fused CPU Adam(W) kernel
-        self._master_to_bucket = {id(b.master): b for b in self.buckets}
 
     # -- construction ---------------------------------------------------------------------------
     def _build(self, spec: BucketSpec, params: list[nn.Parameter]) -> _Bucket:
@@ -350,6 +349,7 @@ class ZeroOptimizer:
     def reduce_gradients(self) -> None:
         """After the last backward of a step: sum gradients over the group, keep this rank's chunk
         (divided by N), and hand it to the optimizer as the chunk parameters' ``.grad``."""
+        chunks: list[torch.Tensor] = []
         for b in self.buckets:
             if self.config.stage == 1:
                 assert b.grads is not None
@@ -374,8 +374,10 @@ class ZeroOptimizer:
                 self._drain(b)
                 chunk = b.shard_grad
             assert chunk is not None
-            if self._pin:
-                torch.cuda.current_stream().synchronize()  # non-blocking D2H copies must land first
+            chunks.append(chunk)
+        if self._pin:
+            torch.cuda.current_stream().synchronize()  # the non-blocking D2H copies must land first (once)
+        for b, chunk in zip(self.buckets, chunks):
             if self.world > 1:
                 chunk.div_(self.world)
             b.master.grad = chunk.view_as(b.master) if chunk.dtype == b.master.dtype else chunk.to(b.master.dtype)

@@ -79,6 +79,8 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from lightning_scale.core.pipeline import tied_parameter_groups
+
 __all__ = [
     "TPPlan",
     "apply_tp",
@@ -420,14 +422,6 @@ def _check_shardable(model: nn.Module, resolved: Mapping[str, ParallelStyle], tp
         raise ValueError("cannot apply the TP plan:\n  - " + "\n  - ".join(dict.fromkeys(problems)))
 
 
-def _tied_groups(model: nn.Module) -> list[list[str]]:
-    """Groups of parameter names that are one tensor (e.g. ``['tok_emb.weight', 'head.weight']``)."""
-    by_id: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(p), []).append(name)
-    return [names for names in by_id.values() if len(names) > 1]
-
-
 def _check_ties(
     model: nn.Module, resolved: Mapping[str, ParallelStyle], ties: list[list[str]], replicate_rest: bool = False
 ) -> None:
@@ -497,7 +491,7 @@ def check_plan(
                 f"asks for {style!r}; apply one plan per module"
             )
     _check_shardable(model, todo, tp)
-    _check_ties(model, todo, _tied_groups(model), replicate_rest)
+    _check_ties(model, todo, tied_parameter_groups(model), replicate_rest)
     if replicate_rest:
         _replication_roots(model, todo)  # raises if the rest cannot be wrapped
     return todo
@@ -538,7 +532,7 @@ def apply_tp(
             f"with dims {tp_mesh.mesh_dim_names}"
         )
     todo = check_plan(model, plan, tp_mesh.size(), strict=strict, replicate_rest=replicate_rest)
-    ties = _tied_groups(model)
+    ties = tied_parameter_groups(model)
     for path, style in todo.items():
         module = model.get_submodule(path)
         parallelize_module(module, tp_mesh, style, src_data_rank=src_data_rank)

@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_scale.core import checkpoint as ckpt
-from lightning_scale.core.grads import allreduce_gradients, clip_grad_norm_
+from lightning_scale.core.grads import allreduce_gradients, clip_grad_norm_, reduce_partial_gradients
 from lightning_scale.core.mesh import ParallelDims, build_device_mesh
 from lightning_scale.strategies.loader_state import resume_loaders_mid_epoch, saved_loader_states
 
@@ -206,8 +206,12 @@ class MeshStrategy(ParallelStrategy):
         return list(self.lightning_module.parameters())
 
     def finalize_gradients(self) -> None:
-        """After the last backward of an optimizer step: average gradients over data parallel."""
+        """After the last backward of an optimizer step: average gradients over data parallel.
+
+        Partial DTensor gradients (sequence-parallel LayerNorm weights: sums over the TP ranks'
+        sequence shards) are reduced first, once, rather than by every optimizer op."""
         assert self.lightning_module is not None
+        reduce_partial_gradients(self.lightning_module.parameters())
         allreduce_gradients(self.lightning_module.parameters(), self.group("dp"))
 
     def optimizer_step(self, optimizer, closure: Callable[[], Any], model=None, **kwargs: Any) -> Any:

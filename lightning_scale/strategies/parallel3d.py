@@ -19,11 +19,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torch.distributed.tensor.parallel import ParallelStyle
 
-from lightning_scale.core.grads import reduce_partial_gradients
 from lightning_scale.core.mesh import ParallelDims
-from lightning_scale.core.tensor_parallel import apply_tp, validate_tp
 from lightning_scale.strategies.pipeline import PipelineStrategy
-from lightning_scale.strategies.tensor_parallel import builtin_plan
+from lightning_scale.strategies.tensor_parallel import parallelize_network
 
 
 class Parallel3DStrategy(PipelineStrategy):
@@ -57,18 +55,9 @@ class Parallel3DStrategy(PipelineStrategy):
         self.tp_plan = dict(tp_plan) if tp_plan is not None else None
 
     def after_split(self, local_network: nn.Module) -> None:
-        tp = self.resolved_dims.tp if self.resolved_dims else self.dims.tp
-        if tp == 1:
+        assert self.resolved_dims is not None
+        if self.resolved_dims.tp == 1:
             return
-        network, _ = self._network_and_loss()
-        config = getattr(network, "config", None)
-        if self.tp_plan is None and config is not None:
-            validate_tp(config, tp, None, self.sequence_parallel)
-        plan = self.tp_plan if self.tp_plan is not None else builtin_plan(local_network, self.sequence_parallel)
-        apply_tp(local_network, self.device_mesh["tp"], plan, replicate_rest=self.root_device.type == "cuda")
-        rank_zero_info(f"Parallel3DStrategy: mesh pp x dp x tp = {self.resolved_dims.pp} x {self.resolved_dims.dp} x {tp}")
-
-    def finalize_gradients(self) -> None:
-        assert self.lightning_module is not None
-        reduce_partial_gradients(self.lightning_module.parameters())
-        super().finalize_gradients()
+        parallelize_network(local_network, self.device_mesh["tp"], self.tp_plan, self.sequence_parallel)
+        dims = self.resolved_dims
+        rank_zero_info(f"Parallel3DStrategy: mesh pp x dp x tp = {dims.pp} x {dims.dp} x {dims.tp}")

@@ -20,7 +20,6 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torch.distributed.tensor.parallel import ParallelStyle
 
-from lightning_scale.core.grads import reduce_partial_gradients
 from lightning_scale.core.mesh import ParallelDims
 from lightning_scale.core.tensor_parallel import apply_tp, gpt_tp_plan, validate_tp, vit_tp_plan
 from lightning_scale.strategies.mesh import MeshStrategy
@@ -38,6 +37,28 @@ def builtin_plan(network: nn.Module, sequence_parallel: bool, shard_vocab: bool 
         f"there is no built-in tensor-parallel plan for {type(network).__name__}; pass plan={{'pattern': ParallelStyle}} "
         f"(see docs/strategies/tensor_parallel.md for a Hugging Face example)"
     )
+
+
+def parallelize_network(
+    network: nn.Module,
+    tp_mesh: Any,
+    plan: Mapping[str, ParallelStyle] | None,
+    sequence_parallel: bool,
+    shard_vocab: bool = False,
+) -> dict[str, ParallelStyle]:
+    """Apply ``plan`` (default: the built-in plan) to ``network`` over ``tp_mesh``; returns the plan.
+
+    Shared by :class:`TensorParallelStrategy` and the 3D strategy (on its stage view)."""
+    tp = tp_mesh.size()
+    config = getattr(network, "config", None)
+    if plan is None and config is not None:
+        # Heads, hidden, MLP (and vocab) against tp, named by config field: raised on every rank.
+        validate_tp(config, tp, None, sequence_parallel, shard_vocab=shard_vocab)
+    plan = dict(plan) if plan is not None else builtin_plan(network, sequence_parallel, shard_vocab)
+    # Every parameter a DTensor on CUDA, where torch's default foreach/fused optimizers reject a
+    # mix of DTensors and plain tensors; plain replicated tensors on CPU (cheaper).
+    apply_tp(network, tp_mesh, plan, replicate_rest=tp_mesh.device_type == "cuda")
+    return plan
 
 
 class TensorParallelStrategy(MeshStrategy):
@@ -92,14 +113,7 @@ class TensorParallelStrategy(MeshStrategy):
             )
         if network is self._parallelized:
             return  # an earlier fit/validate/test/predict of this strategy did it
-        config = getattr(network, "config", None)
-        if self.plan is None and config is not None:
-            # Heads, hidden, MLP (and vocab) against tp: raised on every rank, no collective yet.
-            validate_tp(config, self.tp, None, self.sequence_parallel, shard_vocab=self.shard_vocab)
-        plan = self.plan if self.plan is not None else builtin_plan(network, self.sequence_parallel, self.shard_vocab)
-        # Every parameter a DTensor on CUDA, where torch's default foreach/fused optimizers
-        # reject a mix of DTensors and plain tensors; plain replicated tensors on CPU (cheaper).
-        apply_tp(network, self.device_mesh["tp"], plan, replicate_rest=self.root_device.type == "cuda")
+        plan = parallelize_network(network, self.device_mesh["tp"], self.plan, self.sequence_parallel, self.shard_vocab)
         self._parallelized = network
         rank_zero_info(f"TensorParallelStrategy: tp={self.tp}, sequence_parallel={self.sequence_parallel}, {len(plan)} plan entries")
 
@@ -117,9 +131,3 @@ class TensorParallelStrategy(MeshStrategy):
                 f"sequence length {x.shape[1]}; use a length divisible by {self.tp} or sequence_parallel=False"
             )
 
-    def finalize_gradients(self) -> None:
-        assert self.lightning_module is not None
-        # Sequence-parallel LayerNorm gradients are partial sums over the TP ranks: reduce them
-        # once here rather than letting every optimizer op redistribute them.
-        reduce_partial_gradients(self.lightning_module.parameters())
-        super().finalize_gradients()

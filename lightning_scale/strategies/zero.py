@@ -171,6 +171,13 @@ class ZeroStrategy(MeshStrategy):
         else:
             yield
 
+    def teardown(self) -> None:
+        # Stage 2's gradient hooks live on the module's parameters: remove them so the module can
+        # be trained again with another strategy in the same process.
+        for engine in self._engines.values():
+            engine.remove_hooks()
+        super().teardown()
+
     # -- the step -------------------------------------------------------------------------------
     def optimizer_step(self, optimizer, closure: Callable[[], Any], model=None, **kwargs: Any) -> Any:
         raw = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
@@ -248,7 +255,7 @@ class ZeroStrategy(MeshStrategy):
                 raise ckpt.CheckpointError(f"checkpoint {path} has no optimizer_{i} state to resume from")
             need = engine.keys_to_load(saved)
             # Tensors this rank needs, plus the param-group options (small objects, every rank).
-            target: dict[str, Any] = {k: torch.empty(saved[k] or ()) for k in need if saved[k] is not None}
+            target: dict[str, Any] = {k: torch.empty(saved[k]) for k in need if saved[k] is not None}
             target.update({k: 0 for k in need if saved[k] is None})
             target.update({k: 0 for k in saved if k.startswith("param_groups.")})
             state = {f"optimizer_{i}": target}

@@ -1,0 +1,35 @@
+"""The parity assertion every Lightning-level parallel test uses (one definition, one tolerance).
+
+Tolerances (the project standard for fp32 parity): relative per-step loss difference <= 1e-5,
+max abs weight difference <= 1e-5, over >= 20 optimizer steps.
+"""
+
+from __future__ import annotations
+
+STEPS = 20
+LOSS_RTOL = 1e-5
+WEIGHT_ATOL = 1e-5
+
+
+def assert_parity(results: list[dict], ref: dict, *, every_rank_holds_all: bool = False) -> None:
+    """``results``: per-rank ``{"losses", "state"}``; ``ref``: the single-process ``{"losses", "state"}``.
+
+    Each rank logs its replica's loss (identical on the model-parallel ranks of a replica); the
+    reference loss is the mean over replicas, i.e. the mean over all ranks. Each rank's tensors
+    must match the reference, together the ranks must hold every tensor, and with
+    ``every_rank_holds_all`` (tensor parallel, gathered to full tensors) each rank all of them.
+    """
+    for res in results:
+        assert len(res["losses"]) == len(ref["losses"]) >= STEPS
+    mean = [sum(vals) / len(vals) for vals in zip(*(r["losses"] for r in results))]
+    for step, (a, b) in enumerate(zip(mean, ref["losses"])):
+        assert abs(a - b) <= LOSS_RTOL * abs(b), f"step {step}: loss {a} vs reference {b}"
+    for rank, res in enumerate(results):
+        assert res["state"], f"rank {rank} holds no parameters"
+        if every_rank_holds_all:
+            assert set(res["state"]) == set(ref["state"]), f"rank {rank}"
+        for name, value in res["state"].items():
+            diff = (value - ref["state"][name]).abs().max().item()
+            assert diff <= WEIGHT_ATOL, f"rank {rank} {name}: max abs diff {diff}"
+    held = set().union(*(r["state"] for r in results))
+    assert held == set(ref["state"])
