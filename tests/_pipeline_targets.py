@@ -71,6 +71,10 @@ def fit(strategy_kwargs: dict, steps: int, batch_size: int, accumulate: int = 1,
         strategy = TensorParallelStrategy(**strategy_kwargs)
     elif strategy_kwargs.pop("ddp", False):
         strategy = "ddp"
+    elif strategy_kwargs.pop("mesh", False):
+        from lightning_scale.strategies import MeshStrategy
+
+        strategy = MeshStrategy(**strategy_kwargs)
     elif strategy_kwargs.pop("zero", False):
         from lightning_scale.strategies import ZeroStrategy
 

@@ -33,11 +33,12 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_scale.core import checkpoint as ckpt
+from lightning_scale.core.activation_checkpointing import ACConfig, apply_activation_checkpointing, as_ac_config
 from lightning_scale.core.grads import allreduce_gradients, clip_grad_norm_, reduce_partial_gradients
 from lightning_scale.core.mesh import ParallelDims, build_device_mesh
 from lightning_scale.strategies.loader_state import resume_loaders_mid_epoch, saved_loader_states
@@ -79,6 +80,11 @@ class MeshStrategy(ParallelStrategy):
         process_group_backend: ``"gloo"``, ``"nccl"``, ... (default: nccl on CUDA, gloo on CPU).
         timeout: collective timeout; a dead peer surfaces as an error after this long, not a hang.
         trust_checkpoint: load checkpoint metadata with full unpickling (only for files you trust).
+        activation_checkpointing: recompute activations in backward: ``"full"``, ``"selective"``,
+            ``"every_<k>"``, ``"offload"``, a dict of :class:`~lightning_scale.core.activation_checkpointing.ACConfig`
+            fields, or an ACConfig (default: off). Applied after pipeline splitting and tensor
+            parallelism, before data-parallel sharding.
+        module_name: attribute of the LightningModule that holds the network.
     """
 
     strategy_name = "mesh"
@@ -94,7 +100,12 @@ class MeshStrategy(ParallelStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         trust_checkpoint: bool = False,
+        activation_checkpointing: ACConfig | dict[str, Any] | str | None = None,
+        module_name: str = "model",
     ) -> None:
+        # Validated here, on every rank, before any process group exists.
+        self.activation_checkpointing = as_ac_config(activation_checkpointing)
+        self.module_name = module_name
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -190,7 +201,34 @@ class MeshStrategy(ParallelStrategy):
         self._patch_gradient_clipping()
 
     def parallelize(self) -> None:
-        """Subclass hook: transform ``self.lightning_module`` (split, shard, wrap) in place."""
+        """Transform ``self.lightning_module`` in place (subclasses: split, TP, AC, shard).
+
+        Here (data parallelism only): activation checkpointing, if asked for."""
+        if self.activation_checkpointing is not None:
+            self.checkpoint_activations(self.network())
+
+    def network(self) -> torch.nn.Module:
+        """The nn.Module in LightningModule attribute ``module_name``."""
+        network = getattr(self.lightning_module, self.module_name, None)
+        if not isinstance(network, torch.nn.Module):
+            raise AttributeError(
+                f"{type(self).__name__} works on the network in LightningModule attribute {self.module_name!r}, which "
+                f"is {type(network).__name__}; set module_name= to the attribute that holds your nn.Module"
+            )
+        return network
+
+    def checkpoint_activations(self, network: torch.nn.Module, container: str | None = None) -> None:
+        """Apply ``activation_checkpointing`` to ``network`` (this rank's part of the model).
+
+        ``container`` is the block container's path when the strategy knows it (pipeline plan)."""
+        config = self.activation_checkpointing
+        if config is None:
+            return
+        if container is not None and config.container is None and config.policy != "classes":
+            config = ACConfig(policy=config.policy, every=config.every, offload=config.offload, container=container)
+        applied = apply_activation_checkpointing(network, config)
+        kinds = sorted(set(applied.values()))
+        rank_zero_info(f"{type(self).__name__}: activation checkpointing {config.policy} on {len(applied)} modules ({', '.join(kinds)})")
 
     def model_to_device(self) -> None:
         assert self.model is not None

@@ -184,6 +184,7 @@ class PipelineStrategy(MeshStrategy):
             return  # already split by an earlier fit/validate/test/predict with this strategy
         if dims.pp == 1:
             self.after_split(network)
+            self.checkpoint_activations(network, self.pipeline_config.container)
             return  # one stage: no pipeline
         if getattr(network, "_lightning_scale_pipeline_part", False):
             raise RuntimeError(
@@ -208,6 +209,7 @@ class PipelineStrategy(MeshStrategy):
         self.runtime.local_module._lightning_scale_pipeline_part = True
         setattr(self.lightning_module, self.module_name, self.runtime.local_module)
         self.after_split(self.runtime.local_module)
+        self.checkpoint_activations(self.runtime.local_module, plan.container)
         # Groups that sum the gradients of tied parameters held on several stages; new_group is
         # collective over the world, so every rank creates every group in the same order.
         self._tied_groups = []

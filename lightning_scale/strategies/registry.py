@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from lightning.pytorch.strategies import StrategyRegistry
 
+from lightning_scale.strategies.mesh import MeshStrategy
 from lightning_scale.strategies.parallel3d import Parallel3DStrategy
 from lightning_scale.strategies.pipeline import PipelineStrategy
 from lightning_scale.strategies.tensor_parallel import TensorParallelStrategy
@@ -14,6 +15,14 @@ from lightning_scale.strategies.zero import ZeroStrategy
 
 #: name -> (class, description, init params)
 PRESETS: dict[str, tuple[type, str, dict]] = {
+    # Plain data parallelism (gradients all-reduced once per optimizer step, like DDP) with
+    # activation checkpointing; also the way to get it on one device (devices=1).
+    "ddp_ac": (MeshStrategy, "Data parallel with full activation checkpointing", {"activation_checkpointing": "full"}),
+    "ddp_ac_selective": (
+        MeshStrategy,
+        "Data parallel with selective (op-level) activation checkpointing",
+        {"activation_checkpointing": "selective"},
+    ),
     "pipeline": (PipelineStrategy, "Pipeline parallelism, 2 stages, 1F1B, rest data parallel", {}),
     "pipeline_gpipe": (PipelineStrategy, "Pipeline parallelism, 2 stages, GPipe", {"schedule": "gpipe"}),
     "pipeline_1f1b": (PipelineStrategy, "Pipeline parallelism, 2 stages, 1F1B", {"schedule": "1f1b"}),

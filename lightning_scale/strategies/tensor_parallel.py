@@ -105,15 +105,11 @@ class TensorParallelStrategy(MeshStrategy):
         return self.dims.tp
 
     def parallelize(self) -> None:
-        network = getattr(self.lightning_module, self.module_name, None)
-        if not isinstance(network, nn.Module):
-            raise AttributeError(
-                f"TensorParallelStrategy parallelizes the network in LightningModule attribute {self.module_name!r}, "
-                f"which is {type(network).__name__}; set module_name= to the attribute that holds your nn.Module"
-            )
+        network = self.network()
         if network is self._parallelized:
             return  # an earlier fit/validate/test/predict of this strategy did it
         plan = parallelize_network(network, self.device_mesh["tp"], self.plan, self.sequence_parallel, self.shard_vocab)
+        self.checkpoint_activations(network)  # after TP (design guide order)
         self._parallelized = network
         rank_zero_info(f"TensorParallelStrategy: tp={self.tp}, sequence_parallel={self.sequence_parallel}, {len(plan)} plan entries")
 

@@ -86,24 +86,16 @@ class ZeroStrategy(MeshStrategy):
 
     # -- model ----------------------------------------------------------------------------------
     def parallelize(self) -> None:
-        if self.zero.stage == 3:
-            self._fully_shard()
-
-    def _network(self) -> nn.Module:
-        network = getattr(self.lightning_module, self.module_name, None)
-        if not isinstance(network, nn.Module):
-            raise AttributeError(
-                f"ZeroStrategy(stage=3) shards the network in LightningModule attribute {self.module_name!r}, which is "
-                f"{type(network).__name__}; set module_name= to the attribute that holds your nn.Module"
-            )
-        return network
-
-    def _fully_shard(self) -> None:
-        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
-
-        network = self._network()
+        network = self.network()
         if network is self._sharded:
             return  # an earlier fit/validate/test/predict of this strategy did it
+        self.checkpoint_activations(network, self.block_container)  # before sharding (design guide order)
+        if self.zero.stage == 3:
+            self._fully_shard(network)
+
+    def _fully_shard(self, network: nn.Module) -> None:
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
         container = network.get_submodule(find_block_container(network, self.block_container))
         mesh = self.device_mesh["dp"]
         # Pinned CPU memory needs an accelerator; on a CPU-only machine FSDP2 offload works unpinned.

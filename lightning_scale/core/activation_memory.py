@@ -1,0 +1,119 @@
+"""Measuring activation memory: the bytes a forward leaves behind for the backward. Torch only.
+
+Two meters, both exact on any device (no allocator statistics needed, so they work on CPU):
+
+* :class:`SavedTensorMeter` counts what autograd saves through ``saved_tensors_hooks`` during a
+  forward (``torch.autograd.graph``), by device, each storage once, parameters excluded. It sees
+  what plain autograd and full (non-reentrant) checkpointing save. It does not see tensors kept
+  by mechanisms that install their own hooks or caches inside the forward (a checkpointed
+  block's internals; selective checkpointing's cache; ``save_on_cpu`` nested inside it).
+* :class:`HeldActivationMeter` records every storage the forward's ops create (a
+  ``TorchDispatchMode``) and, after the forward, counts those still alive: whatever keeps them
+  (autograd, a checkpoint's inputs, a selective-checkpoint cache, CPU copies of offloaded
+  tensors). Minus the outputs the caller names, that is the activation memory of the step.
+
+Both take the tensors to leave out (parameters, buffers, inputs); DTensors are counted by
+their local shard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return _local(t).untyped_storage()._cdata
+
+
+def _exclusions(tensors: Iterable[Any]) -> set[int]:
+    keys = set()
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            keys.add(_storage_key(t))
+    return keys
+
+
+class SavedTensorMeter(torch.autograd.graph.saved_tensors_hooks):
+    """Context manager: bytes saved for backward during the block it wraps, ``{device type: bytes}``.
+
+    Args:
+        exclude: tensors not to count (typically ``module.parameters()``: matmuls save weights).
+    """
+
+    def __init__(self, exclude: Iterable[Any] = ()) -> None:
+        self._skip = _exclusions(exclude)
+        self._seen: dict[int, tuple[str, int]] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            local = _local(t)
+            key = _storage_key(t)
+            if key not in self._skip and key not in self._seen:
+                self._seen[key] = (local.device.type, local.untyped_storage().nbytes())
+            return t
+
+        super().__init__(pack, lambda t: t)
+
+    def __enter__(self) -> SavedTensorMeter:
+        super().__enter__()
+        return self
+
+    @property
+    def bytes_by_device(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for device, nbytes in self._seen.values():
+            out[device] = out.get(device, 0) + nbytes
+        return out
+
+    @property
+    def total(self) -> int:
+        return sum(self.bytes_by_device.values())
+
+
+class HeldActivationMeter(TorchDispatchMode):
+    """Context manager around a forward: after it, :meth:`held` = bytes of the storages created by
+    the forward that are still alive, ``{device type: bytes}``.
+
+    Args:
+        exclude: tensors whose storage is not an activation (parameters, buffers, the batch).
+    """
+
+    def __init__(self, exclude: Iterable[Any] = ()) -> None:
+        super().__init__()
+        self._skip = _exclusions(exclude)
+        self._created: dict[int, tuple[StorageWeakRef, str, int]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                local = _local(t)
+                storage = local.untyped_storage()
+                key = storage._cdata
+                if key in self._skip:
+                    continue
+                known = self._created.get(key)
+                if known is None or known[0].expired():
+                    self._created[key] = (StorageWeakRef(storage), local.device.type, storage.nbytes())
+        return out
+
+    def held(self, exclude: Iterable[Any] = ()) -> dict[str, int]:
+        """Bytes still alive, by device, leaving out ``exclude`` (e.g. the loss or the logits)."""
+        skip = _exclusions(tree_leaves(list(exclude)))
+        out: dict[str, int] = {}
+        for key, (ref, device, nbytes) in self._created.items():
+            if key in skip or ref.expired():
+                continue
+            out[device] = out.get(device, 0) + nbytes
+        return out

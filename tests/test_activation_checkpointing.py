@@ -1,0 +1,201 @@
+"""Activation checkpointing: exact gradients, measured saved bytes per policy, and parity of every
+strategy with AC on against the single-process reference (AC off), on real gloo ranks.
+
+Gradients are compared with ``torch.equal``: recomputation runs the same kernels on the same
+inputs (and restores the RNG state), so fp32 results are bitwise identical on CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import _pipeline_targets as targets
+from _parity import STEPS
+from _parity import assert_parity as _assert_parity
+from lightning_scale.core.activation_checkpointing import (
+    ACConfig,
+    apply_activation_checkpointing,
+    as_ac_config,
+    checkpointed_modules,
+    remove_activation_checkpointing,
+)
+from lightning_scale.core.activation_memory import HeldActivationMeter, SavedTensorMeter
+from lightning_scale.models import GPT, GPTConfig
+from lightning_scale.testing import RankFailedError, run_distributed
+
+POLICIES = ["full", "every_2", "selective", "offload", {"policy": "classes", "classes": ["MLP"]},
+            {"policy": "every_k", "every": 3, "offload": True}]
+N_LAYER, BATCH, SEQ, HIDDEN = 4, 2, 32, 64
+
+
+def _net(dropout: float) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=128, block_size=SEQ, n_layer=N_LAYER, n_head=4, n_embd=HIDDEN, dropout=dropout))
+
+
+def _grads(net: GPT, x: torch.Tensor, autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    net.zero_grad(set_to_none=True)
+    torch.manual_seed(1)  # dropout masks
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = net(x).float().pow(2).mean()
+    loss.backward()
+    return loss.detach(), torch.cat([p.grad.flatten() for p in net.parameters()])
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=str)
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_gradients_are_identical_with_and_without_checkpointing(policy, dropout: float) -> None:
+    net = _net(dropout)
+    x = torch.randint(0, 128, (BATCH, SEQ))
+    loss_ref, ref = _grads(net, x)
+    applied = apply_activation_checkpointing(net, as_ac_config(policy))
+    assert applied == checkpointed_modules(net) and applied
+    loss, grads = _grads(net, x)
+    assert torch.equal(loss, loss_ref)
+    assert torch.equal(grads, ref)
+
+
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_bf16_autocast_recomputes_in_bf16(policy: str) -> None:
+    net = _net(0.1)
+    x = torch.randint(0, 128, (BATCH, SEQ))
+    loss_ref, ref = _grads(net, x, autocast=True)
+    apply_activation_checkpointing(net, as_ac_config(policy))
+    loss, grads = _grads(net, x, autocast=True)
+    assert torch.equal(loss, loss_ref) and torch.equal(grads, ref)
+
+
+def test_remove_restores_the_class_forward_and_parameter_names_do_not_change() -> None:
+    net = _net(0.0)
+    names = [n for n, _ in net.named_parameters()]
+    apply_activation_checkpointing(net, ACConfig(policy="full"))
+    assert all("forward" in b.__dict__ for b in net.blocks.values())
+    assert [n for n, _ in net.named_parameters()] == names
+    apply_activation_checkpointing(net, ACConfig(policy="every_k", every=2))  # re-applying replaces
+    assert sorted(checkpointed_modules(net)) == ["blocks.0", "blocks.2"]
+    remove_activation_checkpointing(net)
+    assert checkpointed_modules(net) == {} and not any("forward" in m.__dict__ for m in net.modules())
+
+
+def _measure(net: GPT, x: torch.Tensor) -> dict:
+    """Saved-tensor bytes seen outside the blocks (``outer``) and by a meter inside each block
+    (``inner[i]``: what block i saves itself), plus the held-storage total (``held``)."""
+    exclude = [*net.parameters(), *net.buffers(), x]
+    inner: list[SavedTensorMeter] = []
+    originals = {}
+    for key, block in net.blocks.items():
+        meter = SavedTensorMeter(exclude)
+        inner.append(meter)
+        forward = block.forward
+        originals[key] = block.__dict__.get("forward")
+
+        def metered(*args, _forward=forward, _meter=meter, **kwargs):
+            with _meter:
+                return _forward(*args, **kwargs)
+
+        block.forward = metered
+    try:
+        with HeldActivationMeter(exclude) as held, SavedTensorMeter(exclude) as outer:
+            out = net(x)
+        result = {"outer": outer.total, "inner": [m.total for m in inner], "held": sum(held.held([out]).values())}
+    finally:
+        for key, block in net.blocks.items():
+            if originals[key] is None:
+                del block.forward
+            else:
+                block.forward = originals[key]
+    return result
+
+
+def test_saved_bytes_drop_as_each_policy_predicts() -> None:
+    net = _net(0.0)
+    x = torch.randint(0, 128, (BATCH, SEQ))
+    block_input = BATCH * SEQ * HIDDEN * 4  # bytes of one block's fp32 input (b, s, h)
+    none = _measure(net, x)
+    # Without AC every block saves its own tensors; the outer meter sees only the rest of the
+    # network (embeddings, final norm, head): "outside".
+    per_block = none["inner"]
+    assert len(set(per_block)) == 1 and per_block[0] > 10 * block_input
+    outside = none["outer"]
+    assert none["held"] == outside + sum(per_block)
+
+    results = {}
+    for name, policy in [("full", "full"), ("every_2", "every_2"), ("selective", "selective"),
+                         ("offload", "offload"), ("mlp", {"policy": "classes", "classes": ["MLP"]})]:
+        apply_activation_checkpointing(net, as_ac_config(policy))
+        results[name] = _measure(net, x)
+    remove_activation_checkpointing(net)
+
+    def saved(r: dict) -> int:
+        return r["outer"] + sum(r["inner"])
+
+    # full: each block keeps only its input (saved through the checkpoint).
+    full = results["full"]
+    assert full["inner"] == [block_input] * N_LAYER
+    assert saved(full) == outside + N_LAYER * block_input == full["held"]
+    # every_2: blocks 0 and 2 keep their input, blocks 1 and 3 everything.
+    every = results["every_2"]
+    assert every["inner"] == [block_input, per_block[1], block_input, per_block[3]]
+    assert saved(every) == every["held"]
+    # selective: between full and none, and at most half of none (matmul outputs kept, the
+    # widening MLP projection and elementwise ops recomputed).
+    sel = results["selective"]["held"]
+    assert full["held"] < sel <= 0.5 * none["held"]
+    # classes=[MLP]: less than none, more than full.
+    assert full["held"] < results["mlp"]["held"] < none["held"]
+    # offload: nothing a block saves reaches autograd's saved tensors on the compute device
+    # (save_on_cpu's hooks are innermost and hold CPU copies); only the outside tensors remain.
+    off = results["offload"]
+    assert off["inner"] == [0] * N_LAYER and off["outer"] == outside
+
+
+def test_config_errors_name_the_fix() -> None:
+    with pytest.raises(ValueError, match="one of"):
+        ACConfig(policy="some")
+    with pytest.raises(ValueError, match="every must be an integer >= 1"):
+        ACConfig(policy="every_k", every=0)
+    with pytest.raises(ValueError, match="needs classes"):
+        ACConfig(policy="classes")
+    with pytest.raises(ValueError, match="only used with policy='classes'"):
+        ACConfig(policy="full", classes=("MLP",))
+    with pytest.raises(ValueError, match="combines with policy='none'"):
+        ACConfig(policy="full", offload=True)
+    with pytest.raises(ValueError, match="every_<k>"):
+        as_ac_config("sometimes")
+    assert as_ac_config("none") is None and as_ac_config(None) is None
+    assert as_ac_config("every_3") == ACConfig(policy="every_k", every=3)
+    with pytest.raises(ValueError, match="no module of GPT has a class in"):
+        apply_activation_checkpointing(_net(0.0), ACConfig(policy="classes", classes=("Mlp",)))
+    with pytest.raises(ValueError, match="container 'layers' not found"):
+        apply_activation_checkpointing(_net(0.0), ACConfig(policy="full", container="layers"))
+
+
+# -- every strategy with AC on matches the single-process reference (AC off) ----------------------
+STRATEGIES = {
+    "ddp_ac": (2, dict(mesh=True, activation_checkpointing="full"), 4, dict(replicas=2, microbatches=1)),
+    "pipeline_1f1b_selective": (2, dict(stages=2, schedule="1f1b", microbatches=4, activation_checkpointing="selective"),
+                                8, dict(replicas=1, microbatches=4)),
+    "tp_sp_every_2": (2, dict(tensor=True, tensor_parallel_size=2, sequence_parallel=True,
+                              activation_checkpointing="every_2"), 8, dict(replicas=1, microbatches=1)),
+    "3d_full": (4, dict(three_d=True, pipeline_parallel_size=2, tensor_parallel_size=2, microbatches=4,
+                        activation_checkpointing="full"), 8, dict(replicas=1, microbatches=4)),
+    "zero2_offload_ac": (2, dict(zero=True, stage=2, activation_checkpointing="offload"), 4,
+                         dict(replicas=2, microbatches=1)),
+    "zero3_selective": (2, dict(zero=True, stage=3, activation_checkpointing="selective"), 4,
+                        dict(replicas=2, microbatches=1)),
+}
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_strategy_with_activation_checkpointing_matches_the_reference(name: str) -> None:
+    world, kwargs, batch, ref = STRATEGIES[name]
+    results = run_distributed(targets.fit, world, dict(kwargs), STEPS, batch, init_process_group=False, timeout=300)
+    _assert_parity(results, targets.reference(STEPS, batch, **ref))
+
+
+def test_unknown_class_fails_on_every_rank_with_the_fix() -> None:
+    kwargs = dict(mesh=True, activation_checkpointing={"policy": "classes", "classes": ["Nope"]})
+    with pytest.raises(RankFailedError) as info:
+        run_distributed(targets.fit, 2, kwargs, 2, 4, init_process_group=False, timeout=120)
+    assert str(info.value).count("has a class in ['Nope']") >= 2
