@@ -127,7 +127,13 @@ def fit(strategy_kwargs: dict, steps: int, batch_size: int, accumulate: int = 1,
 
     # DTensor (tensor-parallel) weights are gathered to full tensors: a collective, same order on every rank.
     state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in task.state_dict().items()}
+    # Elements of parameters and optimizer state this rank holds (DTensors: their local shards).
+    local = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
+    held = {"params": sum(local(p).numel() for p in task.parameters()), "params_full": sum(p.numel() for p in task.parameters()),
+            "optim": sum(local(v).numel() for st in trainer.optimizers[0].state.values() for v in st.values()
+                         if isinstance(v, torch.Tensor) and v.dim() > 0)}
     return {"losses": rec.losses, "lrs": rec.lrs, "adam": rec.adam, "state": state, "global_step": trainer.global_step,
+            "held": held,
             "sample_losses": getattr(strategy, "_test_probe", None)}
 
 

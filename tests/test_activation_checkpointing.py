@@ -199,3 +199,17 @@ def test_unknown_class_fails_on_every_rank_with_the_fix() -> None:
     with pytest.raises(RankFailedError) as info:
         run_distributed(targets.fit, 2, kwargs, 2, 4, init_process_group=False, timeout=120)
     assert str(info.value).count("has a class in ['Nope']") >= 2
+
+
+def test_selective_under_a_split_backward_schedule_names_the_fix() -> None:
+    from lightning_scale.strategies import PipelineStrategy
+
+    with pytest.raises(ValueError, match="use activation_checkpointing='full'"):
+        PipelineStrategy(schedule="zbv_zero_bubble", virtual_stages=2, activation_checkpointing="selective")
+    PipelineStrategy(schedule="zbv_zero_bubble", virtual_stages=2, activation_checkpointing="full")  # works (tested in parity)
+
+
+def test_full_checkpointing_under_the_zero_bubble_schedule_matches_the_reference() -> None:
+    kwargs = dict(stages=2, schedule="zbv_zero_bubble", microbatches=4, virtual_stages=2, activation_checkpointing="full")
+    results = run_distributed(targets.fit, 2, kwargs, STEPS, 8, init_process_group=False, timeout=240)
+    _assert_parity(results, targets.reference(STEPS, 8, replicas=1, microbatches=4))

@@ -53,3 +53,13 @@ def test_zero_benchmark_smoke(tmp_path) -> None:
     # The native stages and FSDP2 hold exactly the formula's bytes (see docs/strategies/zero.md).
     for variant in ("ddp", "zero1", "zero2", "zero3", "lightning_fsdp2"):
         assert by_variant[variant]["at_formula"] is True, by_variant[variant]
+
+
+@pytest.mark.timeout(300)
+def test_activation_checkpointing_benchmark_smoke(tmp_path) -> None:
+    rows = {r["policy"]: r for r in _run("activation_checkpointing", tmp_path)["summary"]}
+    assert list(rows) == ["none", "full", "every_2", "selective", "offload"]
+    # Bytes are exact (not timings): every policy keeps less on the compute device than none.
+    assert rows["none"]["saving"] == 0
+    assert rows["full"]["saving"] > rows["selective"]["saving"] > 0 and rows["every_2"]["saving"] > 0
+    assert rows["offload"]["activation_bytes_on_device"] < rows["full"]["activation_bytes_on_device"]

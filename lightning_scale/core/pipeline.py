@@ -46,6 +46,8 @@ _TORCH_SCHEDULES: dict[str, str] = {
 MULTI_STAGE_SCHEDULES = {"interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble", "zbv_zero_bubble"}
 #: Schedules whose stages sit on ranks in a "V": rank r holds stages r and 2p-1-r.
 V_SCHEDULES = {"zbv_zero_bubble"}
+# Schedules that run each stage's backward in two passes (input gradients, then weight gradients).
+SPLIT_BACKWARD_SCHEDULES = {"interleaved_zero_bubble", "zbv_zero_bubble"}
 #: Schedules that need at least as many microbatches as pipeline ranks.
 _NEEDS_M_GE_P = {"1f1b", "interleaved_1f1b", "interleaved_zero_bubble", "zbv_zero_bubble"}
 

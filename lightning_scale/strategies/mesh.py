@@ -72,6 +72,13 @@ def _rename_params(flat_optim_state: dict[str, Any], names: dict[str, str]) -> d
     return out
 
 
+def _sharded_over(p: torch.Tensor, dim: str) -> bool:
+    """Whether ``p`` is a DTensor on a mesh with dimension ``dim`` (e.g. FSDP2 on "dp")."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor) and dim in (p.device_mesh.mesh_dim_names or ())
+
+
 class MeshStrategy(ParallelStrategy):
     """Data parallelism over a ``("pp", "dp", "tp")`` device mesh; the base of the suite's strategies.
 
@@ -250,7 +257,9 @@ class MeshStrategy(ParallelStrategy):
         sequence shards) are reduced first, once, rather than by every optimizer op."""
         assert self.lightning_module is not None
         reduce_partial_gradients(self.lightning_module.parameters())
-        allreduce_gradients(self.lightning_module.parameters(), self.group("dp"))
+        # Parameters sharded over dp (FSDP2) had their gradients reduce-scattered by FSDP2.
+        plain = [p for p in self.lightning_module.parameters() if not _sharded_over(p, "dp")]
+        allreduce_gradients(plain, self.group("dp"))
 
     def optimizer_step(self, optimizer, closure: Callable[[], Any], model=None, **kwargs: Any) -> Any:
         def closure_then_sync() -> Any:

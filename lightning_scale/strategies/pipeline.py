@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from lightning_scale.core.grads import allreduce_gradients
 from lightning_scale.core.mesh import ParallelDims
-from lightning_scale.core.pipeline import PipelineConfig, PipelineRuntime, ScheduleName, plan_pipeline
+from lightning_scale.core.pipeline import SPLIT_BACKWARD_SCHEDULES, PipelineConfig, PipelineRuntime, ScheduleName, find_block_container, plan_pipeline
 from lightning_scale.strategies.interface import PipelineOutput
 from lightning_scale.strategies.mesh import MeshStrategy
 
@@ -98,6 +98,8 @@ class PipelineStrategy(MeshStrategy):
             ``"lightning_scale.adapters.huggingface.decoder_stage_forward"``).
         timeline_step: if set, record this global step's schedule and save a PNG timeline.
         timeline_path: where the PNG goes (default ``<trainer.log_dir>/pipeline_timeline.png``).
+        zero_stage: 0 (default: gradients all-reduced over the data-parallel replicas) or 3 (FSDP2
+            ``fully_shard`` of each stage's blocks and stage modules over the dp sub-mesh).
     """
 
     strategy_name = "pipeline"
@@ -116,6 +118,7 @@ class PipelineStrategy(MeshStrategy):
         stage_forward: str | Callable[..., Any] | None = None,
         timeline_step: int | None = None,
         timeline_path: str | None = None,
+        zero_stage: int = 0,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         trust_checkpoint: bool = False,
@@ -138,6 +141,23 @@ class PipelineStrategy(MeshStrategy):
             trust_checkpoint=trust_checkpoint,
             **kwargs,
         )
+        if zero_stage not in (0, 3):
+            raise ValueError(
+                f"zero_stage={zero_stage!r}: with pipeline parallelism the data-parallel dimension supports 0 (gradients "
+                f"all-reduced, every replica holds its stage's model states) or 3 (FSDP2 on the dp sub-mesh: parameters, "
+                f"gradients and optimizer state of each stage sharded over the replicas); stages 1 and 2 are not offered "
+                f"with pipelining (see docs/strategies/zero.md, 'ZeRO with pipeline parallelism')"
+            )
+        self.zero_stage = zero_stage
+        ac = self.activation_checkpointing
+        if ac is not None and ac.policy == "selective" and schedule in SPLIT_BACKWARD_SCHEDULES:
+            # torch's selective checkpointing allows one backward through a region; these
+            # schedules run two (input gradients, then weight gradients).
+            raise ValueError(
+                f"activation_checkpointing='selective' cannot run under schedule={schedule!r}, whose backward runs in "
+                f"two passes; use activation_checkpointing='full' (or 'every_<k>') with it, or schedule='1f1b' / "
+                f"'interleaved_1f1b'"
+            )
         self.module_name = module_name
         self.loss_name = loss_name
         self.stage_forward = _resolve_callable(stage_forward) if stage_forward is not None else None
@@ -185,6 +205,7 @@ class PipelineStrategy(MeshStrategy):
         if dims.pp == 1:
             self.after_split(network)
             self.checkpoint_activations(network, self.pipeline_config.container)
+            self._shard_data_parallel(network, [network], self.pipeline_config.container)
             return  # one stage: no pipeline
         if getattr(network, "_lightning_scale_pipeline_part", False):
             raise RuntimeError(
@@ -210,6 +231,7 @@ class PipelineStrategy(MeshStrategy):
         setattr(self.lightning_module, self.module_name, self.runtime.local_module)
         self.after_split(self.runtime.local_module)
         self.checkpoint_activations(self.runtime.local_module, plan.container)
+        self._shard_data_parallel(self.runtime.local_module, self.runtime.stage_modules, plan.container)
         # Groups that sum the gradients of tied parameters held on several stages; new_group is
         # collective over the world, so every rank creates every group in the same order.
         self._tied_groups = []
@@ -237,6 +259,26 @@ class PipelineStrategy(MeshStrategy):
                 if name in held and canonical not in held:
                     aliases[prefix + name] = prefix + canonical
         return aliases
+
+    def _shard_data_parallel(self, network: nn.Module, stage_modules: list[nn.Module], container: str | None) -> None:
+        """``zero_stage=3``: FSDP2 ``fully_shard`` on the dp sub-mesh, per block and per stage module.
+
+        The last step of the design guide's order (after split, TP and AC). Each block is its own
+        FSDP2 unit (all-gathered for its forward and backward); each stage module is the root
+        unit, holding the stage's other parameters (embeddings, final norm, head). torch's
+        pipeline schedules recognise FSDP2 stage modules and reduce gradients once per step."""
+        if self.zero_stage != 3:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["dp"]
+        holder = network.get_submodule(find_block_container(network, container))
+        for block in holder._modules.values():
+            if block is not None:
+                fully_shard(block, mesh=mesh)
+        for module in stage_modules:
+            fully_shard(module, mesh=mesh)
+        rank_zero_info(f"{type(self).__name__}: ZeRO-3 (FSDP2) over dp={mesh.size()} for each stage's blocks and stage modules")
 
     def after_split(self, local_network: nn.Module) -> None:
         """Hook for composed strategies: transform this rank's part of the network (e.g. TP).
