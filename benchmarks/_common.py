@@ -173,3 +173,20 @@ def start(args: argparse.Namespace) -> tuple[Any, Path, dict]:
     load_before, waited = wait_for_idle(args, out)
     mp_harness.warm_up()  # start the forkserver before anything is timed
     return out, path, environment(load_before, waited)
+
+
+def stats(values: list[float]) -> dict:
+    """Median, min, max and count of a figure's repeats."""
+    import statistics
+
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def markdown_table(caption: str, headers: list[str], rows: list[list[str]], env: dict) -> str:
+    """A benchmark's markdown output: caption, table, and the command and machine that produced it."""
+    lines = [caption, "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    lines += ["", f"Command: `{env['command']}`; CPU: {env['cpu_model']} ({env['nproc']} cores); torch {env['torch']}; "
+                  f"load before {env['load_before']}, re-runs of polluted runs: {env['reruns']}."]
+    return "\n".join(lines)
+

@@ -35,7 +35,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -132,18 +131,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _stats(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-
-
 def _summarise(args: argparse.Namespace, runs: list[dict]) -> list[dict]:
     rows = []
     for preset in args.presets:
         of = {pol: [r for r in runs if r["preset"] == preset and r["policy"] == pol] for pol in args.policies}
-        base_t = _stats([r["step_s"] for r in of["none"]])["median"]
+        base_t = common.stats([r["step_s"] for r in of["none"]])["median"]
         base_b = sum(of["none"][0]["held_bytes"].values())
         for pol in args.policies:
-            t = _stats([r["step_s"] for r in of[pol]])
+            t = common.stats([r["step_s"] for r in of[pol]])
             held = of[pol][0]["held_bytes"]  # deterministic: the same in every repeat
             total = sum(held.values())
             on_device = of[pol][0]["saved_on_device_bytes"] if pol == "offload" else total
@@ -173,13 +168,9 @@ def _cells(row: dict) -> list[str]:
 
 
 def _markdown(args: argparse.Namespace, rows: list[dict], env: dict) -> str:
-    lines = [f"GPT presets, batch {args.batch} x {args.seq} tokens, fp32, AdamW; 1 process, 1 thread; "
-             f"median of {args.repeats} runs (min-max).", "",
-             "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
-    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
-    lines += ["", f"Command: `{env['command']}`; CPU: {env['cpu_model']} ({env['nproc']} cores); torch {env['torch']}; "
-                  f"load before {env['load_before']}, re-runs of polluted runs: {env['reruns']}."]
-    return "\n".join(lines)
+    caption = (f"GPT presets, batch {args.batch} x {args.seq} tokens, fp32, AdamW; 1 process, 1 thread; "
+               f"median of {args.repeats} runs (min-max).")
+    return common.markdown_table(caption, HEADERS, [_cells(r) for r in rows], env)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -195,27 +195,23 @@ def _mean_step(results: list[dict]) -> float:
     return max(statistics.mean(r["step_s"]) for r in results)
 
 
-def _stats(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-
-
 def _summarise(args: argparse.Namespace, runs: list[dict]) -> list[dict]:
     rows = []
     for h in args.hidden:
         of = {kind: [r for r in runs if r["hidden"] == h and r["kind"] == kind] for kind in ("tp1", "tp2", "ceiling")}
-        t1 = _stats([r["step_s"] for r in of["tp1"]])
-        t2 = _stats([r["step_s"] for r in of["tp2"]])
+        t1 = common.stats([r["step_s"] for r in of["tp1"]])
+        t2 = common.stats([r["step_s"] for r in of["tp2"]])
         speedup = t1["median"] / t2["median"]
         row = {
             "hidden": h, "heads": h // HEAD_DIM, "params": of["tp1"][0]["results"][0]["params_total"],
             "params_local_tp2": of["tp2"][0]["results"][0]["params_local"],
             "tp1_s": t1, "tp2_s": t2, "speedup": speedup, "efficiency": speedup / 2,
-            "comm_share": _stats([r["comm_share"] for r in of["tp2"]]),
+            "comm_share": common.stats([r["comm_share"] for r in of["tp2"]]),
             "collectives": of["tp2"][0]["results"][0]["collectives"],
             "polluted_runs": sum(r["polluted"] for k in of.values() for r in k),
         }
         if of["ceiling"]:
-            slow = _stats([r["step_s"] / t for r, t in zip(of["ceiling"], [x["step_s"] for x in of["tp1"]])])
+            slow = common.stats([r["step_s"] / t for r, t in zip(of["ceiling"], [x["step_s"] for x in of["tp1"]])])
             row["concurrency_slowdown"] = slow
             row["ceiling_speedup"] = 2 / slow["median"]
         row["target_met"] = speedup >= TARGET_SPEEDUP if h == max(args.hidden) else None
@@ -241,18 +237,10 @@ def _cells(row: dict) -> list[str]:
 
 
 def _markdown(args: argparse.Namespace, rows: list[dict], env: dict) -> str:
-    lines = [
-        f"GPT, {args.layers} blocks, head dim {HEAD_DIM}, byte vocabulary, batch {args.batch} x {args.seq} tokens; "
-        f"1 thread per rank; median of {args.repeats} runs (min-max); TP plan: built-in GPT plan"
-        + (" with sequence parallelism" if args.sequence_parallel else "") + ".",
-        "",
-        "| " + " | ".join(HEADERS) + " |",
-        "|" + "---|" * len(HEADERS),
-    ]
-    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
-    lines += ["", f"Command: `{env['command']}`; CPU: {env['cpu_model']} ({env['nproc']} cores); torch {env['torch']}; "
-                  f"load before {env['load_before']}, re-runs of polluted runs: {env['reruns']}."]
-    return "\n".join(lines)
+    caption = (f"GPT, {args.layers} blocks, head dim {HEAD_DIM}, byte vocabulary, batch {args.batch} x {args.seq} tokens; "
+               f"1 thread per rank; median of {args.repeats} runs (min-max); TP plan: built-in GPT plan"
+               + (" with sequence parallelism" if args.sequence_parallel else "") + ".")
+    return common.markdown_table(caption, HEADERS, [_cells(r) for r in rows], env)
 
 
 def main(argv: list[str] | None = None) -> int:

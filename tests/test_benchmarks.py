@@ -1,7 +1,8 @@
 """The benchmark scripts still run (smoke configuration) and write the JSON their docs describe.
 
 No timing is asserted (benchmarks measure; tests check behaviour): each script runs with
-``--quick`` in a subprocess and the test checks the summary rows it wrote.
+``--quick`` in a subprocess and the test checks the summary rows it wrote. Marked ``slow``
+(30-50 s each): run with ``-m slow``, as CI does after the default suite.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def _run(script: str, tmp_path: Path, *extra: str) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(700)
 def test_pipeline_benchmark_smoke(tmp_path) -> None:
     result = _run("pipeline", tmp_path, "--no-plots")
@@ -39,6 +41,7 @@ def test_pipeline_benchmark_smoke(tmp_path) -> None:
         assert 0 <= r["bubble"]["median"] < 1 and r["single_compute_s"]["median"] > 0, r
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(700)
 def test_tensor_parallel_benchmark_smoke(tmp_path) -> None:
     rows = _run("tensor_parallel", tmp_path)["summary"]
@@ -46,6 +49,7 @@ def test_tensor_parallel_benchmark_smoke(tmp_path) -> None:
     assert all(0 < r["comm_share"]["median"] < 1 for r in rows)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(700)
 def test_zero_benchmark_smoke(tmp_path) -> None:
     rows = _run("zero", tmp_path)["summary"]
@@ -55,6 +59,7 @@ def test_zero_benchmark_smoke(tmp_path) -> None:
         assert by_variant[variant]["at_formula"] is True, by_variant[variant]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_activation_checkpointing_benchmark_smoke(tmp_path) -> None:
     rows = {r["policy"]: r for r in _run("activation_checkpointing", tmp_path)["summary"]}
