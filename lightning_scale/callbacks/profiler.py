@@ -1,0 +1,323 @@
+"""``ScaleProfiler``: where a training step's time goes, throughput, MFU and stragglers, on every rank.
+
+Metric namespace (logged every ``log_every_n_steps`` optimizer steps to every Lightning logger,
+rank 0; all times in seconds, per optimizer step):
+
+=============================  ================================================================
+``perf/step_s``                wall time of the optimizer step (end of the previous step to the
+                               end of this one), this rank
+``perf/data_s``                waiting for batches (``on_train_batch_end`` -> next ``on_train_batch_start``)
+``perf/forward_s``             ``on_train_batch_start`` -> ``on_before_backward`` (the training
+                               step; under pipeline parallelism the whole schedule: forward
+                               *and* backward of every microbatch)
+``perf/backward_s``            ``on_before_backward`` -> ``on_after_backward``
+``perf/optimizer_s``           ``on_before_optimizer_step`` -> end of the batch (clipping, step)
+``perf/other_s``               the rest: gradient synchronisation the strategy runs after the
+                               backward (the suite's strategies), hooks, logging
+``perf/bubble_theory_s``       pipeline only: schedule time x (p-1)/(v m + p-1) (theory, not measured)
+``perf/samples_per_s``         global samples per optimizer step / ``perf/step_s_max``
+``perf/tokens_per_s``          global tokens (samples x sequence length) / ``perf/step_s_max``
+``perf/tokens_per_s_per_device``  the same / world size
+``perf/model_flops_per_step``  model FLOPs of the global step (6N + 12LHQT per token, see
+                               :mod:`lightning_scale.core.flops`)
+``perf/mfu``                   model FLOPs / step time / (world size x peak FLOP/s per device);
+                               omitted (with a warning) when the device's peak is unknown
+``perf/step_s_min|median|max`` over ranks (an all-gather on sampled steps)
+``perf/forward_s_max``, ``perf/slowest_rank``  the rank with the longest forward (compute before
+                               the first gradient synchronisation: a slow device, not a rank
+                               waiting for one)
+=============================  ================================================================
+
+Global counts: samples per step = per-device batch x gradient accumulation x data-parallel
+replicas (pipeline microbatches split the per-device batch, they do not add samples; tensor- and
+pipeline-parallel ranks of one replica see the same samples).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+
+from lightning_scale.core import flops as flops_mod
+from lightning_scale.core.peak_flops import peak_flops
+
+PHASES = ("data", "forward", "backward", "optimizer", "other")
+
+
+def _batch_shape(batch: Any) -> tuple[int, int | None]:
+    """(samples, tokens per sample or None) of a batch: the first tensor's dim 0; dim 1 for integer token ids."""
+    first = batch
+    while isinstance(first, (list, tuple)) and first:
+        first = first[0]
+    if isinstance(first, dict) and first:
+        first = next(iter(first.values()))
+    if not isinstance(first, torch.Tensor) or first.dim() == 0:
+        raise ValueError("ScaleProfiler: cannot find the batch size (give samples_per_batch=)")
+    tokens = int(first.shape[1]) if first.dim() == 2 and not torch.is_floating_point(first) else None
+    return int(first.shape[0]), tokens
+
+
+def _find_config(module: torch.nn.Module) -> Any:
+    from lightning_scale.models import GPT, ViT
+
+    for m in module.modules():
+        if isinstance(m, (GPT, ViT)):
+            return m.config
+    return None
+
+
+class ScaleProfiler(Callback):
+    """Step-time breakdown, throughput, MFU and stragglers (see the module docstring for metrics).
+
+    Args:
+        log_every_n_steps: log (and all-gather the per-rank times) every n optimizer steps.
+        flops_per_sample: model FLOPs of one trained sample (forward + backward); default:
+            analytic for the suite's GPT / ViT, else measured once with FlopCounterMode on the
+            LightningModule's ``example_input_array`` before the model is split, else omitted.
+        peak_tflops: dense peak TFLOP/s per device for MFU; default: the table in
+            :mod:`lightning_scale.core.peak_flops` by exact device name (unknown: no MFU).
+        straggler_threshold: warn when (max - min) / median of the ranks' forward times exceeds it.
+        trace_steps: ``(first, last)`` optimizer steps to record with ``torch.profiler`` on
+            ``trace_ranks``; Chrome traces go to ``trace_dir`` (default ``<log_dir>/traces``).
+        print_summary: a rich table of medians at the end of fit (rank 0).
+    """
+
+    def __init__(self, log_every_n_steps: int = 10, flops_per_sample: float | None = None,
+                 peak_tflops: float | None = None, straggler_threshold: float = 0.2,
+                 trace_steps: tuple[int, int] | None = None, trace_ranks: tuple[int, ...] = (0,),
+                 trace_dir: str | None = None, print_summary: bool = True) -> None:
+        if log_every_n_steps < 1:
+            raise ValueError(f"log_every_n_steps must be >= 1; got {log_every_n_steps}")
+        if straggler_threshold <= 0:
+            raise ValueError(f"straggler_threshold must be > 0; got {straggler_threshold}")
+        if trace_steps is not None and not (0 <= trace_steps[0] <= trace_steps[1]):
+            raise ValueError(f"trace_steps must be (first, last) with 0 <= first <= last; got {trace_steps}")
+        self.log_every_n_steps = log_every_n_steps
+        self.flops_per_sample = flops_per_sample
+        self.peak_tflops = peak_tflops
+        self.straggler_threshold = straggler_threshold
+        self.trace_steps = trace_steps
+        self.trace_ranks = tuple(trace_ranks)
+        self.trace_dir = trace_dir
+        self.print_summary = print_summary
+        self.history: list[dict[str, float]] = []  # logged rows (every rank keeps its own)
+        self._reset_step()
+        self._last_end: float | None = None
+        self._profiler: Any = None
+        self._warned_mfu = False
+        self._gpt_config: Any = None
+        self._opt_start: float | None = None
+        self._fwd_open = False
+
+    # -- set-up ------------------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # Before the strategy splits / shards the model: the full model's shape is known here.
+        if self.flops_per_sample is not None or stage != "fit":
+            return
+        cfg = _find_config(pl_module)
+        if cfg is not None and hasattr(cfg, "vocab_size"):
+            self._gpt_config = cfg  # FLOPs per token need the sequence length: taken per batch
+            return
+        if cfg is not None:
+            self.flops_per_sample = flops_mod.vit_flops_per_image(cfg)
+            return
+        example = getattr(pl_module, "example_input_array", None)
+        if example is not None:
+            count = flops_mod.measure_training_flops(pl_module, example, lambda out: out.float().sum())
+            samples, _ = _batch_shape(example)
+            self.flops_per_sample = count / samples
+
+    # -- timing ------------------------------------------------------------------------------------
+    def _reset_step(self) -> None:
+        self._t = {p: 0.0 for p in PHASES}
+        self._samples = 0
+        self._tokens_per_sample: int | None = None
+        self._step_start: float | None = None
+
+    @staticmethod
+    def _now(trainer) -> float:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize(trainer.strategy.root_device)  # only on this rank's device
+        return time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        now = self._now(trainer)
+        if self._step_start is None:
+            self._step_start = self._last_end if self._last_end is not None else now
+            self._maybe_start_trace(trainer)
+        if self._last_end is not None:
+            self._t["data"] += now - self._last_end
+        samples, tokens = _batch_shape(batch)
+        self._samples += samples
+        self._tokens_per_sample = tokens
+        self._batch_start = now
+        self._mark = now
+        self._fwd_open = True
+
+    def _close_forward(self, now: float) -> None:
+        # Strategies that run backward inside the training step (the pipeline schedule) skip
+        # Lightning's backward hooks: the whole training step then counts as forward.
+        if self._fwd_open:
+            self._t["forward"] += now - self._batch_start
+            self._fwd_open = False
+            self._mark = now
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self._close_forward(self._now(trainer))
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        now = self._now(trainer)
+        self._t["backward"] += now - self._mark
+        self._mark = now
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._opt_start = self._now(trainer)
+        self._close_forward(self._opt_start)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = self._now(trainer)
+        self._last_end = now
+        self._close_forward(now)
+        opt_start = getattr(self, "_opt_start", None)
+        if opt_start is None:
+            return  # an accumulation micro-step: the optimizer step has not run yet
+        self._opt_start = None
+        self._t["optimizer"] += now - opt_start
+        step = now - (self._step_start or now)
+        self._t["other"] = max(0.0, step - sum(self._t[p] for p in PHASES if p != "other"))
+        self._finish_step(trainer, step)
+        self._reset_step()
+
+    # -- per optimizer step ------------------------------------------------------------------------
+    def _replicas(self, trainer) -> int:
+        kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+        return int(kwargs.get("num_replicas", trainer.world_size))
+
+    def _gather(self, values: list[float]) -> torch.Tensor:
+        """(world, len(values)) tensor of every rank's values (a collective on every rank)."""
+        local = torch.tensor(values, dtype=torch.float64)
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return local.unsqueeze(0)
+        if dist.get_backend() == "nccl":
+            local = local.cuda()
+        out = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, local)
+        return torch.stack(out).cpu()
+
+    def _finish_step(self, trainer, step: float) -> None:
+        self._maybe_stop_trace(trainer)
+        global_step = trainer.global_step
+        if global_step % self.log_every_n_steps != 0:
+            return
+        everyone = self._gather([step, self._t["forward"]])  # the same steps on every rank
+        steps, forwards = everyone[:, 0].tolist(), everyone[:, 1].tolist()
+        step_max = max(steps)
+        row: dict[str, float] = {"perf/step_s": step, **{f"perf/{p}_s": v for p, v in self._t.items()}}
+        row.update({"perf/step_s_min": min(steps), "perf/step_s_median": statistics.median(steps),
+                    "perf/step_s_max": step_max, "perf/forward_s_max": max(forwards),
+                    "perf/slowest_rank": float(forwards.index(max(forwards)))})
+        samples = self._samples * self._replicas(trainer)
+        row["perf/samples_per_s"] = samples / step_max
+        tokens = samples * self._tokens_per_sample if self._tokens_per_sample else None
+        if tokens is not None:
+            row["perf/tokens_per_s"] = tokens / step_max
+            row["perf/tokens_per_s_per_device"] = tokens / step_max / trainer.world_size
+        model_flops = self._model_flops(samples)
+        if model_flops is not None:
+            row["perf/model_flops_per_step"] = model_flops
+            peak = self._peak(trainer)
+            if peak is not None:
+                row["perf/mfu"] = model_flops / step_max / (peak * trainer.world_size)
+        bubble = self._bubble_fraction(trainer)
+        if bubble is not None:
+            row["perf/bubble_theory_s"] = self._t["forward"] * bubble
+        spread = (max(forwards) - min(forwards)) / max(statistics.median(forwards), 1e-12)
+        if spread > self.straggler_threshold and trainer.is_global_zero:
+            warnings.warn(f"ScaleProfiler: step {global_step}: rank {int(row['perf/slowest_rank'])} is a straggler: "
+                          f"forward {max(forwards):.3f} s vs median {statistics.median(forwards):.3f} s "
+                          f"(spread {spread:.0%} > {self.straggler_threshold:.0%})", stacklevel=2)
+        self.history.append(row)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(row, step=global_step)
+
+    def _model_flops(self, samples: int) -> float | None:
+        if self.flops_per_sample is not None:
+            return self.flops_per_sample * samples
+        cfg = getattr(self, "_gpt_config", None)
+        if cfg is not None and self._tokens_per_sample:
+            per_token = flops_mod.gpt_flops_per_token(cfg, self._tokens_per_sample)
+            return per_token * self._tokens_per_sample * samples
+        return None
+
+    def _peak(self, trainer) -> float | None:
+        if self.peak_tflops is not None:
+            return self.peak_tflops * 1e12
+        device = trainer.strategy.root_device
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} (no peak-FLOPs entry)"
+        precision = str(trainer.precision)
+        dtype = "bf16" if "bf16" in precision else "fp16" if precision.startswith("16") else "fp32"
+        allow_tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+        peak = peak_flops(name, dtype, allow_tf32=allow_tf32)
+        if peak is None and not self._warned_mfu:
+            self._warned_mfu = True
+            warnings.warn(f"ScaleProfiler: no peak FLOP/s known for device {name!r} and {dtype}: MFU is omitted. "
+                          f"Give ScaleProfiler(peak_tflops=...) to report it.", stacklevel=2)
+        return peak
+
+    @staticmethod
+    def _bubble_fraction(trainer) -> float | None:
+        runtime = getattr(trainer.strategy, "runtime", None)
+        if runtime is None:
+            return None
+        from lightning_scale.core.pipeline import theoretical_bubble
+
+        cfg = runtime.cfg
+        return theoretical_bubble(cfg.stages, runtime.microbatches, cfg.num_virtual)
+
+    # -- torch.profiler trace ---------------------------------------------------------------------
+    def _maybe_start_trace(self, trainer) -> None:
+        if self.trace_steps is None or trainer.global_rank not in self.trace_ranks or self._profiler is not None:
+            return
+        if trainer.global_step == self.trace_steps[0]:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self._profiler = profile(activities=activities, record_shapes=False)
+            self._profiler.__enter__()
+
+    def _maybe_stop_trace(self, trainer) -> None:
+        if self._profiler is None or trainer.global_step <= self.trace_steps[1]:
+            return
+        prof, self._profiler = self._profiler, None
+        prof.__exit__(None, None, None)
+        folder = Path(self.trace_dir or Path(trainer.log_dir or ".") / "traces")
+        folder.mkdir(parents=True, exist_ok=True)
+        first, last = self.trace_steps
+        path = folder / f"rank{trainer.global_rank}_steps{first}-{last}.json"
+        prof.export_chrome_trace(str(path))
+        self.trace_path = path
+        self.top_ops = [(e.key, e.self_cpu_time_total / 1e3, e.count)
+                        for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]]
+
+    # -- summary -------------------------------------------------------------------------------
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not (self.print_summary and trainer.is_global_zero and self.history):
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"ScaleProfiler: medians over {len(self.history)} logged steps (rank 0 phases)")
+        table.add_column("metric")
+        table.add_column("median", justify="right")
+        keys = [k for k in self.history[0] if all(k in r for r in self.history)]
+        for key in keys:
+            table.add_row(key, f"{statistics.median(r[key] for r in self.history):.4g}")
+        Console().print(table)

@@ -1,0 +1,41 @@
+"""Rank functions for tests/test_profiler.py (module level: the harness pickles them by reference)."""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+
+from torch.utils.data import DataLoader
+
+from _pipeline_targets import _task, make_data
+
+
+def fit_profiled(kind: str, steps: int, batch: int, accumulate: int = 1, slow_rank: int | None = None,
+                 peak_tflops: float | None = None) -> dict:
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_scale.callbacks import ScaleProfiler
+    from lightning_scale.strategies import MeshStrategy, PipelineStrategy
+
+    os.environ["PL_GLOBAL_SEED"] = "0"
+    strategy = {"ddp": lambda: "ddp", "mesh": MeshStrategy,
+                "pipeline": lambda: PipelineStrategy(stages=2, microbatches=4)}[kind]()
+    profiler = ScaleProfiler(log_every_n_steps=1, peak_tflops=peak_tflops, print_summary=False)
+
+    class SlowRank(Callback):
+        """Runs after the profiler's batch start: its sleep is part of this rank's forward."""
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_rank == slow_rank:
+                time.sleep(0.2)
+
+    trainer = L.Trainer(accelerator="cpu", devices=int(os.environ["WORLD_SIZE"]), strategy=strategy, max_steps=steps,
+                        accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, callbacks=[profiler, SlowRank()])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(_task(), train_dataloaders=DataLoader(make_data(), batch_size=batch, drop_last=True))
+    return {"history": profiler.history, "warnings": [str(w.message) for w in caught if "ScaleProfiler" in str(w.message)]}

@@ -1,0 +1,108 @@
+"""ScaleProfiler and its torch-only core (FLOPs, peak FLOP/s): formulas, and the callback on real gloo ranks.
+
+No wall-clock time is asserted: only relations between the measured parts (the breakdown adds
+up to the step), counts (samples and tokens per step) and which rank is slowest when one rank
+is made 0.2 s slower per batch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import _profiler_targets as targets
+from lightning_scale.core import flops
+from lightning_scale.core.peak_flops import dtype_key, lookup, peak_flops
+from lightning_scale.models import GPT, GPTConfig, ViT
+from lightning_scale.models.vit import ViTConfig
+from lightning_scale.testing import run_distributed
+
+SEQ = 16  # _pipeline_targets.make_data's sequence length
+
+
+@pytest.mark.parametrize("preset", ["tiny", "nano", "micro"])
+def test_analytic_gpt_flops_equal_the_closed_form(preset: str) -> None:
+    c = GPTConfig.from_preset(preset)
+    L, D, F, V, H, T = c.n_layer, c.n_embd, c.mlp_hidden, c.vocab_size, c.n_head, c.block_size
+    n = L * (4 * D * D + 2 * D * F) + D * V  # q, k, v, out, MLP up/down per block; the head
+    assert flops.gpt_flops_per_token(c, T) == 6 * n + 12 * L * H * (D // H) * T
+
+
+@pytest.mark.parametrize("preset, dropout", [("tiny", 0.0), ("nano", 0.0), ("nano", 0.1)])
+def test_analytic_gpt_flops_agree_with_flop_counter(preset: str, dropout: float) -> None:
+    # dropout 0: CPU flash SDPA (our formulas); 0.1: the unfused math path (torch's bmm formulas).
+    cfg = GPTConfig.from_preset(preset, dropout=dropout)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, cfg.block_size))
+    measured = flops.measure_training_flops(model, x, lambda out: out.float().mean())
+    analytic = flops.gpt_flops_per_token(cfg, cfg.block_size) * x.numel()
+    assert abs(measured / analytic - 1) <= 0.02
+    assert all(p.grad is None for p in model.parameters())  # the measurement leaves no gradients
+
+
+def test_analytic_vit_flops_agree_with_flop_counter() -> None:
+    cfg = ViTConfig()
+    model = ViT(cfg)
+    measured = flops.measure_training_flops(model, torch.randn(4, 1, 8, 8), lambda out: out.mean())
+    assert abs(measured / (4 * flops.vit_flops_per_image(cfg)) - 1) <= 0.02
+
+
+def test_full_recompute_counts_as_hardware_flops_only() -> None:
+    assert flops.hardware_flops_per_token(300.0, 1.0) == 400.0
+    assert flops.hardware_flops_per_token(300.0) == 300.0
+    with pytest.raises(ValueError, match="recompute_fraction"):
+        flops.hardware_flops_per_token(300.0, 2.0)
+
+
+def test_peak_table_matches_exact_device_names_only() -> None:
+    assert peak_flops("NVIDIA L40S", torch.bfloat16) == 362e12
+    assert peak_flops("NVIDIA L4", "bf16") == 121e12
+    assert peak_flops("NVIDIA H100 80GB HBM3", torch.float32, allow_tf32=True) == 494.5e12
+    assert peak_flops("Tesla T4", torch.bfloat16) is None  # T4 has no bf16 column
+    assert peak_flops("NVIDIA L40", "bf16") is None and peak_flops("L4 something", "bf16") is None
+    assert peak_flops("cpu", "fp32") is None
+    assert lookup("A100").tflops["bf16"] == 312.0
+    assert all(row.source for row in __import__("lightning_scale.core.peak_flops", fromlist=["PEAKS"]).PEAKS)
+    with pytest.raises(ValueError, match="no peak-FLOPs column"):
+        dtype_key(torch.int8)
+
+
+def _check_breakdown(row: dict) -> None:
+    named = sum(row[f"perf/{p}_s"] for p in ("data", "forward", "backward", "optimizer"))
+    assert named <= row["perf/step_s"] * 1.0001
+    assert named >= 0.9 * row["perf/step_s"], row  # the named phases explain >= 90% of the step
+
+
+def test_ddp_with_accumulation_counts_global_tokens_and_reports_mfu_with_a_given_peak() -> None:
+    results = run_distributed(targets.fit_profiled, 2, "ddp", 6, 4, accumulate=2, peak_tflops=0.05,
+                              init_process_group=False, timeout=240)
+    rows = results[0]["history"]
+    assert len(rows) == 6
+    for row in rows[1:]:  # step 1 includes start-up
+        # global samples per optimizer step = 4 per device x 2 accumulated x 2 replicas
+        assert row["perf/samples_per_s"] * row["perf/step_s_max"] == pytest.approx(16)
+        assert row["perf/tokens_per_s"] * row["perf/step_s_max"] == pytest.approx(16 * SEQ)
+        assert row["perf/tokens_per_s_per_device"] == pytest.approx(row["perf/tokens_per_s"] / 2)
+        flops_step = row["perf/model_flops_per_step"]
+        assert row["perf/mfu"] == pytest.approx(flops_step / row["perf/step_s_max"] / (2 * 0.05e12))
+        _check_breakdown(row)
+    assert results[1]["history"][-1]["perf/step_s_max"] == rows[-1]["perf/step_s_max"]  # gathered: same on all ranks
+
+
+def test_pipeline_microbatches_do_not_add_samples_and_the_schedule_is_timed() -> None:
+    results = run_distributed(targets.fit_profiled, 2, "pipeline", 5, 8, init_process_group=False, timeout=240)
+    for row in results[0]["history"][1:]:
+        assert row["perf/tokens_per_s"] * row["perf/step_s_max"] == pytest.approx(8 * SEQ)  # 1 replica
+        assert row["perf/forward_s"] > 0 and row["perf/backward_s"] == 0  # the schedule runs both
+        assert 0 < row["perf/bubble_theory_s"] < row["perf/forward_s"]
+        _check_breakdown(row)
+
+
+def test_a_slowed_rank_is_found_and_an_unknown_device_omits_mfu() -> None:
+    results = run_distributed(targets.fit_profiled, 2, "mesh", 5, 4, slow_rank=1, init_process_group=False, timeout=240)
+    rows = results[0]["history"]
+    assert all(row["perf/slowest_rank"] == 1 for row in rows[1:])
+    assert any("rank 1 is a straggler" in w for w in results[0]["warnings"])
+    assert all("perf/mfu" not in row for row in rows) and "perf/model_flops_per_step" in rows[0]
+    assert sum("MFU is omitted" in w for w in results[0]["warnings"]) == 1  # warned once
