@@ -12,7 +12,7 @@ from _pipeline_targets import _task, make_data
 
 
 def fit_profiled(kind: str, steps: int, batch: int, accumulate: int = 1, slow_rank: int | None = None,
-                 peak_tflops: float | None = None) -> dict:
+                 peak_tflops: float | None = None, trace_dir: str | None = None) -> dict:
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
@@ -22,7 +22,8 @@ def fit_profiled(kind: str, steps: int, batch: int, accumulate: int = 1, slow_ra
     os.environ["PL_GLOBAL_SEED"] = "0"
     strategy = {"ddp": lambda: "ddp", "mesh": MeshStrategy,
                 "pipeline": lambda: PipelineStrategy(stages=2, microbatches=4)}[kind]()
-    profiler = ScaleProfiler(log_every_n_steps=1, peak_tflops=peak_tflops, print_summary=False)
+    profiler = ScaleProfiler(log_every_n_steps=1, peak_tflops=peak_tflops, print_summary=False,
+                             trace_steps=(2, 3) if trace_dir else None, trace_dir=trace_dir)
 
     class SlowRank(Callback):
         """Runs after the profiler's batch start: its sleep is part of this rank's forward."""
@@ -38,4 +39,5 @@ def fit_profiled(kind: str, steps: int, batch: int, accumulate: int = 1, slow_ra
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(_task(), train_dataloaders=DataLoader(make_data(), batch_size=batch, drop_last=True))
-    return {"history": profiler.history, "warnings": [str(w.message) for w in caught if "ScaleProfiler" in str(w.message)]}
+    return {"history": profiler.history, "trace": str(getattr(profiler, "trace_path", "")),
+            "top_ops": getattr(profiler, "top_ops", []), "warnings": [str(w.message) for w in caught if "ScaleProfiler" in str(w.message)]}

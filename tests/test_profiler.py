@@ -90,8 +90,12 @@ def test_ddp_with_accumulation_counts_global_tokens_and_reports_mfu_with_a_given
     assert results[1]["history"][-1]["perf/step_s_max"] == rows[-1]["perf/step_s_max"]  # gathered: same on all ranks
 
 
-def test_pipeline_microbatches_do_not_add_samples_and_the_schedule_is_timed() -> None:
-    results = run_distributed(targets.fit_profiled, 2, "pipeline", 5, 8, init_process_group=False, timeout=240)
+def test_pipeline_microbatches_do_not_add_samples_and_the_schedule_is_timed(tmp_path) -> None:
+    results = run_distributed(targets.fit_profiled, 2, "pipeline", 5, 8, trace_dir=str(tmp_path),
+                              init_process_group=False, timeout=240)
+    # torch.profiler trace of steps 2-3 on rank 0 only: a Chrome trace file and a top-ops table.
+    assert results[0]["trace"].endswith("rank0_steps2-3.json") and (tmp_path / "rank0_steps2-3.json").is_file()
+    assert results[0]["top_ops"] and results[1]["trace"] == ""
     for row in results[0]["history"][1:]:
         assert row["perf/tokens_per_s"] * row["perf/step_s_max"] == pytest.approx(8 * SEQ)  # 1 replica
         assert row["perf/forward_s"] > 0 and row["perf/backward_s"] == 0  # the schedule runs both
