@@ -68,3 +68,11 @@ def test_activation_checkpointing_benchmark_smoke(tmp_path) -> None:
     assert rows["none"]["saving"] == 0
     assert rows["full"]["saving"] > rows["selective"]["saving"] > 0 and rows["every_2"]["saving"] > 0
     assert rows["offload"]["activation_bytes_on_device"] < rows["full"]["activation_bytes_on_device"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_profiler_benchmark_smoke(tmp_path) -> None:
+    rows = {r["variant"]: r for r in _run("profiler", tmp_path)["summary"]}
+    assert list(rows) == ["off", "default", "every_step"] and rows["off"]["overhead"] == 0
+    assert rows["default"]["target_met"] in (True, False) and all(r["step_s"]["median"] > 0 for r in rows.values())
