@@ -190,3 +190,41 @@ def markdown_table(caption: str, headers: list[str], rows: list[list[str]], env:
                   f"load before {env['load_before']}, re-runs of polluted runs: {env['reruns']}."]
     return "\n".join(lines)
 
+
+def add_run_arguments(p: argparse.ArgumentParser, defaults: dict[str, Any], batch_help: str, quick_help: str) -> None:
+    """The run-shape options most benchmarks take; help texts show the full run's ``defaults``."""
+    p.add_argument("--batch", type=int, help=f"{batch_help} (default {defaults['batch']})")
+    p.add_argument("--seq", type=int, help=f"tokens per sequence (default {defaults['seq']})")
+    p.add_argument("--steps", type=int, help=f"timed steps per run (default {defaults['steps']})")
+    p.add_argument("--warmup", type=int, help=f"untimed steps before them (default {defaults['warmup']})")
+    p.add_argument("--repeats", type=int, help=f"runs per figure; the figure is their median (default {defaults['repeats']})")
+    p.add_argument("--json", help=f"output JSON (default {defaults['json']}); the .md table goes next to it")
+    p.add_argument("--quick", action="store_true", help=f"smoke configuration ({quick_help})")
+
+
+def check_run_arguments(p: argparse.ArgumentParser, args: argparse.Namespace, min_warmup: int = 0) -> None:
+    """Reject run shapes that cannot be measured (after :func:`apply_defaults`)."""
+    if min(args.batch, args.seq, args.steps, args.repeats) < 1 or args.warmup < min_warmup:
+        p.error(f"--batch, --seq, --steps, --repeats must be >= 1 and --warmup >= {min_warmup}")
+
+
+def write_outputs(console: Any, json_path: Path, title: str, headers: list[str], cells: list[list[str]],
+                  caption: str, payload: dict[str, Any], env: dict) -> Path:
+    """Print the summary as a rich table, write it as markdown next to the JSON, and the JSON
+    ``payload``; returns the markdown path."""
+    import json
+
+    from rich.table import Table
+
+    table = Table(title=title)
+    for h in headers:
+        table.add_column(h, justify="right")
+    for row in cells:
+        table.add_row(*row)
+    console.print(table)
+    md_path = json_path.with_suffix(".md")
+    md_path.write_text(markdown_table(caption, headers, cells, env) + "\n")
+    json_path.write_text(json.dumps(payload, indent=1, default=str))
+    console.print(f"wall time {env['wall_s']:.0f} s; wrote {json_path}, {md_path}")
+    return md_path
+

@@ -30,7 +30,6 @@ activation bytes at <= 40% step-time overhead; selective saves >= 50% at <= 15% 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -104,13 +103,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", help="GPT presets (default nano micro)")
     p.add_argument("--policies", nargs="+", help=f"policies (default {' '.join(POLICIES)}); 'none' is the baseline and always runs")
-    p.add_argument("--batch", type=int, help="sequences per step (default 8)")
-    p.add_argument("--seq", type=int, help="tokens per sequence (default 128)")
-    p.add_argument("--steps", type=int, help="timed steps per run (default 4)")
-    p.add_argument("--warmup", type=int, help="untimed steps before them (default 1)")
-    p.add_argument("--repeats", type=int, help="runs per figure; the figure is their median (default 3)")
-    p.add_argument("--json", help="output JSON (default benchmarks/results/activation_checkpointing.json); .md next to it")
-    p.add_argument("--quick", action="store_true", help="smoke configuration (tiny preset, 1 repeat; < 1 min)")
+    common.add_run_arguments(p, FULL_DEFAULTS, "sequences per step", "tiny preset, 1 repeat; < 1 min")
     common.add_load_arguments(p)
     args = p.parse_args(argv)
     common.apply_defaults(args, QUICK_DEFAULTS if args.quick else FULL_DEFAULTS)
@@ -126,8 +119,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         except ValueError as err:
             p.error(f"--policies {policy}: {err}")
     args.policies = ["none"] + [x for x in args.policies if x != "none"]
-    if min(args.steps, args.repeats, args.batch, args.seq) < 1 or args.warmup < 0:
-        p.error("--steps, --repeats, --batch, --seq must be >= 1, --warmup >= 0")
+    common.check_run_arguments(p, args)
     return args
 
 
@@ -167,16 +159,13 @@ def _cells(row: dict) -> list[str]:
     return [row["preset"], row["policy"], mib, f"{row['saving']:.0%}", ms, f"{row['overhead']:+.0%}", target]
 
 
-def _markdown(args: argparse.Namespace, rows: list[dict], env: dict) -> str:
-    caption = (f"GPT presets, batch {args.batch} x {args.seq} tokens, fp32, AdamW; 1 process, 1 thread; "
-               f"median of {args.repeats} runs (min-max).")
-    return common.markdown_table(caption, HEADERS, [_cells(r) for r in rows], env)
+def _caption(args: argparse.Namespace) -> str:
+    return (f"GPT presets, batch {args.batch} x {args.seq} tokens, fp32, AdamW; 1 process, 1 thread; "
+            f"median of {args.repeats} runs (min-max).")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    from rich.table import Table
-
     from lightning_scale.testing import multiprocess as mp_harness
 
     console, json_path, env = common.start(args)
@@ -205,17 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     env["reruns"] = sum(len(r["attempts_foreign_cores"]) - 1 for r in runs)
     rows = _summarise(args, runs)
 
-    table = Table(title=f"Activation checkpointing: batch {args.batch} x {args.seq} tokens (median of {args.repeats})")
-    for h in HEADERS:
-        table.add_column(h, justify="right")
-    for r in rows:
-        table.add_row(*_cells(r))
-    console.print(table)
-    md_path = json_path.with_suffix(".md")
-    md_path.write_text(_markdown(args, rows, env) + "\n")
-    json_path.write_text(json.dumps({"config": vars(args), "environment": env, "summary": rows, "runs": runs},
-                                    indent=1, default=str))
-    console.print(f"wall time {env['wall_s']:.0f} s; wrote {json_path}, {md_path}")
+    common.write_outputs(
+        console, json_path, f"Activation checkpointing: batch {args.batch} x {args.seq} tokens (median of {args.repeats})",
+        HEADERS, [_cells(r) for r in rows], _caption(args), {"config": vars(args), "environment": env, "summary": rows,
+                                                            "runs": runs}, env)
     return 0
 
 

@@ -19,7 +19,6 @@ settings add at most 3%.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -89,18 +88,11 @@ def bench_worker(variant: str, preset: str, batch: int, seq: int, warmup: int, s
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", help="GPT preset (default nano)")
-    p.add_argument("--batch", type=int, help="sequences per rank per step (default 8)")
-    p.add_argument("--seq", type=int, help="tokens per sequence (default 128)")
-    p.add_argument("--steps", type=int, help="timed steps (default 20: two logged steps at the default setting)")
-    p.add_argument("--warmup", type=int, help="untimed steps first (default 3)")
-    p.add_argument("--repeats", type=int, help="runs per figure, median reported (default 3)")
-    p.add_argument("--json", help="output JSON (default benchmarks/results/profiler.json); .md next to it")
-    p.add_argument("--quick", action="store_true", help="smoke configuration")
+    common.add_run_arguments(p, FULL_DEFAULTS, "sequences per rank per step", "tiny preset, 1 repeat")
     common.add_load_arguments(p)
     args = p.parse_args(argv)
     common.apply_defaults(args, QUICK_DEFAULTS if args.quick else FULL_DEFAULTS)
-    if min(args.batch, args.seq, args.steps, args.repeats) < 1 or args.warmup < 1:
-        p.error("--batch, --seq, --steps, --repeats must be >= 1 and --warmup >= 1")
+    common.check_run_arguments(p, args, min_warmup=1)
     return args
 
 
@@ -109,8 +101,6 @@ HEADERS = ["variant", "step ms", "overhead vs off", "target"]
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    from rich.table import Table
-
     from lightning_scale.testing import multiprocess as mp_harness
 
     console, json_path, env = common.start(args)
@@ -137,20 +127,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"variant": variant, "step_s": s, "overhead": overhead, "target_met": met})
         cells.append([variant, f"{1e3 * s['median']:.1f} ({1e3 * s['min']:.1f}-{1e3 * s['max']:.1f})",
                       f"{overhead:+.1%}", "-" if met is None else f"<= {TARGET:.0%}: " + ("met" if met else "NOT met")])
-    table = Table(title=f"ScaleProfiler overhead: GPT {args.preset}, ddp x {WORLD}, batch {args.batch} x {args.seq} "
-                        f"per rank (median of {args.repeats})")
-    for h in HEADERS:
-        table.add_column(h, justify="right")
-    for c in cells:
-        table.add_row(*c)
-    console.print(table)
+    title = (f"ScaleProfiler overhead: GPT {args.preset}, ddp x {WORLD}, batch {args.batch} x {args.seq} per rank "
+             f"(median of {args.repeats})")
     caption = (f"GPT {args.preset}, ddp on {WORLD} ranks (1 thread each), batch {args.batch} x {args.seq} per rank, "
                f"{args.steps} timed steps; median of {args.repeats} runs (min-max).")
-    md_path = json_path.with_suffix(".md")
-    md_path.write_text(common.markdown_table(caption, HEADERS, cells, env) + "\n")
-    json_path.write_text(json.dumps({"config": vars(args), "environment": env, "summary": rows, "runs": runs},
-                                    indent=1, default=str))
-    console.print(f"wall time {env['wall_s']:.0f} s; wrote {json_path}, {md_path}")
+    common.write_outputs(console, json_path, title, HEADERS, cells, caption,
+                         {"config": vars(args), "environment": env, "summary": rows, "runs": runs}, env)
     return 0
 
 

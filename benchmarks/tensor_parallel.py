@@ -170,24 +170,19 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", nargs="+", type=int, help="hidden sizes (default 256 512 1024 2048); multiples of 128 (heads of 64, split over 2 ranks)")
     p.add_argument("--layers", type=int, help="transformer blocks (default 2)")
-    p.add_argument("--batch", type=int, help="sequences per step (default 8)")
-    p.add_argument("--seq", type=int, help="tokens per sequence (default 128)")
-    p.add_argument("--steps", type=int, help="timed steps per run (default 3)")
-    p.add_argument("--warmup", type=int, help="untimed steps before them (default 1)")
-    p.add_argument("--repeats", type=int, help="runs per figure; the figure is their median (default 3)")
+    common.add_run_arguments(p, FULL_DEFAULTS, "sequences per step", "hidden 128 256, 1 repeat; < 1 min")
     p.add_argument("--sequence-parallel", action="store_true", help="TP=2 with sequence-parallel norms")
     p.add_argument("--no-ceiling", action="store_true", help="skip the 2-independent-processes run")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
-    p.add_argument("--json", help="output JSON (default benchmarks/results/tensor_parallel.json); .md next to it")
-    p.add_argument("--quick", action="store_true", help="smoke configuration (hidden 128 256, 1 repeat; < 1 min)")
     common.add_load_arguments(p)
     args = p.parse_args(argv)
     common.apply_defaults(args, QUICK_DEFAULTS if args.quick else FULL_DEFAULTS)
     for h in args.hidden:
         if h < 1 or h % (2 * HEAD_DIM):
             p.error(f"--hidden {h}: use a multiple of {2 * HEAD_DIM} (heads of {HEAD_DIM}, split evenly over 2 ranks)")
-    if min(args.steps, args.repeats, args.layers, args.batch, args.seq) < 1 or args.warmup < 0:
-        p.error("--steps, --repeats, --layers, --batch, --seq must be >= 1, --warmup >= 0")
+    common.check_run_arguments(p, args)
+    if args.layers < 1:
+        p.error("--layers must be >= 1")
     return args
 
 

@@ -162,18 +162,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", help="GPT presets (default nano micro)")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="what to run (default: all)")
-    p.add_argument("--batch", type=int, help="sequences per rank per step (default 8)")
-    p.add_argument("--seq", type=int, help="tokens per sequence (default 128)")
-    p.add_argument("--steps", type=int, help="timed steps (default 4)")
-    p.add_argument("--warmup", type=int, help="untimed steps first (default 2)")
-    p.add_argument("--repeats", type=int, help="runs per figure, median reported (default 3)")
-    p.add_argument("--json", help="output JSON (default benchmarks/results/zero.json); .md next to it")
-    p.add_argument("--quick", action="store_true", help="smoke configuration")
+    common.add_run_arguments(p, FULL_DEFAULTS, "sequences per rank per step", "nano, 6 variants, 1 repeat")
     common.add_load_arguments(p)
     args = p.parse_args(argv)
     common.apply_defaults(args, QUICK_DEFAULTS if args.quick else FULL_DEFAULTS)
-    if min(args.batch, args.seq, args.steps, args.repeats) < 1 or args.warmup < 1:
-        p.error("--batch, --seq, --steps, --repeats must be >= 1 and --warmup >= 1")
+    common.check_run_arguments(p, args, min_warmup=1)
     return args
 
 
