@@ -20,8 +20,14 @@ def fit_profiled(kind: str, steps: int, batch: int, accumulate: int = 1, slow_ra
     from lightning_scale.strategies import MeshStrategy, PipelineStrategy
 
     os.environ["PL_GLOBAL_SEED"] = "0"
+    from lightning_scale.strategies import Parallel3DStrategy, TensorParallelStrategy, ZeroStrategy
+
     strategy = {"ddp": lambda: "ddp", "mesh": MeshStrategy,
-                "pipeline": lambda: PipelineStrategy(stages=2, microbatches=4)}[kind]()
+                "mesh_ac": lambda: MeshStrategy(activation_checkpointing="full"),
+                "pipeline": lambda: PipelineStrategy(stages=2, microbatches=4),
+                "tp": lambda: TensorParallelStrategy(tensor_parallel_size=2),
+                "zero3": lambda: ZeroStrategy(stage=3),
+                "3d": lambda: Parallel3DStrategy(pipeline_parallel_size=2, tensor_parallel_size=2, microbatches=2)}[kind]()
     profiler = ScaleProfiler(log_every_n_steps=1, peak_tflops=peak_tflops, print_summary=False,
                              trace_steps=(2, 3) if trace_dir else None, trace_dir=trace_dir)
 

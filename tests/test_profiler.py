@@ -110,3 +110,28 @@ def test_a_slowed_rank_is_found_and_an_unknown_device_omits_mfu() -> None:
     assert any("rank 1 is a straggler" in w for w in results[0]["warnings"])
     assert all("perf/mfu" not in row for row in rows) and "perf/model_flops_per_step" in rows[0]
     assert sum("MFU is omitted" in w for w in results[0]["warnings"]) == 1  # warned once
+
+
+@pytest.mark.parametrize("kind, world, batch, replicas", [("tp", 2, 4, 1), ("zero3", 2, 4, 2), ("3d", 4, 4, 1),
+                                                         ("mesh_ac", 2, 4, 2)])
+def test_every_strategy_counts_its_replicas(kind: str, world: int, batch: int, replicas: int) -> None:
+    results = run_distributed(targets.fit_profiled, world, kind, 3, batch, init_process_group=False, timeout=300)
+    for r in results:
+        row = r["history"][-1]
+        assert row["perf/tokens_per_s"] * row["perf/step_s_max"] == pytest.approx(batch * replicas * SEQ)
+        per_token = row["perf/model_flops_per_step"] / (batch * replicas * SEQ)
+        if kind == "mesh_ac":  # full recompute: + one forward of every block
+            from _pipeline_targets import CFG
+
+            extra = flops.gpt_recompute_flops_per_token(CFG, SEQ, CFG.n_layer) * batch * replicas * SEQ
+            assert row["perf/hardware_flops_per_step"] == pytest.approx(row["perf/model_flops_per_step"] + extra)
+        else:
+            assert "perf/hardware_flops_per_step" not in row
+        assert per_token > 0
+
+
+def test_recompute_flops_of_full_checkpointing_are_a_third_of_the_block_flops() -> None:
+    # At T -> 0 attention vanishes: full recompute adds 2N_blocks per token, a third of 6N_blocks.
+    cfg = GPTConfig.from_preset("nano", vocab_size=1)
+    blocks_model = flops.gpt_flops_per_token(cfg, 0) - 6 * cfg.n_embd  # minus the (1-token) head
+    assert flops.gpt_recompute_flops_per_token(cfg, 0, cfg.n_layer) == pytest.approx(blocks_model / 3)

@@ -20,6 +20,8 @@ rank 0; all times in seconds, per optimizer step):
 ``perf/tokens_per_s_per_device``  the same / world size
 ``perf/model_flops_per_step``  model FLOPs of the global step (6N + 12LHQT per token, see
                                :mod:`lightning_scale.core.flops`)
+``perf/hardware_flops_per_step``  with full / every-k activation checkpointing of the suite's
+                               GPT: model FLOPs + the recomputed block forwards
 ``perf/mfu``                   model FLOPs / step time / (world size x peak FLOP/s per device);
                                omitted (with a warning) when the device's peak is unknown
 ``perf/step_s_min|median|max`` over ranks (an all-gather on sampled steps)
@@ -232,6 +234,9 @@ class ScaleProfiler(Callback):
         model_flops = self._model_flops(samples)
         if model_flops is not None:
             row["perf/model_flops_per_step"] = model_flops
+            extra = self._recompute_flops(trainer, samples)
+            if extra is not None:
+                row["perf/hardware_flops_per_step"] = model_flops + extra
             peak = self._peak(trainer)
             if peak is not None:
                 row["perf/mfu"] = model_flops / step_max / (peak * trainer.world_size)
@@ -256,6 +261,17 @@ class ScaleProfiler(Callback):
             per_token = flops_mod.gpt_flops_per_token(cfg, self._tokens_per_sample)
             return per_token * self._tokens_per_sample * samples
         return None
+
+    def _recompute_flops(self, trainer, samples: int) -> float | None:
+        """FLOPs that full / every-k activation checkpointing of the suite's GPT adds (None when
+        there is none, or when the policy's recompute cost is not a closed form: selective, classes)."""
+        ac = getattr(trainer.strategy, "activation_checkpointing", None)
+        cfg = self._gpt_config
+        if ac is None or cfg is None or not self._tokens_per_sample or ac.policy not in ("full", "every_k"):
+            return None
+        blocks = cfg.n_layer if ac.policy == "full" else -(-cfg.n_layer // ac.every)
+        per_token = flops_mod.gpt_recompute_flops_per_token(cfg, self._tokens_per_sample, blocks)
+        return per_token * self._tokens_per_sample * samples
 
     def _peak(self, trainer) -> float | None:
         if self.peak_tflops is not None:

@@ -62,6 +62,14 @@ def vit_flops_per_image(cfg: Any) -> float:
     return per_token * tokens + patch_proj + head
 
 
+def gpt_recompute_flops_per_token(cfg: Any, seq_len: int, checkpointed_blocks: int) -> float:
+    """Extra forward FLOPs per token when ``checkpointed_blocks`` blocks recompute their forward
+    in backward (full activation checkpointing of those blocks): per block 2 x its matmul
+    weights + 4 H Q T for the attention products."""
+    per_block = 2.0 * (4 * cfg.n_embd * cfg.n_embd + 2 * cfg.n_embd * cfg.mlp_hidden) + 4.0 * cfg.n_embd * seq_len
+    return checkpointed_blocks * per_block
+
+
 def hardware_flops_per_token(model_flops_per_token: float, recompute_fraction: float = 0.0) -> float:
     """FLOPs the device runs per token when ``recompute_fraction`` of the forward is run again
     (1.0 = full activation recomputation: forward is a third of 6N + 12LHQT, so x 4/3)."""
