@@ -11,10 +11,16 @@ rank 0; all times in seconds, per optimizer step):
                                step; under pipeline parallelism the whole schedule: forward
                                *and* backward of every microbatch)
 ``perf/backward_s``            ``on_before_backward`` -> ``on_after_backward``
+``perf/grad_sync_s``           last ``on_after_backward`` -> ``on_before_optimizer_step``: the
+                               gradient reduction the suite's strategies run after the backward
+                               (data-parallel all-reduce, ZeRO-1/2 reduce-scatter, tied-weight
+                               sums); about 0 under ``ddp``, which overlaps it with the backward
 ``perf/optimizer_s``           ``on_before_optimizer_step`` -> end of the batch (clipping, step)
-``perf/other_s``               the rest: gradient synchronisation the strategy runs after the
-                               backward (the suite's strategies), hooks, logging
-``perf/bubble_theory_s``       pipeline only: schedule time x (p-1)/(v m + p-1) (theory, not measured)
+``perf/other_s``               the rest (accumulation micro-steps' hooks, logging)
+``perf/bubble_s``              pipeline only, measured on logged steps: schedule time - this
+                               rank's busy time (its forward / backward actions, from the
+                               runtime's timeline); ``perf/bubble_fraction`` = that / schedule time
+``perf/bubble_theory_s``       pipeline only: schedule time x (p-1)/(v m + p-1) (theory)
 ``perf/samples_per_s``         global samples per optimizer step / ``perf/step_s_max``
 ``perf/tokens_per_s``          global tokens (samples x sequence length) / ``perf/step_s_max``
 ``perf/tokens_per_s_per_device``  the same / world size
@@ -50,7 +56,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning_scale.core import flops as flops_mod
 from lightning_scale.core.peak_flops import peak_flops
 
-PHASES = ("data", "forward", "backward", "optimizer", "other")
+PHASES = ("data", "forward", "backward", "grad_sync", "optimizer", "other")
 
 
 def _batch_shape(batch: Any) -> tuple[int, int | None]:
@@ -142,6 +148,8 @@ class ScaleProfiler(Callback):
         self._samples = 0
         self._tokens_per_sample: int | None = None
         self._step_start: float | None = None
+        self._busy: float | None = None  # pipeline: busy seconds of the recorded schedule(s)
+        self._after_backward: float | None = None
 
     @staticmethod
     def _now(trainer) -> float:
@@ -154,6 +162,8 @@ class ScaleProfiler(Callback):
         if self._step_start is None:
             self._step_start = self._last_end if self._last_end is not None else now
             self._maybe_start_trace(trainer)
+        if hasattr(trainer.strategy, "record_timeline_requested"):  # the pipeline strategy
+            trainer.strategy.record_timeline_requested = (trainer.global_step + 1) % self.log_every_n_steps == 0
         if self._last_end is not None:
             self._t["data"] += now - self._last_end
         samples, tokens = _batch_shape(batch)
@@ -178,15 +188,24 @@ class ScaleProfiler(Callback):
         now = self._now(trainer)
         self._t["backward"] += now - self._mark
         self._mark = now
+        self._after_backward = now
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self._opt_start = self._now(trainer)
         self._close_forward(self._opt_start)
+        if self._after_backward is not None:
+            self._t["grad_sync"] += self._opt_start - self._after_backward
+            self._after_backward = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = self._now(trainer)
         self._last_end = now
         self._close_forward(now)
+        self._after_backward = None  # an accumulation micro-step: nothing to synchronise yet
+        busy = getattr(trainer.strategy, "last_busy_s", None)
+        if busy is not None:
+            self._busy = (self._busy or 0.0) + busy
+            trainer.strategy.last_busy_s = None
         opt_start = getattr(self, "_opt_start", None)
         if opt_start is None:
             return  # an accumulation micro-step: the optimizer step has not run yet
@@ -243,6 +262,9 @@ class ScaleProfiler(Callback):
         bubble = self._bubble_fraction(trainer)
         if bubble is not None:
             row["perf/bubble_theory_s"] = self._t["forward"] * bubble
+        if self._busy is not None and self._t["forward"] > 0:
+            row["perf/bubble_s"] = max(0.0, self._t["forward"] - self._busy)
+            row["perf/bubble_fraction"] = row["perf/bubble_s"] / self._t["forward"]
         spread = (max(forwards) - min(forwards)) / max(statistics.median(forwards), 1e-12)
         if spread > self.straggler_threshold and trainer.is_global_zero:
             warnings.warn(f"ScaleProfiler: step {global_step}: rank {int(row['perf/slowest_rank'])} is a straggler: "

@@ -162,6 +162,8 @@ class PipelineStrategy(MeshStrategy):
         self.loss_name = loss_name
         self.stage_forward = _resolve_callable(stage_forward) if stage_forward is not None else None
         self.timeline_step = timeline_step
+        self.record_timeline_requested = False  # set by ScaleProfiler on sampled steps
+        self.last_busy_s: float | None = None
         self.timeline_path = timeline_path
         self.runtime: PipelineRuntime | None = None
         self._tied_groups: list[tuple[Any, str]] = []
@@ -356,11 +358,20 @@ class PipelineStrategy(MeshStrategy):
 
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
         if self.pipelined:
+            from lightning.pytorch.trainer import call
+
             # The schedule already ran backward for every microbatch: restore its gradients.
+            # The backward hooks still fire (callbacks and LightningModules rely on
+            # on_after_backward, e.g. to log gradient norms), around the restore.
+            trainer = self.lightning_module.trainer
+            call._call_callback_hooks(trainer, "on_before_backward", closure_loss)
+            call._call_lightning_module_hook(trainer, "on_before_backward", closure_loss)
             for p, grad in self._stashed_grads:
                 p.grad = grad
             self._stashed_grads = []
-            return closure_loss
+            call._call_callback_hooks(trainer, "on_after_backward")
+            call._call_lightning_module_hook(trainer, "on_after_backward")
+            return closure_loss.detach()
         return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     def optimizer_step(self, optimizer, closure, model=None, **kwargs: Any) -> Any:
@@ -406,7 +417,8 @@ class PipelineStrategy(MeshStrategy):
             batch = self._batch_size(output.args, target)
             if mode == "train":
                 runtime.check_batch(batch)
-                record = self.timeline_step is not None and self.lightning_module.trainer.global_step == self.timeline_step
+                png = self.timeline_step is not None and self.lightning_module.trainer.global_step == self.timeline_step
+                record = png or self.record_timeline_requested
                 runtime.record_timeline = record
                 accumulate = self.lightning_module.trainer.accumulate_grad_batches
                 params = [p for p in self.lightning_module.parameters() if p.requires_grad]
@@ -421,8 +433,11 @@ class PipelineStrategy(MeshStrategy):
                 self._stashed_grads = [(p, p.grad) for p in params if p.grad is not None]
                 for p, _ in self._stashed_grads:
                     p.grad = None
+                # Busy time of this rank's compute actions (seconds), for ScaleProfiler's bubble.
+                self.last_busy_s = sum(e.end - e.start for e in runtime.timeline) if record else None
                 if record:
                     runtime.record_timeline = False
+                if png:
                     self._save_timeline()
                 return loss
             value, loss = runtime.eval_step(output.args, target, batch)
