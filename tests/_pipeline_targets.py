@@ -132,8 +132,10 @@ def fit(strategy_kwargs: dict, steps: int, batch_size: int, accumulate: int = 1,
     held = {"params": sum(local(p).numel() for p in task.parameters()), "params_full": sum(p.numel() for p in task.parameters()),
             "optim": sum(local(v).numel() for st in trainer.optimizers[0].state.values() for v in st.values()
                          if isinstance(v, torch.Tensor) and v.dim() > 0)}
+    from lightning_scale.core.activation_checkpointing import checkpointed_modules
+
     return {"losses": rec.losses, "lrs": rec.lrs, "adam": rec.adam, "state": state, "global_step": trainer.global_step,
-            "held": held,
+            "held": held, "checkpointed": checkpointed_modules(task.model),
             "sample_losses": getattr(strategy, "_test_probe", None)}
 
 

@@ -192,6 +192,9 @@ def test_strategy_with_activation_checkpointing_matches_the_reference(name: str)
     world, kwargs, batch, ref = STRATEGIES[name]
     results = run_distributed(targets.fit, world, dict(kwargs), STEPS, batch, init_process_group=False, timeout=300)
     _assert_parity(results, targets.reference(STEPS, batch, **ref))
+    # AC is bitwise exact, so parity alone would pass without it: every rank must have applied it.
+    for rank, r in enumerate(results):
+        assert r["checkpointed"] and all(k.startswith("blocks.") for k in r["checkpointed"]), (rank, r["checkpointed"])
 
 
 def test_unknown_class_fails_on_every_rank_with_the_fix() -> None:
@@ -213,3 +216,14 @@ def test_full_checkpointing_under_the_zero_bubble_schedule_matches_the_reference
     kwargs = dict(stages=2, schedule="zbv_zero_bubble", microbatches=4, virtual_stages=2, activation_checkpointing="full")
     results = run_distributed(targets.fit, 2, kwargs, STEPS, 8, init_process_group=False, timeout=240)
     _assert_parity(results, targets.reference(STEPS, 8, replicas=1, microbatches=4))
+
+
+def test_every_k_counts_the_full_models_block_keys_in_a_stage_view() -> None:
+    # A pipeline stage holding blocks 1-3 of a 4-block GPT: every_2 checkpoints blocks 2 (key), not its 1st and 3rd.
+    from lightning_scale.core.pipeline import PipelineConfig, plan_pipeline, view_of
+
+    net = _net(0.0)
+    plan = plan_pipeline(net, PipelineConfig(stages=2, split_points=["blocks.1"]))
+    stage1 = view_of(net, plan, [1])
+    applied = apply_activation_checkpointing(stage1, ACConfig(policy="every_k", every=2))
+    assert sorted(applied) == ["blocks.2"]

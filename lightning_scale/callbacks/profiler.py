@@ -31,9 +31,12 @@ rank 0; all times in seconds, per optimizer step):
 ``perf/mfu``                   model FLOPs / step time / (world size x peak FLOP/s per device);
                                omitted (with a warning) when the device's peak is unknown
 ``perf/step_s_min|median|max`` over ranks (an all-gather on sampled steps)
-``perf/forward_s_max``, ``perf/slowest_rank``  the rank with the longest forward (compute before
-                               the first gradient synchronisation: a slow device, not a rank
-                               waiting for one)
+``perf/forward_s_max``, ``perf/slowest_rank``  the rank with the longest forward. Under data
+                               parallelism (ddp, ZeRO-1/2) the forward has no collectives, so this
+                               is a slow device, not a rank waiting for one. Under TP, ZeRO-3
+                               (FSDP2) and pipeline parallelism the forward contains collectives
+                               / p2p waits, which even out (or skew) the ranks' times: there the
+                               figure is indicative only
 =============================  ================================================================
 
 Global counts: samples per step = per-device batch x gradient accumulation x data-parallel
@@ -67,7 +70,8 @@ def _batch_shape(batch: Any) -> tuple[int, int | None]:
     if isinstance(first, dict) and first:
         first = next(iter(first.values()))
     if not isinstance(first, torch.Tensor) or first.dim() == 0:
-        raise ValueError("ScaleProfiler: cannot find the batch size (give samples_per_batch=)")
+        raise ValueError(f"cannot find the batch size in a batch of type {type(batch).__name__} (expected a tensor, or "
+                         f"a tuple/list/dict whose first entry is one)")
     tokens = int(first.shape[1]) if first.dim() == 2 and not torch.is_floating_point(first) else None
     return int(first.shape[0]), tokens
 
@@ -121,6 +125,9 @@ class ScaleProfiler(Callback):
         self._profiler: Any = None
         self._warned_mfu = False
         self._gpt_config: Any = None
+        self._warned_batch = False
+        self._sampled = False  # this optimizer step is logged (device sync, timeline, all-gather)
+        self._trace_folder: Path | None = None
         self._opt_start: float | None = None
         self._fwd_open = False
 
@@ -138,9 +145,20 @@ class ScaleProfiler(Callback):
             return
         example = getattr(pl_module, "example_input_array", None)
         if example is not None:
-            count = flops_mod.measure_training_flops(pl_module, example, lambda out: out.float().sum())
-            samples, _ = _batch_shape(example)
-            self.flops_per_sample = count / samples
+            # Eval mode (no running-stat updates; dropout does not change FLOPs) and a forked RNG,
+            # so adding the profiler does not change the training run.
+            was_training = pl_module.training
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    pl_module.eval()
+                    count = flops_mod.measure_training_flops(pl_module, example, lambda out: out.float().sum())
+                samples, _ = _batch_shape(example)
+                self.flops_per_sample = count / samples
+            except Exception as err:  # noqa: BLE001 - a metric must not stop training
+                warnings.warn(f"ScaleProfiler: could not count FLOPs on example_input_array ({type(err).__name__}: {err}); "
+                              f"model FLOPs and MFU are omitted. Give ScaleProfiler(flops_per_sample=...).", stacklevel=2)
+            finally:
+                pl_module.train(was_training)
 
     # -- timing ------------------------------------------------------------------------------------
     def _reset_step(self) -> None:
@@ -151,22 +169,43 @@ class ScaleProfiler(Callback):
         self._busy: float | None = None  # pipeline: busy seconds of the recorded schedule(s)
         self._after_backward: float | None = None
 
-    @staticmethod
-    def _now(trainer) -> float:
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize(trainer.strategy.root_device)  # only on this rank's device
+    def _now(self, trainer) -> float:
+        # On CUDA, phase boundaries wait for this rank's device, but only on logged steps: on the
+        # others the timings are not used and a sync would stop kernel launches running ahead.
+        if self._sampled and trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize(trainer.strategy.root_device)
         return time.perf_counter()
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Every rank, once per fit: state from an earlier fit must not leak into this one, and the
+        # trace folder is resolved here because trainer.log_dir is a collective (a broadcast).
+        self.history = []
+        self._reset_step()
+        self._last_end = None
+        if self.trace_steps is not None:
+            self._trace_folder = Path(self.trace_dir) if self.trace_dir else Path(trainer.log_dir or ".") / "traces"
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._last_end = None  # validation between steps is not the next step's data wait
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._step_start is None:
+            self._sampled = (trainer.global_step + 1) % self.log_every_n_steps == 0
         now = self._now(trainer)
         if self._step_start is None:
             self._step_start = self._last_end if self._last_end is not None else now
             self._maybe_start_trace(trainer)
         if hasattr(trainer.strategy, "record_timeline_requested"):  # the pipeline strategy
-            trainer.strategy.record_timeline_requested = (trainer.global_step + 1) % self.log_every_n_steps == 0
+            trainer.strategy.record_timeline_requested = self._sampled
         if self._last_end is not None:
             self._t["data"] += now - self._last_end
-        samples, tokens = _batch_shape(batch)
+        try:
+            samples, tokens = _batch_shape(batch)
+        except ValueError as err:
+            if not self._warned_batch:
+                self._warned_batch = True
+                warnings.warn(f"ScaleProfiler: {err}; samples/s, tokens/s, FLOPs and MFU are omitted", stacklevel=2)
+            samples, tokens = 0, None
         self._samples += samples
         self._tokens_per_sample = tokens
         self._batch_start = now
@@ -245,12 +284,13 @@ class ScaleProfiler(Callback):
                     "perf/step_s_max": step_max, "perf/forward_s_max": max(forwards),
                     "perf/slowest_rank": float(forwards.index(max(forwards)))})
         samples = self._samples * self._replicas(trainer)
-        row["perf/samples_per_s"] = samples / step_max
+        if samples:
+            row["perf/samples_per_s"] = samples / step_max
         tokens = samples * self._tokens_per_sample if self._tokens_per_sample else None
         if tokens is not None:
             row["perf/tokens_per_s"] = tokens / step_max
             row["perf/tokens_per_s_per_device"] = tokens / step_max / trainer.world_size
-        model_flops = self._model_flops(samples)
+        model_flops = self._model_flops(samples) if samples else None
         if model_flops is not None:
             row["perf/model_flops_per_step"] = model_flops
             extra = self._recompute_flops(trainer, samples)
@@ -336,7 +376,7 @@ class ScaleProfiler(Callback):
             return
         prof, self._profiler = self._profiler, None
         prof.__exit__(None, None, None)
-        folder = Path(self.trace_dir or Path(trainer.log_dir or ".") / "traces")
+        folder = self._trace_folder or Path(".")
         folder.mkdir(parents=True, exist_ok=True)
         first, last = self.trace_steps
         path = folder / f"rank{trainer.global_rank}_steps{first}-{last}.json"
@@ -347,6 +387,11 @@ class ScaleProfiler(Callback):
 
     # -- summary -------------------------------------------------------------------------------
     def on_train_end(self, trainer, pl_module) -> None:
+        if self._profiler is not None:  # training ended inside the trace window: keep what was recorded
+            self.trace_steps = (self.trace_steps[0], trainer.global_step - 1)
+            self._maybe_stop_trace(trainer)
+        if hasattr(trainer.strategy, "record_timeline_requested"):
+            trainer.strategy.record_timeline_requested = False
         if not (self.print_summary and trainer.is_global_zero and self.history):
             return
         from rich.console import Console

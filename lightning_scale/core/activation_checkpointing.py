@@ -92,7 +92,9 @@ class ACConfig:
 
     Args:
         policy: one of :data:`POLICIES` (see the module docstring).
-        every: ``every_k``: checkpoint block i when ``i % every == 0`` (every=2: blocks 0, 2, 4 ...).
+        every: ``every_k``: checkpoint block i when ``i % every == 0`` (every=2: blocks 0, 2, 4 ...);
+            i is the block's key in the container when it is an integer (so a pipeline stage
+            holding blocks 3-5 checkpoints block 4), else its position.
         classes: ``classes``: class names (``"MLP"``) or qualified names (``"my_pkg.models.MLP"``)
             of the submodules to checkpoint; a match inside an already matched module is skipped.
         offload: keep the tensors saved by non-checkpointed blocks on CPU (``none``, ``every_k``).
@@ -215,6 +217,9 @@ def apply_activation_checkpointing(network: nn.Module, config: ACConfig) -> dict
             raise ValueError(f"no module of {type(network).__name__} has a class in {list(config.classes)}; classes here: {present}")
     else:
         for i, (name, block) in enumerate(_blocks(network, config.container)):
+            # A pipeline stage's view keeps the full model's keys ("blocks.4"): count k from those.
+            key = name.rsplit(".", 1)[-1]
+            i = int(key) if key.isdigit() else i
             if config.policy in ("full", "selective"):
                 chosen[name] = (block, config.policy)
             elif config.policy == "every_k" and i % config.every == 0:

@@ -205,6 +205,9 @@ class PipelineStrategy(MeshStrategy):
         if self.runtime is not None and network is self.runtime.local_module:
             return  # already split by an earlier fit/validate/test/predict with this strategy
         if dims.pp == 1:
+            if network is getattr(self, "_parallelized", None):
+                return  # an earlier fit/validate/test/predict of this strategy did it
+            self._parallelized = network
             self.after_split(network)
             self.checkpoint_activations(network, self.pipeline_config.container)
             self._shard_data_parallel(network, [network], self.pipeline_config.container)
