@@ -131,7 +131,8 @@ def test_every_strategy_counts_its_replicas(kind: str, world: int, batch: int, r
         if kind == "mesh_ac":  # full recompute: + one forward of every block
             from _pipeline_targets import CFG
 
-            extra = flops.gpt_recompute_flops_per_token(CFG, SEQ, CFG.n_layer) * batch * replicas * SEQ
+            D, F = CFG.n_embd, CFG.mlp_hidden  # one more forward per block: 2 x weights + 4 H Q T
+            extra = CFG.n_layer * (2 * (4 * D * D + 2 * D * F) + 4 * D * SEQ) * batch * replicas * SEQ
             assert row["perf/hardware_flops_per_step"] == pytest.approx(row["perf/model_flops_per_step"] + extra)
         else:
             assert "perf/hardware_flops_per_step" not in row
@@ -139,7 +140,9 @@ def test_every_strategy_counts_its_replicas(kind: str, world: int, batch: int, r
 
 
 def test_recompute_flops_of_full_checkpointing_are_a_third_of_the_block_flops() -> None:
-    # At T -> 0 attention vanishes: full recompute adds 2N_blocks per token, a third of 6N_blocks.
-    cfg = GPTConfig.from_preset("nano", vocab_size=1)
-    blocks_model = flops.gpt_flops_per_token(cfg, 0) - 6 * cfg.n_embd  # minus the (1-token) head
-    assert flops.gpt_recompute_flops_per_token(cfg, 0, cfg.n_layer) == pytest.approx(blocks_model / 3)
+    # nano (D=128, F=512, L=4), T=128: a block's forward is 2 x 196,608 weights + 4 x 128 x 128.
+    cfg = GPTConfig.from_preset("nano")
+    assert flops.gpt_recompute_flops_per_token(cfg, 128, 4) == 4 * (2 * 196_608 + 4 * 128 * 128) == 1_835_008
+    # A third of the blocks' 6N + 12LHQT (the head, outside the blocks, is not recomputed).
+    blocks_model = flops.gpt_flops_per_token(cfg, 128) - 6 * cfg.n_embd * cfg.vocab_size
+    assert flops.gpt_recompute_flops_per_token(cfg, 128, 4) == pytest.approx(blocks_model / 3)

@@ -66,7 +66,8 @@ def gpt_recompute_flops_per_token(cfg: Any, seq_len: int, checkpointed_blocks: i
     """Extra forward FLOPs per token when ``checkpointed_blocks`` blocks recompute their forward
     in backward (full activation checkpointing of those blocks): per block 2 x its matmul
     weights + 4 H Q T for the attention products."""
-    per_block = 2.0 * (4 * cfg.n_embd * cfg.n_embd + 2 * cfg.n_embd * cfg.mlp_hidden) + 4.0 * cfg.n_embd * seq_len
+    block_weights = transformer_matmul_params(1, cfg.n_embd, cfg.mlp_hidden, None)
+    per_block = 2.0 * block_weights + 4.0 * cfg.n_embd * seq_len  # H Q = n_embd
     return checkpointed_blocks * per_block
 
 

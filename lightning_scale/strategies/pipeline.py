@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from lightning_scale.core.grads import allreduce_gradients
 from lightning_scale.core.mesh import ParallelDims
-from lightning_scale.core.pipeline import SPLIT_BACKWARD_SCHEDULES, PipelineConfig, PipelineRuntime, ScheduleName, find_block_container, plan_pipeline
+from lightning_scale.core.pipeline import SPLIT_BACKWARD_SCHEDULES, PipelineConfig, PipelineRuntime, ScheduleName, plan_pipeline
 from lightning_scale.strategies.interface import PipelineOutput
 from lightning_scale.strategies.mesh import MeshStrategy
 
@@ -274,15 +274,10 @@ class PipelineStrategy(MeshStrategy):
         pipeline schedules recognise FSDP2 stage modules and reduce gradients once per step."""
         if self.zero_stage != 3:
             return
-        from torch.distributed.fsdp import fully_shard
+        from lightning_scale.core.sharding import fully_shard_blocks
 
         mesh = self.device_mesh["dp"]
-        holder = network.get_submodule(find_block_container(network, container))
-        for block in holder._modules.values():
-            if block is not None:
-                fully_shard(block, mesh=mesh)
-        for module in stage_modules:
-            fully_shard(module, mesh=mesh)
+        fully_shard_blocks(network, container, stage_modules, mesh)
         rank_zero_info(f"{type(self).__name__}: ZeRO-3 (FSDP2) over dp={mesh.size()} for each stage's blocks and stage modules")
 
     def after_split(self, local_network: nn.Module) -> None:

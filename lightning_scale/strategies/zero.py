@@ -38,8 +38,7 @@ from torch.optim import Optimizer
 from lightning_scale.core import checkpoint as ckpt
 from lightning_scale.core.grads import allreduce_gradients
 from lightning_scale.core.mesh import ParallelDims
-from lightning_scale.core.pipeline import find_block_container
-from lightning_scale.core.sharding import ZeroConfig, ZeroOptimizer
+from lightning_scale.core.sharding import ZeroConfig, ZeroOptimizer, fully_shard_blocks
 from lightning_scale.strategies.mesh import MeshStrategy
 
 
@@ -94,18 +93,10 @@ class ZeroStrategy(MeshStrategy):
             self._fully_shard(network)
 
     def _fully_shard(self, network: nn.Module) -> None:
-        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
-
-        container = network.get_submodule(find_block_container(network, self.block_container))
         mesh = self.device_mesh["dp"]
-        # Pinned CPU memory needs an accelerator; on a CPU-only machine FSDP2 offload works unpinned.
-        policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if self.zero.offload_params else OffloadPolicy()
-        blocks = container.values() if isinstance(container, nn.ModuleDict) else list(container)
-        for block in blocks:
-            fully_shard(block, mesh=mesh, offload_policy=policy)
-        fully_shard(network, mesh=mesh, offload_policy=policy)
+        n_blocks = fully_shard_blocks(network, self.block_container, [network], mesh, self.zero.offload_params)
         self._sharded = network
-        rank_zero_info(f"ZeroStrategy: stage 3 (FSDP2) over {mesh.size()} ranks, {len(blocks)} blocks sharded one by one"
+        rank_zero_info(f"ZeroStrategy: stage 3 (FSDP2) over {mesh.size()} ranks, {n_blocks} blocks sharded one by one"
                        + (", parameters offloaded to CPU" if self.zero.offload_params else ""))
 
     def setup(self, trainer) -> None:
