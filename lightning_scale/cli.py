@@ -1,6 +1,7 @@
 """The ``lightning-scale`` console script: LightningCLI with the suite's strategies registered.
 
-``lightning-scale fit|validate|test|predict --config recipe.yaml`` runs a recipe. Importing
+``lightning-scale fit|validate|test|predict --config recipe.yaml`` runs a recipe;
+``lightning-scale plan ...`` predicts per-device memory (:mod:`lightning_scale.plan_cli`). Importing
 :mod:`lightning_scale` registers the suite's strategies with Lightning, so a YAML file may
 select them by registered name (``strategy: pipeline``) or by ``class_path``.
 """
@@ -21,7 +22,18 @@ class ScaleCLI(LightningCLI):
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    """Entry point of ``lightning-scale``. ``args`` defaults to ``sys.argv[1:]``."""
+    """Entry point of ``lightning-scale``. ``args`` defaults to ``sys.argv[1:]``.
+
+    ``lightning-scale plan ...`` runs the memory planner (:mod:`lightning_scale.plan_cli`);
+    every other subcommand is LightningCLI's.
+    """
+    import sys
+
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["plan"]:
+        from lightning_scale.plan_cli import main as plan_main
+
+        raise SystemExit(plan_main(argv[1:]))
     # W&B: without an API key (or with WANDB_MODE unset on a machine without network) log
     # offline instead of prompting for a login.
     configure_offline_if_needed()
@@ -31,7 +43,7 @@ def main(args: Sequence[str] | None = None) -> None:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        args=None if args is None else list(args),
+        args=argv,
     )
 
 

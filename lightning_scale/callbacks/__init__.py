@@ -1,6 +1,7 @@
 """Lightning callbacks of the suite."""
 
+from lightning_scale.callbacks.memory import MemoryAccountant
 from lightning_scale.callbacks.profiler import ScaleProfiler
 from lightning_scale.callbacks.resume import ExactResume
 
-__all__ = ["ExactResume", "ScaleProfiler"]
+__all__ = ["ExactResume", "MemoryAccountant", "ScaleProfiler"]

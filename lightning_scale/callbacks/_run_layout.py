@@ -1,14 +1,96 @@
 """Bridge from a running Trainer to the memory planner: what the planner predicts for this rank.
 
-Filled in by the planner work (issue 8); until then :func:`predict_run` returns None.
+Reads the layout from the suite's strategies (``ddp``, :class:`ZeroStrategy`,
+:class:`TensorParallelStrategy`, :class:`PipelineStrategy` / :class:`Parallel3DStrategy`), the
+model shape from a :class:`~lightning_scale.models.GPT` (``pl_module.model``), the batch shape
+from the training batch ((B, T) token ids) and the precision from the Trainer. Anything else
+(other models, optimizers other than Adam/AdamW/SGD) gives None: no guess.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+
+def _layout(trainer: Any) -> tuple[dict[str, Any], int, int] | None:
+    """(Layout fields, data-parallel size, pipeline rank), or None for a strategy the planner does not model."""
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    from lightning_scale.strategies import PipelineStrategy, TensorParallelStrategy, ZeroStrategy
+
+    s = trainer.strategy
+    world = trainer.world_size
+    fields: dict[str, Any] = {}
+    ac = getattr(s, "activation_checkpointing", None)
+    if ac is not None:
+        if ac.policy not in ("none", "full", "selective", "every_k") or ac.offload:
+            return None
+        fields.update(ac=ac.policy, ac_every=ac.every)
+    if isinstance(s, ZeroStrategy):
+        if s.zero.backend != "native":
+            return None
+        fields.update(zero_stage=s.zero.stage, offload=s.zero.offload_optimizer or s.zero.offload_params,
+                      bucket_mb=s.zero.bucket_mb)
+        return fields, world, 0
+    if isinstance(s, PipelineStrategy):
+        dims = s.resolved_dims
+        cfg = s.pipeline_config
+        if cfg.split_points is not None or cfg.balance != "params":
+            return None
+        fields.update(pp=dims.pp, tp=dims.tp, schedule=cfg.schedule, microbatches=cfg.resolved_microbatches,
+                      virtual_stages=cfg.num_virtual, zero_stage=s.zero_stage,
+                      sequence_parallel=bool(getattr(s, "sequence_parallel", False)))
+        return fields, dims.dp, s.coordinate("pp")
+    if isinstance(s, TensorParallelStrategy):
+        dims = s.resolved_dims
+        if s.plan is not None or s.shard_vocab:
+            return None
+        fields.update(tp=dims.tp, sequence_parallel=s.sequence_parallel)
+        return fields, dims.dp, 0
+    if isinstance(s, DDPStrategy):
+        return fields, world, 0
+    if isinstance(s, SingleDeviceStrategy):
+        fields.update(ddp_buckets=False)
+        return fields, 1, 0
+    return None
+
+
+def _optimizer_name(trainer: Any) -> str | None:
+    if len(trainer.optimizers) != 1:
+        return None
+    opt = trainer.optimizers[0]
+    opt = getattr(opt, "optim", opt)
+    if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+        return "adamw"
+    if isinstance(opt, torch.optim.SGD):
+        return "sgd_momentum" if opt.defaults.get("momentum", 0) else "sgd"
+    return None
+
 
 def predict_run(trainer: Any, pl_module: Any, batch: Any) -> dict[str, int] | None:
     """Planner prediction for this rank, in bytes: ``{"params", "grads", "optimizer", "activations"}``
     (device and host together), or None when the run's model or layout is not one the planner models."""
-    return None
+    from lightning_scale.core.planner import Hardware, Layout, ModelSpec, Workload, plan_memory
+    from lightning_scale.models.gpt import GPT, GPTConfig
+
+    network = getattr(pl_module, "model", None)
+    config = getattr(network, "config", None)
+    if not isinstance(network, GPT) or not isinstance(config, GPTConfig):
+        return None
+    tokens = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if not torch.is_tensor(tokens) or tokens.dim() != 2:
+        return None
+    layout = _layout(trainer)
+    optimizer = _optimizer_name(trainer)
+    if layout is None or optimizer is None:
+        return None
+    fields, dp, pp_rank = layout
+    b, s = tokens.shape  # this rank's batch: (B, T)
+    workload = Workload(batch_size=b * dp, seq_len=s, precision=str(trainer.precision), optimizer=optimizer)
+    hardware = Hardware(gpus=trainer.world_size, memory_gb=1.0)  # capacity is irrelevant here
+    plan = plan_memory(ModelSpec.from_gpt(config), workload, Layout(**fields), hardware)
+    rank = plan.ranks[pp_rank]
+    # Device and host together: the callback's counts include offloaded (CPU) tensors.
+    return {c: getattr(rank, c) + rank.host_by.get(c, 0) for c in ("params", "grads", "optimizer", "activations")}

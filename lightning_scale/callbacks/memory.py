@@ -1,0 +1,509 @@
+"""``MemoryAccountant``: where a rank's memory goes, measured on one sampled training step.
+
+Per rank, on the optimizer step with index ``sample_step`` (default 1: the first step that starts
+with optimizer state already allocated):
+
+* **model states** (parameters, gradients, optimizer state) are counted exactly from the tensors
+  in ``on_train_batch_end``, right after the optimizer step: the gradients of this step are still
+  alive there (Lightning clears them with ``set_to_none`` inside the *next* step's closure, after
+  its forward). Same rules as :func:`lightning_scale.core.memory.model_state_bytes`: each storage
+  once, DTensors by local shard, ZeRO-1/2 engine buffers (``strategy.engine().held_tensors()``)
+  and fairscale OSS partition state (``optimizer.optim``) included;
+* **activations** are the storages the training step's forward creates that are still alive when
+  the backward starts (:class:`~lightning_scale.core.activation_memory.HeldActivationMeter`, from
+  ``on_train_batch_start`` to ``on_before_backward`` of the sampled step's first micro-batch),
+  leaving out parameters, buffers, the batch, the loss and the values Lightning's ``self.log``
+  keeps. Pipeline strategies (``strategy.runtime``) run forward *and* backward inside the
+  training step, so there they are not measured (None, one warning);
+* **peak**: on CUDA the allocator's ``max_memory_allocated`` / ``max_memory_reserved`` of the
+  root device and ``num_alloc_retries``, reset at train start (the table refreshes them at the
+  end of fit). On CPU torch has no allocator peak: the figure is the exact tensor sum model
+  states + activations of the sampled step (gradients and activations summed, op temporaries
+  left out); process RSS is not used, it is not a tensor figure.
+
+Metric namespace (logged once, at the sampled step, to every Lightning logger, by rank 0; bytes):
+
+=====================================  =============================================================
+``memory/params_bytes``                rank 0's parameters (all devices)
+``memory/grads_bytes``                 rank 0's gradients, incl. sharding engines' gradient buffers
+``memory/optimizer_bytes``             rank 0's optimizer state (+ master copies not counted above)
+``memory/model_states_bytes``          the three above
+``memory/activations_bytes``           rank 0's held activations (absent when not measured)
+``memory/peak_bytes``                  CUDA: ``max_memory_allocated``; CPU: model states +
+                                       activations (absent when activations are not measured)
+``memory/peak_reserved_bytes``         CUDA only: ``max_memory_reserved``
+``memory/alloc_retries``               CUDA only: ``memory_stats()["num_alloc_retries"]``
+``memory/by_device/<cat>/<device>``    ``<cat>`` in params, grads, optimizer (device as ``cpu``,
+                                       ``cuda:0``) and activations (device type)
+``memory/by_dtype/<cat>/<dtype>``      params, grads, optimizer by dtype (``float32``, ...)
+``memory/<name>_max``                  max over ranks of params, grads, optimizer, model_states,
+                                       activations, peak (``_bytes`` names; one all-gather)
+``memory/peak_rank``                   the rank with the largest peak (or model states)
+``memory/predicted/<cat>_bytes``       the planner's prediction for rank 0
+                                       (:func:`lightning_scale.callbacks._run_layout.predict_run`),
+                                       when it models the run
+=====================================  =============================================================
+
+At the end of fit rank 0 prints a ``rich`` table (a measured and a predicted row per rank) and
+writes ``memory_per_rank.png`` (stacked bars per rank) to the run directory (``trainer.log_dir``,
+else ``trainer.default_root_dir``). On an out-of-memory error every failing rank writes
+``memory_oom_rank<R>.json`` there before the exception propagates.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from lightning_scale.core.activation_memory import HeldActivationMeter
+from lightning_scale.core.memory import CATEGORIES, _local, _tensors_in
+
+PARTS = ("params", "grads", "optimizer", "activations")
+PNG_NAME = "memory_per_rank.png"
+
+
+# -- exact counting -----------------------------------------------------------------------------
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def model_state_breakdown(
+    module: nn.Module,
+    optimizers: Iterable[torch.optim.Optimizer] = (),
+    extra: Mapping[str, Iterable[torch.Tensor]] | None = None,
+) -> dict[str, dict[tuple[str, str], int]]:
+    """``{category: {(device, dtype): bytes}}``: :func:`~lightning_scale.core.memory.model_state_bytes`
+    with a dtype key too (same tensors, same order, each storage once; a storage's dtype is that of
+    the first tensor seen on it). Summing over dtypes gives ``model_state_bytes`` exactly."""
+    extra = extra or {}
+    optimizers = list(optimizers)
+    seen: set[tuple[str, int]] = set()
+    out: dict[str, dict[tuple[str, str], int]] = {c: {} for c in CATEGORIES}
+
+    def add(category: str, tensors: Iterable[torch.Tensor]) -> None:
+        for t in tensors:
+            t = _local(t)
+            storage = t.untyped_storage()
+            key = (str(t.device), storage.data_ptr())
+            if storage.nbytes() == 0 or key in seen:
+                continue
+            seen.add(key)
+            slot = (str(t.device), _dtype_name(t.dtype))
+            out[category][slot] = out[category].get(slot, 0) + storage.nbytes()
+
+    opt_params = [p for o in optimizers for g in o.param_groups for p in g["params"]]
+    add("params", module.parameters())
+    add("grads", [p.grad for p in list(module.parameters()) + opt_params if p.grad is not None])
+    add("grads", extra.get("grads", ()))
+    add("optimizer", [t for o in optimizers for state in o.state.values() for t in _tensors_in(state)])
+    add("optimizer", opt_params)
+    add("optimizer", extra.get("optimizer", ()))
+    return out
+
+
+def _sum_by(breakdown: dict[tuple[str, str], int], index: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for key, nbytes in breakdown.items():
+        out[key[index]] = out.get(key[index], 0) + nbytes
+    return out
+
+
+def _state_sources(trainer: Any) -> tuple[list[torch.optim.Optimizer], dict[str, list[torch.Tensor]] | None]:
+    """The optimizers whose state to count (fairscale OSS: its partition's ``.optim``) and the
+    tensors a ZeRO engine holds outside them (``strategy.engine(optimizer).held_tensors()``)."""
+    raw = list(trainer.optimizers)
+    optimizers = [o.optim if isinstance(getattr(o, "optim", None), torch.optim.Optimizer) else o for o in raw]
+    engine_of = getattr(trainer.strategy, "engine", None)
+    if not callable(engine_of):
+        return optimizers, None
+    engines: list[Any] = []
+    for o in raw:
+        engine = engine_of(o)
+        if engine is not None and all(engine is not e for e in engines):
+            engines.append(engine)
+    if not engines and engine_of() is not None:
+        engines.append(engine_of())
+    extra: dict[str, list[torch.Tensor]] = {}
+    for engine in engines:
+        for category, tensors in engine.held_tensors().items():
+            extra.setdefault(category, []).extend(tensors)
+    return optimizers, extra or None
+
+
+def _logged_tensors(trainer: Any) -> list[torch.Tensor]:
+    """Tensors Lightning's ``self.log`` keeps (values, batch sizes, the step's cached value):
+    created inside the training step but not activations."""
+    out: list[torch.Tensor] = []
+    results = getattr(trainer, "_results", None)
+    if results is None:
+        return out
+    try:
+        for metric in results.values():
+            out.extend(v for v in vars(metric).values() if isinstance(v, torch.Tensor))
+    except Exception:  # noqa: BLE001 - a private Lightning structure: best effort
+        pass
+    return out
+
+
+def _created_by(meter: HeldActivationMeter, tensors: Iterable[torch.Tensor]) -> dict[str, int]:
+    """Bytes by device of the storages of ``tensors`` that ``meter`` saw created and still holds
+    (the same storage, not a later one at a reused address), each storage once."""
+    out: dict[str, int] = {}
+    seen: set[int] = set()
+    for t in tensors:
+        key = _local(t).untyped_storage()._cdata
+        known = meter._created.get(key)
+        if key in seen or known is None or known[0].expired():
+            continue
+        seen.add(key)
+        out[known[1]] = out.get(known[1], 0) + known[2]
+    return out
+
+
+def _batch_tensors(batch: Any) -> list[torch.Tensor]:
+    from torch.utils._pytree import tree_leaves
+
+    return [t for t in tree_leaves(batch) if isinstance(t, torch.Tensor)]
+
+
+def _is_oom(exception: BaseException) -> bool:
+    return isinstance(exception, torch.cuda.OutOfMemoryError) or (
+        isinstance(exception, RuntimeError) and "out of memory" in str(exception).lower())
+
+
+def _fmt(nbytes: int | None) -> str:
+    if nbytes is None:
+        return "-"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(nbytes) >= size:
+            return f"{nbytes / size:.1f} {unit}"
+    return f"{nbytes} B"
+
+
+class MemoryAccountant(Callback):
+    """Per-rank memory of parameters, gradients, optimizer state and activations, measured on one
+    sampled training step (see the module docstring for what is measured where, and the metrics).
+
+    Args:
+        sample_step: index of the optimizer step to measure (``trainer.global_step`` when the
+            step starts; 0 is the first step, whose forward runs before the optimizer state exists).
+        log: log the figures (``memory/...``) to the trainer's loggers (rank 0).
+        print_table: print a ``rich`` table of every rank's figures, measured and predicted, at
+            the end of fit (rank 0).
+        plot: write ``memory_per_rank.png`` (stacked bars per rank) to the run directory (rank 0).
+        oom_dump: on an out-of-memory error write ``memory_oom_rank<R>.json`` to the run directory.
+        dirpath: run directory for the PNG and the OOM dump; default ``trainer.log_dir``, else
+            ``trainer.default_root_dir``.
+
+    After fit, ``record`` holds this rank's figures and ``records`` every rank's (index = rank;
+    every rank has them), or None when training ended before the sampled step.
+    """
+
+    def __init__(self, sample_step: int = 1, log: bool = True, print_table: bool = True, plot: bool = True,
+                 oom_dump: bool = True, dirpath: str | None = None) -> None:
+        if isinstance(sample_step, bool) or not isinstance(sample_step, int) or sample_step < 0:
+            raise ValueError(f"sample_step must be an int >= 0 (the optimizer step to measure; 1 = the first step "
+                             f"with optimizer state); got {sample_step!r}")
+        for name, value in (("log", log), ("print_table", print_table), ("plot", plot), ("oom_dump", oom_dump)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False; got {value!r}")
+        if dirpath is not None and (not isinstance(dirpath, (str, Path)) or not str(dirpath)):
+            raise ValueError(f"dirpath must be a non-empty path or None (None: the trainer's log_dir); got {dirpath!r}")
+        self.sample_step = sample_step
+        self.log = log
+        self.print_table = print_table
+        self.plot = plot
+        self.oom_dump = oom_dump
+        self.dirpath = dirpath
+        self.record: dict[str, Any] | None = None
+        self.records: list[dict[str, Any]] | None = None
+        self.png_path: Path | None = None
+        self.oom_path: Path | None = None
+        self._warned_pipeline = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._meter: HeldActivationMeter | None = None
+        self._started = False  # the sampled step's first micro-batch has begun
+        self._activations: dict[str, int] | None = None
+        self._activations_note: str | None = None
+        self._measured_by: HeldActivationMeter | None = None
+        self._run_dir: Path | None = None
+
+    # -- fit -------------------------------------------------------------------------------------
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Every rank at the same point: trainer.log_dir is a collective (a broadcast) under some strategies.
+        self._reset()
+        self.record = self.records = None
+        self.png_path = self.oom_path = None
+        self._run_dir = Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir)
+        device = trainer.strategy.root_device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._started or trainer.global_step != self.sample_step:
+            return
+        self._started = True
+        if hasattr(trainer.strategy, "runtime"):
+            self._activations_note = "pipeline strategy: forward and backward run inside the training step"
+            if not self._warned_pipeline:
+                self._warned_pipeline = True
+                warnings.warn(f"MemoryAccountant: activations are not measured under {type(trainer.strategy).__name__}"
+                              f" (its schedule runs forward and backward inside the training step); memory/"
+                              f"activations_bytes and the CPU peak are omitted", stacklevel=2)
+            return
+        exclude = [*pl_module.parameters(), *pl_module.buffers(), *_batch_tensors(batch)]
+        self._meter = HeldActivationMeter(exclude=exclude)
+        self._meter.__enter__()  # closed in on_before_backward (or on_train_batch_end / on_exception)
+
+    def _close_meter(self) -> HeldActivationMeter | None:
+        meter, self._meter = self._meter, None
+        if meter is not None:
+            meter.__exit__(None, None, None)
+        return meter
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        meter = self._close_meter()
+        if meter is not None:
+            self._activations = meter.held(exclude=[loss, *_logged_tensors(trainer)])
+            self._measured_by = meter
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._close_meter() is not None:  # no backward ran (training_step returned None, manual optimization)
+            self._activations_note = "no backward ran in the sampled step"
+            warnings.warn("MemoryAccountant: the sampled step ran no backward (on_before_backward was not called); "
+                          "activations are not measured", stacklevel=2)
+        meter, self._measured_by = self._measured_by, None
+        if meter is not None and self._activations is not None:
+            # The step's outputs (Lightning's detached copy of the loss, returned extras) are not
+            # activations; they are reachable only here.
+            for device, nbytes in _created_by(meter, _batch_tensors(outputs)).items():
+                self._activations[device] -= nbytes
+        if not self._started or self.record is not None or trainer.global_step <= self.sample_step:
+            return  # not the sampled step, or an accumulation micro-batch before its optimizer step
+        self.record = self._measure(trainer, pl_module, batch)
+        self.records = self._gather(self.record)
+        if self.log and trainer.is_global_zero:
+            row = self._row(self.record, self.records)
+            for logger in trainer.loggers:
+                logger.log_metrics(row, step=trainer.global_step)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._close_meter()
+        if self.record is None:
+            if trainer.is_global_zero:
+                warnings.warn(f"MemoryAccountant: training ended before optimizer step {self.sample_step} finished; "
+                              f"nothing was measured (lower sample_step)", stacklevel=2)
+            return
+        if trainer.strategy.root_device.type == "cuda":  # the run's peak, not the sampled step's
+            self.record.update(self._cuda_peaks(trainer.strategy.root_device))
+            self.record["peak"] = self.record["cuda_max_allocated"]
+            self.records = self._gather(self.record)
+        if not trainer.is_global_zero:
+            return
+        if self.print_table:
+            self._print_table(self.records)
+        if self.plot:
+            try:
+                self.png_path = self._plot(self.records, self._run_dir or Path(trainer.default_root_dir))
+            except Exception as err:  # noqa: BLE001 - a chart must not fail the run
+                warnings.warn(f"MemoryAccountant: could not write {PNG_NAME} ({type(err).__name__}: {err})", stacklevel=2)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # Lightning re-raises the exception after this hook: write what is known, never swallow it.
+        self._close_meter()
+        if self.oom_dump and _is_oom(exception):
+            try:
+                self.oom_path = self._dump_oom(trainer, pl_module, exception)
+            except Exception as err:  # noqa: BLE001 - the OOM is the error to report
+                warnings.warn(f"MemoryAccountant: could not write the OOM dump ({type(err).__name__}: {err})",
+                              stacklevel=2)
+
+    # -- measuring ------------------------------------------------------------------------------
+    def _model_states(self, trainer, pl_module) -> dict[str, Any]:
+        optimizers, extra = _state_sources(trainer)
+        breakdown = model_state_breakdown(pl_module, optimizers, extra)
+        out: dict[str, Any] = {c: sum(breakdown[c].values()) for c in CATEGORIES}
+        out["by_device"] = {c: _sum_by(breakdown[c], 0) for c in CATEGORIES}
+        out["by_dtype"] = {c: _sum_by(breakdown[c], 1) for c in CATEGORIES}
+        return out
+
+    @staticmethod
+    def _cuda_peaks(device: torch.device) -> dict[str, int]:
+        stats = torch.cuda.memory_stats(device)
+        return {"cuda_max_allocated": int(torch.cuda.max_memory_allocated(device)),
+                "cuda_max_reserved": int(torch.cuda.max_memory_reserved(device)),
+                "alloc_retries": int(stats.get("num_alloc_retries", 0))}
+
+    def _measure(self, trainer, pl_module, batch) -> dict[str, Any]:
+        record: dict[str, Any] = {"rank": trainer.global_rank, "step": self.sample_step}
+        record.update(self._model_states(trainer, pl_module))
+        activations = self._activations
+        record["activations"] = sum(activations.values()) if activations is not None else None
+        record["by_device"]["activations"] = dict(activations) if activations is not None else None
+        record["activations_note"] = self._activations_note
+        device = trainer.strategy.root_device
+        if device.type == "cuda":
+            record.update(self._cuda_peaks(device))
+            record["peak"] = record["cuda_max_allocated"]
+            record["peak_kind"] = "cuda max_memory_allocated (root device)"
+        else:
+            states = record["params"] + record["grads"] + record["optimizer"]
+            record["peak"] = states + record["activations"] if activations is not None else None
+            record["peak_kind"] = "tensor sum: model states + activations"
+        record["predicted"] = self._predict(trainer, pl_module, batch)
+        return record
+
+    @staticmethod
+    def _predict(trainer, pl_module, batch) -> dict[str, int] | None:
+        from lightning_scale.callbacks._run_layout import predict_run
+
+        try:
+            predicted = predict_run(trainer, pl_module, batch)
+            if predicted is None:
+                return None
+            return {k: int(predicted[k]) for k in PARTS}
+        except Exception as err:  # noqa: BLE001 - a prediction must not stop training
+            warnings.warn(f"MemoryAccountant: the planner's prediction failed ({type(err).__name__}: {err}); "
+                          f"the predicted column is left empty", stacklevel=2)
+            return None
+
+    @staticmethod
+    def _gather(record: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every rank's record (a collective on every rank when torch.distributed is initialised)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return [record]
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, record)
+        return out
+
+    @staticmethod
+    def _row(record: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, float]:
+        row: dict[str, float] = {}
+        for c in CATEGORIES:
+            row[f"memory/{c}_bytes"] = record[c]
+        row["memory/model_states_bytes"] = sum(record[c] for c in CATEGORIES)
+        if record["activations"] is not None:
+            row["memory/activations_bytes"] = record["activations"]
+        if record["peak"] is not None:
+            row["memory/peak_bytes"] = record["peak"]
+        if "cuda_max_reserved" in record:
+            row["memory/peak_reserved_bytes"] = record["cuda_max_reserved"]
+            row["memory/alloc_retries"] = record["alloc_retries"]
+        for c, by in record["by_device"].items():
+            for device, nbytes in (by or {}).items():
+                row[f"memory/by_device/{c}/{device}"] = nbytes
+        for c, by in record["by_dtype"].items():
+            for dtype, nbytes in by.items():
+                row[f"memory/by_dtype/{c}/{dtype}"] = nbytes
+        for name in (*CATEGORIES, "activations", "peak"):
+            values = [r[name] for r in records]
+            if all(v is not None for v in values):
+                row[f"memory/{name}_bytes_max"] = max(values)
+        states = [sum(r[c] for c in CATEGORIES) for r in records]
+        row["memory/model_states_bytes_max"] = max(states)
+        peaks = [r["peak"] for r in records]
+        key = peaks if all(p is not None for p in peaks) else states
+        row["memory/peak_rank"] = key.index(max(key))
+        if record["predicted"] is not None:
+            for c in PARTS:
+                row[f"memory/predicted/{c}_bytes"] = record["predicted"][c]
+        return {k: float(v) for k, v in row.items()}
+
+    # -- reporting -------------------------------------------------------------------------------
+    @staticmethod
+    def _print_table(records: list[dict[str, Any]]) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        from rich import box
+
+        def mib(nbytes: int | None) -> str:
+            return "-" if nbytes is None else f"{nbytes / 2**20:,.2f}"
+
+        table = Table(title=f"MemoryAccountant: MiB per rank, optimizer step {records[0]['step']}",
+                      caption=f"peak: {records[0]['peak_kind']}", box=box.SIMPLE_HEAD, pad_edge=False)
+        for name in ("rank", "", "params", "grads", "optimizer", "activations", "total", "peak"):
+            table.add_column(name, justify="left" if name in ("rank", "") else "right", no_wrap=True)
+        for r in records:
+            parts = [r[p] for p in PARTS]
+            total = sum(p for p in parts if p is not None)
+            table.add_row(str(r["rank"]), "measured", *(mib(p) for p in parts), mib(total), mib(r["peak"]))
+            pred = r["predicted"]
+            cells = [mib(pred[p]) if pred else "-" for p in PARTS]
+            table.add_row("", "predicted", *cells, mib(sum(pred[p] for p in PARTS)) if pred else "-", "-")
+        Console().print(table)
+
+    @staticmethod
+    def _plot(records: list[dict[str, Any]], folder: Path) -> Path:
+        from matplotlib.figure import Figure  # no pyplot: the process's backend is left alone (Agg canvas)
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        colors = {"params": "#4c72b0", "grads": "#dd8452", "optimizer": "#55a868", "activations": "#c44e52"}
+        has_pred = any(r["predicted"] for r in records)
+        width = 0.38 if has_pred else 0.6
+        fig = Figure(figsize=(max(4.0, 1.2 * len(records) + 2), 4.0))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        mib = float(2**20)
+        for i, r in enumerate(records):
+            bars = [("measured", {p: r[p] for p in PARTS}, i - width / 2 if has_pred else i, None)]
+            if r["predicted"]:
+                bars.append(("predicted", r["predicted"], i + width / 2, "//"))
+            for _, parts, x, hatch in bars:
+                bottom = 0.0
+                for p in PARTS:
+                    value = parts.get(p)
+                    if not value:
+                        continue
+                    ax.bar(x, value / mib, width, bottom=bottom, color=colors[p], hatch=hatch, edgecolor="black",
+                           linewidth=0.5, label=p if i == 0 and hatch is None else None)
+                    bottom += value / mib
+        if has_pred:
+            from matplotlib.patches import Patch
+
+            handles, labels = ax.get_legend_handles_labels()
+            handles.append(Patch(facecolor="white", edgecolor="black", hatch="//"))
+            labels.append("predicted (hatched)")
+            ax.legend(handles, labels, fontsize=8)
+        else:
+            ax.legend(fontsize=8)
+        ax.set_xticks(range(len(records)), [f"rank {r['rank']}" for r in records])
+        ax.set_ylabel("MiB")
+        note = "" if all(r["activations"] is not None for r in records) else " (activations not measured)"
+        ax.set_title(f"memory per rank, optimizer step {records[0]['step']}{note}", fontsize=10)
+        fig.tight_layout()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / PNG_NAME
+        fig.savefig(path, dpi=100)
+        return path
+
+    def _dump_oom(self, trainer, pl_module, exception: BaseException) -> Path:
+        folder = self._run_dir or Path(self.dirpath or trainer.default_root_dir)  # no collective here
+        report: dict[str, Any] = {"rank": trainer.global_rank, "global_step": trainer.global_step,
+                                  "exception": f"{type(exception).__name__}: {exception}",
+                                  "sampled_step": self.record}
+        try:
+            report["model_states_now"] = self._model_states(trainer, pl_module) if pl_module is not None else None
+        except Exception as err:  # noqa: BLE001
+            report["model_states_now"] = f"not counted: {type(err).__name__}: {err}"
+        device = trainer.strategy.root_device
+        if device.type == "cuda":
+            report["cuda"] = {**self._cuda_peaks(device), "allocated": int(torch.cuda.memory_allocated(device)),
+                              "reserved": int(torch.cuda.memory_reserved(device)),
+                              "memory_summary": torch.cuda.memory_summary(device)}
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"memory_oom_rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(report, indent=2, default=str))
+        warnings.warn(f"MemoryAccountant: out of memory on rank {trainer.global_rank}; wrote {path}", stacklevel=2)
+        return path
+

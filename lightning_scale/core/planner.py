@@ -1,0 +1,473 @@
+"""The memory planner: per-device memory of a training layout, whether it fits, and the fastest
+layout that does. Torch only (no Lightning); the CLI is ``lightning-scale plan``.
+
+A prediction is the sum, per pipeline rank (tensor- and data-parallel ranks of one pipeline
+rank hold the same amounts), of
+
+* model states (:mod:`lightning_scale.core.model_states`): exact for the suite's GPT (built on
+  the ``meta`` device and split / sharded / padded as the strategies do), the ZeRO paper's
+  closed forms for a model given only by its parameter count;
+* activations (:mod:`lightning_scale.core.activation_model`): Korthikanti et al.'s per-layer
+  inventory for the suite's kernels, times the microbatches the pipeline schedule keeps in
+  flight, under the activation-checkpointing policy;
+* transient buffers: one recomputed layer (full / selective checkpointing), ZeRO-3's gathered
+  parameters, ZeRO-2's staging bucket, torch DDP's gradient buckets.
+
+**Units**: bytes; tables print GB = 1e9 bytes (the ZeRO paper's unit). A device "fits" when the
+peak is at most ``memory_gb * 1e9 * (1 - reserve_fraction)``; the reserve (default 10%) stands
+for the CUDA context, communication buffers and allocator fragmentation, which no tensor count
+sees. It is an assumption, not a measurement.
+
+**Recommendation** (:func:`recommend`): candidate layouts in a fixed order of expected speed,
+first the one that fits: plain data parallelism; ZeRO-1, -2, -3; each again with selective then
+full activation checkpointing; then tensor parallelism inside a node (with sequence
+parallelism), then pipeline stages; CPU offload last (its optimizer step runs on the host, over
+PCIe). That order is the usual practice (DeepSpeed's and Megatron's guides), not a measurement
+of this machine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lightning_scale.core.activation_model import (
+    AC_POLICIES,
+    SCHEDULES,
+    ActivationModel,
+    in_flight_microbatches,
+    model_activation_bytes,
+)
+from lightning_scale.core.model_states import (
+    OPTIMIZERS,
+    StateBytes,
+    psi_model_states,
+    rank_model_states,
+    rank_parameters,
+)
+
+GB = 1e9
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSpec:
+    """A GPT-style decoder: the shapes activations depend on, and the parameter count.
+
+    Build it with :meth:`from_gpt` (exact model states: the suite's GPT on the meta device) or
+    directly from the dimensions and ``params`` (the ZeRO paper's closed forms).
+    """
+
+    n_layer: int
+    hidden: int
+    heads: int
+    vocab: int
+    mlp_hidden: int
+    params: int
+    dropout: bool = False
+    gpt: Any = None  # a lightning_scale.models.GPTConfig: enables the exact per-rank parameter count
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "hidden", "heads", "vocab", "mlp_hidden", "params"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ModelSpec.{name} must be a positive integer; got {value!r}")
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+
+    @classmethod
+    def from_gpt(cls, config: Any) -> ModelSpec:
+        from lightning_scale.models.gpt import GPTConfig, gpt_param_count
+
+        if isinstance(config, str):
+            config = GPTConfig.from_preset(config)
+        elif isinstance(config, dict):
+            config = GPTConfig(**config)
+        return cls(n_layer=config.n_layer, hidden=config.n_embd, heads=config.n_head, vocab=config.vocab_size,
+                   mlp_hidden=config.mlp_hidden, params=gpt_param_count(config), dropout=config.dropout > 0,
+                   gpt=config)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """``batch_size``: sequences per optimizer step over all data-parallel replicas (global)."""
+
+    batch_size: int
+    seq_len: int
+    precision: str = "bf16-mixed"
+    optimizer: str = "adamw"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.seq_len < 1:
+            raise ValueError(f"batch_size and seq_len must be >= 1; got {self.batch_size}, {self.seq_len}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {self.optimizer!r}")
+        ActivationModel.for_precision(self.precision)  # validates the precision string
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """``gpus`` devices of ``memory_gb`` GB each (GB = 1e9 bytes), ``gpus_per_node`` per node."""
+
+    gpus: int
+    memory_gb: float
+    name: str = "custom"
+    gpus_per_node: int = 8
+    reserve_fraction: float = 0.10
+
+    def __post_init__(self) -> None:
+        if self.gpus < 1 or self.memory_gb <= 0 or self.gpus_per_node < 1:
+            raise ValueError(f"gpus, memory_gb and gpus_per_node must be positive; got {self.gpus}, {self.memory_gb}, {self.gpus_per_node}")
+        if not 0 <= self.reserve_fraction < 1:
+            raise ValueError(f"reserve_fraction must be in [0, 1); got {self.reserve_fraction}")
+
+    @property
+    def usable_bytes(self) -> float:
+        return self.memory_gb * GB * (1 - self.reserve_fraction)
+
+    @classmethod
+    def named(cls, gpu: str, gpus: int, **kwargs: Any) -> Hardware:
+        """``gpu`` as ``"A100-80GB"``, ``"H100"`` (one memory size) or a row of the peak-FLOPs table."""
+        from lightning_scale.core.peak_flops import PEAKS
+
+        name, _, mem = gpu.partition("-")
+        mem = mem.upper().removesuffix("GB")
+        for row in PEAKS:
+            if row.device.lower().replace(" ", "") in (name.lower(), gpu.lower().replace(" ", "")) or name.lower() == row.device.split()[0].lower():
+                if mem:
+                    if float(mem) not in row.memory_gb:
+                        raise ValueError(f"{row.device} comes with {row.memory_gb} GB, not {mem}; write e.g. {row.device.split()[0]}-{int(row.memory_gb[-1])}GB")
+                    return cls(gpus=gpus, memory_gb=float(mem), name=f"{row.device} {mem}GB", **kwargs)
+                if len(row.memory_gb) > 1:
+                    raise ValueError(f"{row.device} comes with {row.memory_gb} GB: write e.g. {row.device.split()[0]}-{int(row.memory_gb[-1])}GB")
+                return cls(gpus=gpus, memory_gb=float(row.memory_gb[0]), name=row.device, **kwargs)
+        known = ", ".join(r.device for r in PEAKS)
+        raise ValueError(f"unknown GPU {gpu!r}; known: {known}; or give the memory size (memory_gb / --gpu-memory-gb)")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A parallel layout. ``dp`` is derived: gpus / (tp x pp)."""
+
+    tp: int = 1
+    pp: int = 1
+    zero_stage: int = 0
+    offload: bool = False
+    sequence_parallel: bool = False
+    schedule: str = "1f1b"
+    microbatches: int | None = None  # default 2 x pp x v (the strategy's default)
+    virtual_stages: int = 1
+    ac: str = "none"
+    ac_every: int = 2
+    bucket_mb: float = 25.0
+    ddp_buckets: bool = True  # stage 0 as Lightning's "ddp" (torch DDP keeps a gradient copy in its buckets)
+
+    def __post_init__(self) -> None:
+        if self.tp < 1 or self.pp < 1:
+            raise ValueError(f"tp and pp must be >= 1; got tp={self.tp}, pp={self.pp}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3; got {self.zero_stage!r}")
+        if self.zero_stage in (1, 2) and (self.tp > 1 or self.pp > 1):
+            raise ValueError(
+                "ZeRO-1/2 runs on plain data parallelism here (ZeroStrategy); with tp or pp > 1 use zero_stage=3 "
+                "(FSDP2 on the dp dimension) or 0"
+            )
+        if self.offload and self.zero_stage == 0:
+            raise ValueError("offload needs ZeRO (zero_stage 1, 2 or 3)")
+        if self.offload and self.pp > 1:
+            raise ValueError("offload is not available inside the pipeline strategy; use pp=1")
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("sequence_parallel needs tp > 1")
+        if self.pp > 1 and self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES} for planning; got {self.schedule!r}")
+        if self.schedule == "interleaved_1f1b" and self.virtual_stages < 2:
+            raise ValueError("interleaved_1f1b needs virtual_stages >= 2")
+        if self.schedule != "interleaved_1f1b" and self.virtual_stages != 1:
+            raise ValueError(f"schedule {self.schedule!r} has one stage per rank: virtual_stages must be 1")
+        if self.ac not in AC_POLICIES:
+            raise ValueError(f"ac must be one of {AC_POLICIES}; got {self.ac!r}")
+
+    @property
+    def m(self) -> int:
+        if self.pp == 1:
+            return 1
+        return self.microbatches if self.microbatches is not None else 2 * self.pp * self.virtual_stages
+
+    def describe(self, dp: int) -> str:
+        parts = [f"dp{dp}"]
+        if self.zero_stage:
+            parts.append(f"zero{self.zero_stage}" + ("+offload" if self.offload else ""))
+        if self.tp > 1:
+            parts.append(f"tp{self.tp}" + ("+sp" if self.sequence_parallel else ""))
+        if self.pp > 1:
+            v = f" v{self.virtual_stages}" if self.virtual_stages > 1 else ""
+            parts.append(f"pp{self.pp} {self.schedule}{v} m{self.m}")
+        if self.ac != "none":
+            parts.append(f"ac={self.ac}" + (f"({self.ac_every})" if self.ac == "every_k" else ""))
+        return " ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class RankMemory:
+    """One pipeline rank's bytes (every tp x dp rank of it holds the same)."""
+
+    pp_rank: int
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    transient: int
+    host: int  # offloaded optimizer state / parameters / activations (CPU memory)
+    layers: list[int] = field(default_factory=list)
+    in_flight: int = 1
+    detail: dict[str, int] = field(default_factory=dict)  # transient buffers by name
+    host_by: dict[str, int] = field(default_factory=dict)  # host bytes by category (params, grads, optimizer, activations)
+
+    @property
+    def model_states(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+    @property
+    def peak(self) -> int:
+        return self.model_states + self.activations + self.transient
+
+
+@dataclass
+class MemoryPlan:
+    model: ModelSpec
+    workload: Workload
+    layout: Layout
+    hardware: Hardware
+    dp: int
+    microbatch_size: int
+    ranks: list[RankMemory]
+    exact_states: bool  # True: model states counted from the model's own parameters
+
+    @property
+    def worst(self) -> RankMemory:
+        return max(self.ranks, key=lambda r: r.peak)
+
+    @property
+    def fits(self) -> bool:
+        return self.worst.peak <= self.hardware.usable_bytes
+
+    def summary(self) -> str:
+        w = self.worst
+        verdict = "fits" if self.fits else "does NOT fit"
+        return (f"{self.layout.describe(self.dp)}: peak {w.peak / GB:.2f} GB per device (pp rank {w.pp_rank}) "
+                f"vs {self.hardware.usable_bytes / GB:.1f} GB usable on {self.hardware.name} -> {verdict}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layout": self.layout.describe(self.dp), "dp": self.dp, "fits": self.fits,
+            "usable_bytes": self.hardware.usable_bytes, "microbatch_size": self.microbatch_size,
+            "exact_states": self.exact_states, "layout_fields": asdict(self.layout),
+            "ranks": [{**{k: v for k, v in asdict(r).items()}, "peak": r.peak} for r in self.ranks],
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning
+# ----------------------------------------------------------------------------------------------
+def _divisible(model: ModelSpec, workload: Workload, layout: Layout, hardware: Hardware) -> tuple[int, int]:
+    """(dp, microbatch size); raises on sizes that do not divide."""
+    tp, pp = layout.tp, layout.pp
+    if hardware.gpus % (tp * pp):
+        raise ValueError(f"{hardware.gpus} GPUs are not divisible by tp x pp = {tp} x {pp}")
+    dp = hardware.gpus // (tp * pp)
+    if layout.zero_stage and dp == 1 and not layout.offload:
+        raise ValueError(
+            "ZeRO shards over data-parallel ranks and dp = gpus / (tp x pp) is 1: use zero_stage=0, more GPUs, "
+            "or offload=True (ZeRO-Offload also helps one GPU)"
+        )
+    for name, size in (("heads", model.heads), ("hidden", model.hidden), ("mlp_hidden", model.mlp_hidden)):
+        if size % tp:
+            raise ValueError(f"{name}={size} is not divisible by tp={tp}")
+    if layout.sequence_parallel and workload.seq_len % tp:
+        raise ValueError(f"sequence parallel needs seq_len ({workload.seq_len}) divisible by tp={tp}")
+    if workload.batch_size % dp:
+        raise ValueError(f"global batch {workload.batch_size} is not divisible by dp={dp}")
+    per_replica = workload.batch_size // dp
+    if pp > 1:
+        if layout.pp * layout.virtual_stages > model.n_layer:
+            raise ValueError(f"pp x v = {layout.pp * layout.virtual_stages} stages but only {model.n_layer} layers")
+        if per_replica % layout.m:
+            raise ValueError(f"per-replica batch {per_replica} is not divisible by {layout.m} microbatches")
+        if layout.m < pp:
+            raise ValueError(f"{layout.m} microbatches < {pp} stages; use microbatches >= {pp}")
+        return dp, per_replica // layout.m
+    return dp, per_replica
+
+
+def _stage_layers(model: ModelSpec, layout: Layout) -> list[tuple[list[int], bool, bool]]:
+    """Per pipeline rank: (layer indices, holds the embeddings, holds the head)."""
+    if layout.pp == 1:
+        return [(list(range(model.n_layer)), True, True)]
+    if model.gpt is not None:
+        from lightning_scale.core.pipeline import PipelineConfig, plan_pipeline
+
+        net = _meta_gpt(model.gpt)
+        plan = plan_pipeline(net, PipelineConfig(stages=layout.pp, schedule=layout.schedule, microbatches=layout.m,
+                                                 virtual_stages=layout.virtual_stages))
+        out = []
+        for r in range(layout.pp):
+            stages = [s for s, owner in enumerate(plan.stage_ranks) if owner == r]
+            layers = [int(k) for s in stages for k in plan.stage_keys[s]]
+            out.append((layers, 0 in stages, plan.num_stages - 1 in stages))
+        return out
+    # Dimensions only: an even split (the first ranks take one extra layer when L % (p v) != 0).
+    total = layout.pp * layout.virtual_stages
+    bounds = [round(i * model.n_layer / total) for i in range(total + 1)]
+    stage_ranks = [s % layout.pp for s in range(total)]
+    return [([i for s in range(total) if stage_ranks[s] == r for i in range(bounds[s], bounds[s + 1])], r == 0,
+             r == stage_ranks[-1]) for r in range(layout.pp)]
+
+
+_META_CACHE: dict[str, Any] = {}
+
+
+def _meta_gpt(config: Any) -> Any:
+    import torch
+
+    from lightning_scale.models.gpt import GPT
+
+    key = repr(config)
+    if key not in _META_CACHE:
+        with torch.device("meta"):
+            _META_CACHE[key] = GPT(config)
+    return _META_CACHE[key]
+
+
+def _states(model: ModelSpec, workload: Workload, layout: Layout, dp: int, pp_rank: int) -> StateBytes:
+    if model.gpt is None:
+        # Closed form; the pipeline and TP split are taken as even (embeddings make them uneven).
+        psi = math.ceil(model.params / (layout.tp * layout.pp))
+        return psi_model_states(psi, dp, layout.zero_stage, precision=workload.precision, optimizer=workload.optimizer,
+                                offload=layout.offload)
+    from lightning_scale.core.tensor_parallel import gpt_tp_plan
+
+    params = rank_parameters(_meta_gpt(model.gpt), pp=layout.pp, pp_rank=pp_rank, schedule=layout.schedule,
+                             virtual_stages=layout.virtual_stages if layout.pp > 1 else None,
+                             microbatches=layout.m if layout.pp > 1 else None, tp=layout.tp,
+                             tp_plan=gpt_tp_plan(layout.sequence_parallel) if layout.tp > 1 else None)
+    return rank_model_states(params, dp, layout.zero_stage, precision=workload.precision, optimizer=workload.optimizer,
+                             offload=layout.offload, bucket_mb=layout.bucket_mb,
+                             ddp_buckets=layout.ddp_buckets and layout.tp == 1 and layout.pp == 1)
+
+
+def plan_memory(model: ModelSpec, workload: Workload, layout: Layout, hardware: Hardware) -> MemoryPlan:
+    """Per-device memory of ``layout`` (see the module docstring)."""
+    dp, b = _divisible(model, workload, layout, hardware)
+    am = ActivationModel.for_precision(workload.precision, dropout=model.dropout)
+    ranks = []
+    for r, (layers, first, last) in enumerate(_stage_layers(model, layout)):
+        if layout.pp > 1:
+            in_flight = in_flight_microbatches(layout.schedule, layout.pp, layout.m, r, layout.virtual_stages)
+            per_chunk = 1 / layout.virtual_stages  # interleaved: in-flight counts chunk-microbatches
+        else:
+            in_flight, per_chunk = 1, 1.0
+        act = model_activation_bytes(b=b, s=workload.seq_len, h=model.hidden, a=model.heads, f=model.mlp_hidden,
+                                     vocab=model.vocab, layers=layers, n_layer=model.n_layer, t=layout.tp,
+                                     sp=layout.sequence_parallel, policy=layout.ac, every=layout.ac_every, model=am,
+                                     first=first, last=last, in_flight=1)
+        device_act = act.device * in_flight * per_chunk
+        host_act = act.host * in_flight * per_chunk
+        states = _states(model, workload, layout, dp, r)
+        transient = dict(states.transient)
+        if act.recompute_peak:
+            transient["one recomputed layer"] = int(act.recompute_peak)
+        # The logits (b s V in the compute dtype) live until the loss is computed.
+        if last:
+            transient["logits"] = b * workload.seq_len * model.vocab * am.act_bytes
+        ranks.append(RankMemory(
+            pp_rank=r,
+            params=states.total("params", "device"), grads=states.total("grads", "device"),
+            optimizer=states.total("optimizer", "device"), activations=int(device_act),
+            transient=int(sum(transient.values())), host=int(states.total(where="host") + host_act),
+            layers=layers, in_flight=in_flight, detail={k: int(v) for k, v in transient.items()},
+            host_by={**{c: states.total(c, "host") for c in ("params", "grads", "optimizer")}, "activations": int(host_act)},
+        ))
+    return MemoryPlan(model, workload, layout, hardware, dp, b, ranks, exact_states=model.gpt is not None)
+
+
+def candidate_layouts(model: ModelSpec, workload: Workload, hardware: Hardware) -> list[Layout]:
+    """Layouts in the order :func:`recommend` tries them (fastest expected first)."""
+    g = hardware.gpus
+    out: list[tuple[tuple, Layout]] = []
+    tps = [t for t in (1, 2, 4, 8) if t <= min(g, hardware.gpus_per_node) and g % t == 0]
+    for tp in tps:
+        for pp in [p for p in range(1, model.n_layer + 1) if g % (tp * p) == 0]:
+            dp = g // (tp * pp)
+            per_replica = workload.batch_size // dp if workload.batch_size % dp == 0 else 0
+            if not per_replica:
+                continue
+            stages = (0, 1, 2, 3) if (tp == 1 and pp == 1) else (0, 3)
+            for zero in stages:
+                for offload in ((False, True) if zero and pp == 1 else (False,)):
+                    if zero and dp == 1 and not offload:
+                        continue
+                    for rank_ac, ac in enumerate(("none", "selective", "full")):
+                        m = per_replica if pp > 1 else None  # microbatch size 1: the least activation memory
+                        if pp > 1 and (m is None or m < pp):
+                            continue
+                        layout = Layout(tp=tp, pp=pp, zero_stage=zero, offload=offload, sequence_parallel=tp > 1,
+                                        schedule="1f1b", microbatches=m, ac=ac)
+                        key = (offload, tp * pp, pp, zero, rank_ac)
+                        out.append((key, layout))
+    return [layout for _, layout in sorted(out, key=lambda kv: kv[0])]
+
+
+def recommend(model: ModelSpec, workload: Workload, hardware: Hardware, limit: int = 5) -> list[MemoryPlan]:
+    """Up to ``limit`` layouts that fit, fastest expected first (empty: nothing fits)."""
+    found = []
+    for layout in candidate_layouts(model, workload, hardware):
+        try:
+            plan = plan_memory(model, workload, layout, hardware)
+        except ValueError:
+            continue  # sizes that do not divide for this layout
+        if plan.fits:
+            found.append(plan)
+            if len(found) == limit:
+                break
+    return found
+
+
+# ----------------------------------------------------------------------------------------------
+# Presentation
+# ----------------------------------------------------------------------------------------------
+def plan_table(plans: list[MemoryPlan], title: str) -> Any:
+    """A rich table: one row per (layout, pipeline rank), GB per device."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("layout", "pp rank", "params", "grads", "optimizer", "activations", "transient", "peak", "host", "fits"):
+        table.add_column(col, justify="left" if col == "layout" else "right")
+    for plan in plans:
+        for r in plan.ranks:
+            table.add_row(
+                plan.layout.describe(plan.dp), str(r.pp_rank),
+                *(f"{x / GB:.3f}" for x in (r.params, r.grads, r.optimizer, r.activations, r.transient, r.peak, r.host)),
+                ("yes" if r.peak <= plan.hardware.usable_bytes else "NO"),
+            )
+    return table
+
+
+__all__ = [
+    "GB",
+    "Hardware",
+    "Layout",
+    "MemoryPlan",
+    "ModelSpec",
+    "RankMemory",
+    "Workload",
+    "candidate_layouts",
+    "plan_memory",
+    "plan_table",
+    "recommend",
+]

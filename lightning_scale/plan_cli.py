@@ -1,0 +1,143 @@
+"""``lightning-scale plan``: the memory planner from the command line.
+
+Examples::
+
+    lightning-scale plan --model gpt2-xl --batch-size 64 --seq-len 1024 --gpus 8 --gpu A10G
+    lightning-scale plan --recipe recipes/gpt/nano-cpu.yaml --gpus 2 --gpu-memory-gb 0.05
+    lightning-scale plan --layers 32 --hidden 4096 --heads 32 --vocab 50304 --params 8e9 \\
+        --batch-size 1 --seq-len 2048 --precision mixed --gpus 1 --gpu H100 --strategy ddp
+
+It prints the asked layout's per-device memory and, below it, the fastest layouts that fit
+(:func:`lightning_scale.core.planner.recommend`). ``--json FILE`` writes both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from lightning_scale.core.planner import Hardware, Layout, ModelSpec, Workload, plan_memory, plan_table, recommend
+
+_STRATEGY_STAGE = {"ddp": (0, False), "zero1": (1, False), "zero2": (2, False), "zero3": (3, False),
+                   "zero1_offload": (1, True), "zero2_offload": (2, True), "zero3_offload": (3, True)}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lightning-scale plan", description="Predict per-GPU memory of a training layout.")
+    m = p.add_argument_group("model (one of --model, --recipe, or the dimensions)")
+    m.add_argument("--model", help="a GPT preset (tiny, nano, micro, gpt2, gpt2-medium, gpt2-large, gpt2-xl)")
+    m.add_argument("--recipe", help="a LightningCLI recipe YAML with a GPT model (model, batch, devices, strategy, precision)")
+    for name in ("layers", "hidden", "heads", "vocab", "mlp-hidden"):
+        m.add_argument(f"--{name}", type=int)
+    m.add_argument("--params", type=float, help="parameter count Psi (with the dimensions; e.g. 7.5e9)")
+    w = p.add_argument_group("workload")
+    w.add_argument("--batch-size", type=int, help="global sequences per optimizer step")
+    w.add_argument("--seq-len", type=int)
+    w.add_argument("--precision", default=None, help="32-true, bf16-mixed, 16-mixed, bf16-true, 16-true, mixed")
+    w.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd", "sgd_momentum"])
+    h = p.add_argument_group("hardware")
+    h.add_argument("--gpus", type=int)
+    h.add_argument("--gpu", help="A100-80GB, A100-40GB, H100, H200, L4, L40S, A10G, T4, V100-32GB, MI300X")
+    h.add_argument("--gpu-memory-gb", type=float, help="device memory in GB (1e9 bytes) instead of --gpu")
+    h.add_argument("--gpus-per-node", type=int, default=8)
+    h.add_argument("--reserve", type=float, default=0.10, help="fraction of memory kept free (context, fragmentation)")
+    s = p.add_argument_group("layout")
+    s.add_argument("--strategy", default=None, choices=sorted(_STRATEGY_STAGE))
+    s.add_argument("--tp", type=int, default=None)
+    s.add_argument("--pp", type=int, default=None)
+    s.add_argument("--sp", action="store_true", help="sequence parallel (with --tp)")
+    s.add_argument("--schedule", default="1f1b", choices=["gpipe", "1f1b", "interleaved_1f1b"])
+    s.add_argument("--microbatches", type=int)
+    s.add_argument("--virtual-stages", type=int, default=None)
+    s.add_argument("--ac", default="none", choices=["none", "full", "selective", "every_k", "offload"])
+    s.add_argument("--ac-every", type=int, default=2)
+    p.add_argument("--top", type=int, default=5, help="layouts to recommend")
+    p.add_argument("--json", help="also write the plans to this JSON file")
+    return p
+
+
+def _from_recipe(path: str) -> dict[str, Any]:
+    """Model, batch and layout fields from a recipe (only what the planner needs)."""
+    import yaml
+
+    from lightning_scale.models.gpt import GPTConfig
+
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    model_args = (cfg.get("model") or {}).get("init_args", {}).get("model")
+    if not isinstance(model_args, dict):
+        raise SystemExit(f"{path}: no model.init_args.model GPT config found; give --model or the dimensions instead")
+    gpt = GPTConfig(**model_args)
+    trainer = cfg.get("trainer") or {}
+    data = (cfg.get("data") or {}).get("init_args", {})
+    devices = trainer.get("devices", 1)
+    devices = devices if isinstance(devices, int) else 1
+    out: dict[str, Any] = {"gpt": gpt, "seq_len": data.get("block_size", gpt.block_size), "gpus": devices,
+                           "batch_size": data.get("batch_size", 1) * devices, "precision": str(trainer.get("precision", "32-true"))}
+    strategy = trainer.get("strategy", "ddp")
+    if isinstance(strategy, str) and strategy in _STRATEGY_STAGE:
+        out["strategy"] = strategy
+    return out
+
+
+def _inputs(a: argparse.Namespace) -> tuple[ModelSpec, Workload, Layout, Hardware]:
+    recipe = _from_recipe(a.recipe) if a.recipe else {}
+    if recipe:
+        model = ModelSpec.from_gpt(recipe["gpt"])
+    elif a.model:
+        model = ModelSpec.from_gpt(a.model)
+    elif all(getattr(a, k) for k in ("layers", "hidden", "heads", "vocab", "params")):
+        model = ModelSpec(n_layer=a.layers, hidden=a.hidden, heads=a.heads, vocab=a.vocab,
+                          mlp_hidden=a.mlp_hidden or 4 * a.hidden, params=int(a.params))
+    else:
+        raise SystemExit("give --model PRESET, --recipe YAML, or --layers --hidden --heads --vocab --params")
+    seq = a.seq_len or recipe.get("seq_len") or (model.gpt.block_size if model.gpt is not None else None)
+    batch = a.batch_size or recipe.get("batch_size")
+    if not seq or not batch:
+        raise SystemExit("give --batch-size (global sequences per step) and --seq-len")
+    workload = Workload(batch_size=batch, seq_len=seq, precision=a.precision or recipe.get("precision", "bf16-mixed"),
+                        optimizer=a.optimizer)
+    gpus = a.gpus or recipe.get("gpus")
+    if not gpus:
+        raise SystemExit("give --gpus")
+    if a.gpu_memory_gb:
+        hardware = Hardware(gpus=gpus, memory_gb=a.gpu_memory_gb, name=f"{a.gpu_memory_gb:g} GB device",
+                            gpus_per_node=a.gpus_per_node, reserve_fraction=a.reserve)
+    elif a.gpu:
+        hardware = Hardware.named(a.gpu, gpus, gpus_per_node=a.gpus_per_node, reserve_fraction=a.reserve)
+    else:
+        raise SystemExit("give --gpu NAME or --gpu-memory-gb")
+    stage, offload = _STRATEGY_STAGE[a.strategy or recipe.get("strategy", "ddp")]
+    v = a.virtual_stages or (2 if a.schedule == "interleaved_1f1b" else 1)
+    layout = Layout(tp=a.tp or 1, pp=a.pp or 1, zero_stage=stage, offload=offload, sequence_parallel=a.sp,
+                    schedule=a.schedule, microbatches=a.microbatches, virtual_stages=v, ac=a.ac, ac_every=a.ac_every)
+    return model, workload, layout, hardware
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    from rich.console import Console
+
+    a = _parser().parse_args(args)
+    try:
+        model, workload, layout, hardware = _inputs(a)
+        asked = plan_memory(model, workload, layout, hardware)
+    except ValueError as err:
+        raise SystemExit(f"lightning-scale plan: {err}") from None
+    console = Console(width=160)
+    psi = f"{model.params / 1e9:.3f}B parameters" if model.params >= 1e8 else f"{model.params:,} parameters"
+    console.print(f"model: {psi}, {model.n_layer} layers, hidden {model.hidden}; batch {workload.batch_size} x "
+                  f"{workload.seq_len} tokens, {workload.precision}, {workload.optimizer}; {hardware.gpus} x {hardware.name}")
+    console.print(plan_table([asked], "asked layout (GB = 1e9 bytes, per device)"))
+    console.print(asked.summary())
+    found = recommend(model, workload, hardware, limit=a.top)
+    if found:
+        console.print(plan_table(found, "fastest layouts that fit (expected speed order)"))
+        console.print(f"recommended: {found[0].layout.describe(found[0].dp)}")
+    else:
+        console.print("no layout fits: add GPUs, use larger GPUs, or shorten the sequence / batch")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"asked": asked.to_dict(), "recommended": [p.to_dict() for p in found]}, f, indent=1)
+    return 0
