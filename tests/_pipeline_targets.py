@@ -132,10 +132,22 @@ def fit(strategy_kwargs: dict, steps: int, batch_size: int, accumulate: int = 1,
     held = {"params": sum(local(p).numel() for p in task.parameters()), "params_full": sum(p.numel() for p in task.parameters()),
             "optim": sum(local(v).numel() for st in trainer.optimizers[0].state.values() for v in st.values()
                          if isinstance(v, torch.Tensor) and v.dim() > 0)}
+    from lightning_scale.callbacks._run_layout import predict_run
     from lightning_scale.core.activation_checkpointing import checkpointed_modules
+    from lightning_scale.core.memory import model_state_bytes
+
+    # Model-state bytes this rank holds after the last step (grads of that step still present),
+    # and the memory planner's prediction for this rank's layout.
+    engine = getattr(trainer.strategy, "engine", None)
+    engine = engine() if callable(engine) else None
+    counts = model_state_bytes(task, [getattr(o, "optim", o) for o in trainer.optimizers],
+                               engine.held_tensors() if engine is not None else None)
+    state_bytes = {c: sum(v.values()) for c, v in counts.items()}
+    predicted = predict_run(trainer, task, (torch.zeros(batch_size, 16, dtype=torch.long),))
 
     return {"losses": rec.losses, "lrs": rec.lrs, "adam": rec.adam, "state": state, "global_step": trainer.global_step,
-            "held": held, "checkpointed": checkpointed_modules(task.model),
+            "held": held, "checkpointed": checkpointed_modules(task.model), "state_bytes": state_bytes,
+            "predicted": predicted,
             "sample_losses": getattr(strategy, "_test_probe", None)}
 
 

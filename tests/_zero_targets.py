@@ -30,6 +30,9 @@ def memory(zero: dict, steps: int = 2) -> dict:
             # fairscale's OSS keeps the state in its partition's optimizer (``.optim``).
             optimizers = [getattr(o, "optim", o) for o in trainer.optimizers]
             out["counts"] = model_state_bytes(pl_module, optimizers, extra)
+            from lightning_scale.callbacks._run_layout import predict_run
+
+            out["predicted"] = predict_run(trainer, pl_module, batch)  # the memory planner, for this rank
             if engine is not None:
                 out["psi_padded"] = engine.padded_numel()
                 out["buckets"] = len(engine.specs)

@@ -83,6 +83,8 @@ def test_model_state_bytes_equal_the_zero_formulas(world: int, zero: dict) -> No
             assert r["psi"] <= r["psi_padded"] < r["psi"] + world * r["buckets"]
         counts = {c: sum(per_device.values()) for c, per_device in r["counts"].items()}
         assert counts == _expected(zero, r, world), f"rank {rank}: {r['counts']} (psi {r['psi']})"
+        # The memory planner (lightning-scale plan) predicts the same bytes, device and host together.
+        assert {c: r["predicted"][c] for c in counts} == counts, f"rank {rank}: planner {r['predicted']}"
         assert r["optimizer_devices"] == ["cpu"]
 
 

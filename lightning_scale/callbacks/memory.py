@@ -147,7 +147,8 @@ def _logged_tensors(trainer: Any) -> list[torch.Tensor]:
         return out
     try:
         for metric in results.values():
-            out.extend(v for v in vars(metric).values() if isinstance(v, torch.Tensor))
+            for value in vars(metric).values():  # states, their defaults (a dict), the step's cached value
+                out.extend(_tensors_in(value))
     except Exception:  # noqa: BLE001 - a private Lightning structure: best effort
         pass
     return out
@@ -177,15 +178,6 @@ def _batch_tensors(batch: Any) -> list[torch.Tensor]:
 def _is_oom(exception: BaseException) -> bool:
     return isinstance(exception, torch.cuda.OutOfMemoryError) or (
         isinstance(exception, RuntimeError) and "out of memory" in str(exception).lower())
-
-
-def _fmt(nbytes: int | None) -> str:
-    if nbytes is None:
-        return "-"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(nbytes) >= size:
-            return f"{nbytes / size:.1f} {unit}"
-    return f"{nbytes} B"
 
 
 class MemoryAccountant(Callback):
@@ -431,7 +423,7 @@ class MemoryAccountant(Callback):
             return "-" if nbytes is None else f"{nbytes / 2**20:,.2f}"
 
         table = Table(title=f"MemoryAccountant: MiB per rank, optimizer step {records[0]['step']}",
-                      caption=f"peak: {records[0]['peak_kind']}", box=box.SIMPLE_HEAD, pad_edge=False)
+                      caption=f"peak: {records[0]['peak_kind']}", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
         for name in ("rank", "", "params", "grads", "optimizer", "activations", "total", "peak"):
             table.add_column(name, justify="left" if name in ("rank", "") else "right", no_wrap=True)
         for r in records:
@@ -450,23 +442,27 @@ class MemoryAccountant(Callback):
 
         colors = {"params": "#4c72b0", "grads": "#dd8452", "optimizer": "#55a868", "activations": "#c44e52"}
         has_pred = any(r["predicted"] for r in records)
-        width = 0.38 if has_pred else 0.6
-        fig = Figure(figsize=(max(4.0, 1.2 * len(records) + 2), 4.0))
+        width = 0.36 if has_pred else 0.6
+        fig = Figure(figsize=(max(5.5, 1.2 * len(records) + 3.5), 4.0))
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
         mib = float(2**20)
+        labeled: set[str] = set()
         for i, r in enumerate(records):
-            bars = [("measured", {p: r[p] for p in PARTS}, i - width / 2 if has_pred else i, None)]
+            bars = [("measured", {p: r[p] for p in PARTS}, i - 0.2 if has_pred else i, None)]
             if r["predicted"]:
-                bars.append(("predicted", r["predicted"], i + width / 2, "//"))
+                bars.append(("predicted", r["predicted"], i + 0.2, "//"))
             for _, parts, x, hatch in bars:
                 bottom = 0.0
                 for p in PARTS:
                     value = parts.get(p)
                     if not value:
                         continue
+                    label = p if hatch is None and p not in labeled else None
+                    if label:
+                        labeled.add(p)
                     ax.bar(x, value / mib, width, bottom=bottom, color=colors[p], hatch=hatch, edgecolor="black",
-                           linewidth=0.5, label=p if i == 0 and hatch is None else None)
+                           linewidth=0.5, label=label)
                     bottom += value / mib
         if has_pred:
             from matplotlib.patches import Patch
@@ -474,9 +470,9 @@ class MemoryAccountant(Callback):
             handles, labels = ax.get_legend_handles_labels()
             handles.append(Patch(facecolor="white", edgecolor="black", hatch="//"))
             labels.append("predicted (hatched)")
-            ax.legend(handles, labels, fontsize=8)
         else:
-            ax.legend(fontsize=8)
+            handles, labels = ax.get_legend_handles_labels()
+        ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.set_xticks(range(len(records)), [f"rank {r['rank']}" for r in records])
         ax.set_ylabel("MiB")
         note = "" if all(r["activations"] is not None for r in records) else " (activations not measured)"

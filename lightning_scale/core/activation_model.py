@@ -231,6 +231,8 @@ def outer_items(*, b: int, s: int, h: int, vocab: int, t: int = 1, sp: bool = Fa
         items.append(Item("ln_f input", n * model.residual_bytes / sp_div))
         items.append(Item("head input (ln_f output)", n * model.act_bytes / gathered_div))
         items.append(Item("log-softmax of the logits (fp32)", tok * vocab * 4))
+        if model.weight_copy_bytes:
+            items.append(Item("autocast copy of the head weight", vocab * h * model.weight_copy_bytes))
         if model.small_terms:
             items.append(Item("ln_f mean/rstd (fp32)", 2 * tok * 4 / sp_div))
             items.append(Item("loss weight (fp32 scalar)", 4))
