@@ -162,3 +162,45 @@ def test_planner_model_states_equal_the_tensors_of_a_real_run(world: int, kwargs
         assert r["predicted"] is not None, f"rank {rank}: the planner did not model this run"
         predicted = {c: r["predicted"][c] for c in ("params", "grads", "optimizer")}
         assert r["state_bytes"] == predicted, f"rank {rank}"
+
+
+# ---- the command line ----------------------------------------------------------------------------
+def test_plan_cli_prints_and_writes_the_asked_layout_and_a_recommendation(tmp_path, capsys) -> None:
+    import json
+
+    from lightning_scale.cli import main
+
+    out = tmp_path / "plan.json"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--model", "gpt2-xl", "--batch-size", "64", "--seq-len", "1024", "--gpus", "8", "--gpu", "A10G",
+              "--precision", "bf16-mixed", "--json", str(out)])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "does NOT fit" in text and "recommended:" in text
+    data = json.loads(out.read_text())
+    assert data["asked"]["fits"] is False and data["recommended"][0]["fits"] is True
+    direct = plan_memory(ModelSpec.from_gpt("gpt2-xl"), Workload(64, 1024, "bf16-mixed"), Layout(),
+                         Hardware.named("A10G", gpus=8))
+    assert data["asked"]["ranks"][0]["peak"] == direct.worst.peak
+
+
+def test_plan_cli_reads_a_recipe(tmp_path, capsys) -> None:
+    from lightning_scale.plan_cli import main
+
+    assert main(["--recipe", "recipes/gpt/nano-cpu.yaml", "--gpu-memory-gb", "0.05", "--json", str(tmp_path / "p.json")]) == 0
+    import json
+
+    asked = json.loads((tmp_path / "p.json").read_text())["asked"]
+    assert asked["dp"] == 2 and asked["microbatch_size"] == 16  # devices: 2, batch_size: 16 in the recipe
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "8", "--seq-len", "64", "--gpus", "1", "--gpu", "H100"], "give --model"),
+    (["--model", "nano", "--batch-size", "8", "--gpus", "1", "--gpu", "A100"], "A100-80GB"),
+    (["--model", "nano", "--batch-size", "8", "--gpus", "3", "--gpu", "H100", "--tp", "2"], "not divisible by tp x pp"),
+])
+def test_plan_cli_errors_name_the_fix(argv: list[str], message: str) -> None:
+    from lightning_scale.plan_cli import main
+
+    with pytest.raises(SystemExit, match=message):
+        main(argv)
