@@ -1,4 +1,5 @@
-"""Rank functions and helpers for tests/test_memory_callback.py (module level: the harness pickles them by reference)."""
+"""Rank functions and helpers for tests/test_memory_callback.py (module level: the harness pickles
+them by reference)."""
 
 from __future__ import annotations
 
@@ -62,6 +63,14 @@ def fit_memory(kind: str, run_dir: str, steps: int = 3, batch: int = 4, sample_s
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(task, train_dataloaders=DataLoader(make_data(64), batch_size=batch, drop_last=True))
+    if kind != "pipeline":  # the test's own measurement: forward + loss of a batch of the same shape
+        from lightning_scale.core.activation_memory import HeldActivationMeter
+
+        x, y = next(iter(DataLoader(make_data(64), batch_size=batch)))
+        meter = HeldActivationMeter(exclude=[*task.parameters(), *task.buffers(), x, y])
+        with meter:
+            loss = task.loss_fn(task.model(x), y)
+        out["expected_activations"] = meter.held(exclude=[loss])
     engine = getattr(trainer.strategy, "engine", lambda: None)()
     if engine is not None:
         out["psi_padded"] = engine.padded_numel()

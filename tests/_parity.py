@@ -33,3 +33,12 @@ def assert_parity(results: list[dict], ref: dict, *, every_rank_holds_all: bool 
             assert diff <= WEIGHT_ATOL, f"rank {rank} {name}: max abs diff {diff}"
     held = set().union(*(r["state"] for r in results))
     assert held == set(ref["state"])
+
+
+def assert_planner_states(results: list[dict]) -> None:
+    """The memory planner's model-state prediction for each rank equals the bytes of the tensors
+    the rank held after its last step (parameters, gradients, optimizer state), to the byte."""
+    for rank, r in enumerate(results):
+        assert r["predicted"] is not None, f"rank {rank}: the planner does not model this run"
+        predicted = {c: r["predicted"][c] for c in ("params", "grads", "optimizer")}
+        assert r["state_bytes"] == predicted, f"rank {rank}: tensors {r['state_bytes']} vs planner {predicted}"

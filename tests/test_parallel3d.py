@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 import _pipeline_targets as targets
+from _parity import assert_planner_states
 from _parity import STEPS
 from _parity import assert_parity as _assert_parity
 from lightning_scale.testing import run_distributed
@@ -21,6 +22,7 @@ def test_pp2_tp2_parity(sequence_parallel: bool) -> None:
                   sequence_parallel=sequence_parallel)
     results = run_distributed(targets.fit, 4, kwargs, STEPS, 8, clip=0.05, init_process_group=False, timeout=400)
     _assert_parity(results, targets.reference(STEPS, 8, replicas=1, microbatches=4, clip=0.05))
+    assert_planner_states(results)
 
 
 def test_pp2_tp2_dp2_parity_on_8_ranks() -> None:

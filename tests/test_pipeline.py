@@ -13,6 +13,7 @@ from torch import nn
 
 import _pipeline_core_targets as core_targets
 import _pipeline_targets as targets
+from _parity import assert_planner_states
 from _parity import LOSS_RTOL, STEPS, WEIGHT_ATOL
 from _parity import assert_parity as _assert_parity
 from lightning_scale.core.mesh import ParallelDims
@@ -30,12 +31,15 @@ def test_two_stage_parity(schedule: str, virtual: int | None) -> None:
     kwargs = dict(stages=2, schedule=schedule, microbatches=4, virtual_stages=virtual)
     results = run_distributed(targets.fit, 2, kwargs, STEPS, 8, init_process_group=False, timeout=240)
     _assert_parity(results, targets.reference(STEPS, 8, replicas=1, microbatches=4))
+    if schedule != "zbv_zero_bubble":  # the planner models gpipe, 1f1b and interleaved_1f1b
+        assert_planner_states(results)
 
 
 def test_two_stages_times_two_replicas_parity() -> None:
     kwargs = dict(stages=2, schedule="1f1b", microbatches=2)
     results = run_distributed(targets.fit, 4, kwargs, STEPS, 4, init_process_group=False, timeout=300)
     _assert_parity(results, targets.reference(STEPS, 4, replicas=2, microbatches=2))
+    assert_planner_states(results)
 
 
 def test_four_stage_parity() -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import _pipeline_targets as targets
+from _parity import assert_planner_states
 from _parity import STEPS, assert_parity
 
 
@@ -22,12 +23,14 @@ def test_tp2_parity(sequence_parallel: bool) -> None:
     kwargs = dict(tensor=True, tensor_parallel_size=2, sequence_parallel=sequence_parallel)
     results = run_distributed(targets.fit, 2, kwargs, STEPS, 8, clip=0.05, init_process_group=False, timeout=300)
     _assert_parity(results, targets.reference(STEPS, 8, replicas=1, microbatches=1, clip=0.05))
+    assert_planner_states(results)
 
 
 def test_tp2_times_dp2_parity() -> None:
     kwargs = dict(tensor=True, tensor_parallel_size=2)
     results = run_distributed(targets.fit, 4, kwargs, STEPS, 4, init_process_group=False, timeout=300)
     _assert_parity(results, targets.reference(STEPS, 4, replicas=2, microbatches=1))
+    assert_planner_states(results)
 
 
 def test_heads_not_divisible_by_tp_fails_on_every_rank_with_the_fix() -> None:

@@ -12,6 +12,7 @@ import pytest
 
 import _pipeline_targets as targets
 from lightning_scale.testing import run_distributed
+from _parity import assert_planner_states
 from _parity import STEPS
 from _parity import assert_parity as _assert_parity
 
@@ -227,6 +228,7 @@ def test_zero3_on_the_pipeline_dp_dimension_matches_the_reference_and_resumes_un
                               **common)
     _assert_parity(results, targets.reference(STEPS, 4, replicas=2, microbatches=2))
     _assert_dp_sharded(results, dp=2)
+    assert_planner_states(results)
     # The step-10 checkpoint resumes exactly without sharding (same replicas, zero_stage=0).
     resumed = run_distributed(targets.fit, 4, dict(kwargs, zero_stage=0), STEPS, 4,
                               resume=str(tmp_path / "step=10.ckpt"), **common)

@@ -18,6 +18,7 @@ def _layout(trainer: Any) -> tuple[dict[str, Any], int, int] | None:
     """(Layout fields, data-parallel size, pipeline rank), or None for a strategy the planner does not model."""
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
+    from lightning_scale.core.activation_model import SCHEDULES
     from lightning_scale.strategies import PipelineStrategy, TensorParallelStrategy, ZeroStrategy
 
     s = trainer.strategy
@@ -37,7 +38,7 @@ def _layout(trainer: Any) -> tuple[dict[str, Any], int, int] | None:
     if isinstance(s, PipelineStrategy):
         dims = s.resolved_dims
         cfg = s.pipeline_config
-        if cfg.split_points is not None or cfg.balance != "params":
+        if cfg.split_points is not None or cfg.balance != "params" or cfg.schedule not in SCHEDULES:
             return None
         fields.update(pp=dims.pp, tp=dims.tp, schedule=cfg.schedule, microbatches=cfg.resolved_microbatches,
                       virtual_stages=cfg.num_virtual, zero_stage=s.zero_stage,

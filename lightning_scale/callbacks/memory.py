@@ -12,14 +12,21 @@ with optimizer state already allocated):
 * **activations** are the storages the training step's forward creates that are still alive when
   the backward starts (:class:`~lightning_scale.core.activation_memory.HeldActivationMeter`, from
   ``on_train_batch_start`` to ``on_before_backward`` of the sampled step's first micro-batch),
-  leaving out parameters, buffers, the batch, the loss and the values Lightning's ``self.log``
-  keeps. Pipeline strategies (``strategy.runtime``) run forward *and* backward inside the
+  leaving out parameters, buffers, the batch, the loss, and whatever of them is still alive at
+  the end of the step (``on_train_batch_end``): that is kept state, not activations (the step's
+  outputs, values logged with ``self.log``, DDP's gradient buckets, which DDP rebuilds inside its
+  second forward). Pipeline strategies (``strategy.runtime``) run forward *and* backward inside the
   training step, so there they are not measured (None, one warning);
+* **DDP gradient buckets**: under ``DistributedDataParallel`` with ``gradient_as_bucket_view=False``
+  (Lightning's default) the reducer keeps a flat copy of every gradient for its all-reduce, not
+  reachable as a tensor: its size comes from DDP's own logging data (``bucket_sizes``) and is
+  reported on its own (0 with ``gradient_as_bucket_view=True``: the gradients are then views of
+  the buckets, already counted);
 * **peak**: on CUDA the allocator's ``max_memory_allocated`` / ``max_memory_reserved`` of the
   root device and ``num_alloc_retries``, reset at train start (the table refreshes them at the
   end of fit). On CPU torch has no allocator peak: the figure is the exact tensor sum model
-  states + activations of the sampled step (gradients and activations summed, op temporaries
-  left out); process RSS is not used, it is not a tensor figure.
+  states + DDP buckets + activations of the sampled step (gradients and activations summed, op
+  temporaries left out); process RSS is not used, it is not a tensor figure.
 
 Metric namespace (logged once, at the sampled step, to every Lightning logger, by rank 0; bytes):
 
@@ -29,8 +36,10 @@ Metric namespace (logged once, at the sampled step, to every Lightning logger, b
 ``memory/optimizer_bytes``             rank 0's optimizer state (+ master copies not counted above)
 ``memory/model_states_bytes``          the three above
 ``memory/activations_bytes``           rank 0's held activations (absent when not measured)
-``memory/peak_bytes``                  CUDA: ``max_memory_allocated``; CPU: model states +
-                                       activations (absent when activations are not measured)
+``memory/peak_bytes``                  CUDA: ``max_memory_allocated``; CPU: model states + DDP
+                                       buckets + activations (absent when activations are not
+                                       measured)
+``memory/ddp_buckets_bytes``           DDP's gradient buckets not already counted (DDP only)
 ``memory/peak_reserved_bytes``         CUDA only: ``max_memory_reserved``
 ``memory/alloc_retries``               CUDA only: ``memory_stats()["num_alloc_retries"]``
 ``memory/by_device/<cat>/<device>``    ``<cat>`` in params, grads, optimizer (device as ``cpu``,
@@ -138,35 +147,24 @@ def _state_sources(trainer: Any) -> tuple[list[torch.optim.Optimizer], dict[str,
     return optimizers, extra or None
 
 
-def _logged_tensors(trainer: Any) -> list[torch.Tensor]:
-    """Tensors Lightning's ``self.log`` keeps (values, batch sizes, the step's cached value):
-    created inside the training step but not activations."""
-    out: list[torch.Tensor] = []
-    results = getattr(trainer, "_results", None)
-    if results is None:
-        return out
+def _ddp_bucket_bytes(trainer: Any) -> int | None:
+    """Bytes of DDP's gradient communication buckets not counted as gradients (DDP's own logging
+    data), or None when the strategy's model is not a ``DistributedDataParallel`` (or the data
+    cannot be read). 0 under ``gradient_as_bucket_view=True``: the ``.grad`` tensors are then views
+    of the buckets, already counted."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = getattr(trainer.strategy, "model", None)
+    if not isinstance(model, DistributedDataParallel):
+        return None
     try:
-        for metric in results.values():
-            for value in vars(metric).values():  # states, their defaults (a dict), the step's cached value
-                out.extend(_tensors_in(value))
-    except Exception:  # noqa: BLE001 - a private Lightning structure: best effort
-        pass
-    return out
-
-
-def _created_by(meter: HeldActivationMeter, tensors: Iterable[torch.Tensor]) -> dict[str, int]:
-    """Bytes by device of the storages of ``tensors`` that ``meter`` saw created and still holds
-    (the same storage, not a later one at a reused address), each storage once."""
-    out: dict[str, int] = {}
-    seen: set[int] = set()
-    for t in tensors:
-        key = _local(t).untyped_storage()._cdata
-        known = meter._created.get(key)
-        if key in seen or known is None or known[0].expired():
-            continue
-        seen.add(key)
-        out[known[1]] = out.get(known[1], 0) + known[2]
-    return out
+        data = model._get_ddp_logging_data()
+        if data.get("gradient_as_bucket_view"):
+            return 0
+        sizes = str(data.get("rebuilt_bucket_sizes") or data.get("bucket_sizes") or "")
+        return sum(int(x) for x in sizes.replace(",", " ").split())
+    except Exception:  # noqa: BLE001 - a private DDP API: omit rather than guess
+        return None
 
 
 def _batch_tensors(batch: Any) -> list[torch.Tensor]:
@@ -228,6 +226,7 @@ class MemoryAccountant(Callback):
         self._activations: dict[str, int] | None = None
         self._activations_note: str | None = None
         self._measured_by: HeldActivationMeter | None = None
+        self._loss: torch.Tensor | None = None
         self._run_dir: Path | None = None
 
     # -- fit -------------------------------------------------------------------------------------
@@ -266,8 +265,8 @@ class MemoryAccountant(Callback):
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         meter = self._close_meter()
         if meter is not None:
-            self._activations = meter.held(exclude=[loss, *_logged_tensors(trainer)])
-            self._measured_by = meter
+            self._activations = meter.held(exclude=[loss])
+            self._measured_by, self._loss = meter, loss
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._close_meter() is not None:  # no backward ran (training_step returned None, manual optimization)
@@ -276,10 +275,12 @@ class MemoryAccountant(Callback):
                           "activations are not measured", stacklevel=2)
         meter, self._measured_by = self._measured_by, None
         if meter is not None and self._activations is not None:
-            # The step's outputs (Lightning's detached copy of the loss, returned extras) are not
-            # activations; they are reachable only here.
-            for device, nbytes in _created_by(meter, _batch_tensors(outputs)).items():
-                self._activations[device] -= nbytes
+            # What the forward created and the step keeps beyond its backward is not activation
+            # memory: the outputs (Lightning's copy of the loss), logged values, DDP's gradient
+            # buckets (rebuilt in its second forward), lazily built state.
+            for device, nbytes in meter.held(exclude=[self._loss]).items():
+                self._activations[device] = self._activations.get(device, 0) - nbytes
+            self._loss = None
         if not self._started or self.record is not None or trainer.global_step <= self.sample_step:
             return  # not the sampled step, or an accumulation micro-batch before its optimizer step
         self.record = self._measure(trainer, pl_module, batch)
@@ -308,11 +309,13 @@ class MemoryAccountant(Callback):
             try:
                 self.png_path = self._plot(self.records, self._run_dir or Path(trainer.default_root_dir))
             except Exception as err:  # noqa: BLE001 - a chart must not fail the run
-                warnings.warn(f"MemoryAccountant: could not write {PNG_NAME} ({type(err).__name__}: {err})", stacklevel=2)
+                warnings.warn(f"MemoryAccountant: could not write {PNG_NAME} ({type(err).__name__}: {err})",
+                              stacklevel=2)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # Lightning re-raises the exception after this hook: write what is known, never swallow it.
         self._close_meter()
+        self._measured_by = self._loss = None
         if self.oom_dump and _is_oom(exception):
             try:
                 self.oom_path = self._dump_oom(trainer, pl_module, exception)
@@ -339,6 +342,7 @@ class MemoryAccountant(Callback):
     def _measure(self, trainer, pl_module, batch) -> dict[str, Any]:
         record: dict[str, Any] = {"rank": trainer.global_rank, "step": self.sample_step}
         record.update(self._model_states(trainer, pl_module))
+        record["ddp_buckets"] = _ddp_bucket_bytes(trainer)
         activations = self._activations
         record["activations"] = sum(activations.values()) if activations is not None else None
         record["by_device"]["activations"] = dict(activations) if activations is not None else None
@@ -349,9 +353,9 @@ class MemoryAccountant(Callback):
             record["peak"] = record["cuda_max_allocated"]
             record["peak_kind"] = "cuda max_memory_allocated (root device)"
         else:
-            states = record["params"] + record["grads"] + record["optimizer"]
+            states = record["params"] + record["grads"] + record["optimizer"] + (record["ddp_buckets"] or 0)
             record["peak"] = states + record["activations"] if activations is not None else None
-            record["peak_kind"] = "tensor sum: model states + activations"
+            record["peak_kind"] = "tensor sum: model states (+ DDP buckets) + activations"
         record["predicted"] = self._predict(trainer, pl_module, batch)
         return record
 
@@ -388,6 +392,8 @@ class MemoryAccountant(Callback):
             row["memory/activations_bytes"] = record["activations"]
         if record["peak"] is not None:
             row["memory/peak_bytes"] = record["peak"]
+        if record["ddp_buckets"] is not None:
+            row["memory/ddp_buckets_bytes"] = record["ddp_buckets"]
         if "cuda_max_reserved" in record:
             row["memory/peak_reserved_bytes"] = record["cuda_max_reserved"]
             row["memory/alloc_retries"] = record["alloc_retries"]
@@ -422,13 +428,17 @@ class MemoryAccountant(Callback):
         def mib(nbytes: int | None) -> str:
             return "-" if nbytes is None else f"{nbytes / 2**20:,.2f}"
 
-        table = Table(title=f"MemoryAccountant: MiB per rank, optimizer step {records[0]['step']}",
-                      caption=f"peak: {records[0]['peak_kind']}", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
+        buckets = [r.get("ddp_buckets") or 0 for r in records]
+        caption = f"peak: {records[0]['peak_kind']}"
+        if any(buckets):
+            caption += f"\nmeasured total includes DDP gradient buckets ({mib(max(buckets))} MiB per rank)"
+        table = Table(title=f"MemoryAccountant: MiB per rank, optimizer step {records[0]['step']}", caption=caption,
+                      box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
         for name in ("rank", "", "params", "grads", "optimizer", "activations", "total", "peak"):
             table.add_column(name, justify="left" if name in ("rank", "") else "right", no_wrap=True)
         for r in records:
             parts = [r[p] for p in PARTS]
-            total = sum(p for p in parts if p is not None)
+            total = sum(p for p in parts if p is not None) + (r.get("ddp_buckets") or 0)
             table.add_row(str(r["rank"]), "measured", *(mib(p) for p in parts), mib(total), mib(r["peak"]))
             pred = r["predicted"]
             cells = [mib(pred[p]) if pred else "-" for p in PARTS]
@@ -440,7 +450,9 @@ class MemoryAccountant(Callback):
         from matplotlib.figure import Figure  # no pyplot: the process's backend is left alone (Agg canvas)
         from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-        colors = {"params": "#4c72b0", "grads": "#dd8452", "optimizer": "#55a868", "activations": "#c44e52"}
+        colors = {"params": "#4c72b0", "grads": "#dd8452", "ddp_buckets": "#f2c6a0", "optimizer": "#55a868",
+                  "activations": "#c44e52"}
+        stacks = ("params", "grads", "ddp_buckets", "optimizer", "activations")
         has_pred = any(r["predicted"] for r in records)
         width = 0.36 if has_pred else 0.6
         fig = Figure(figsize=(max(5.5, 1.2 * len(records) + 3.5), 4.0))
@@ -449,18 +461,19 @@ class MemoryAccountant(Callback):
         mib = float(2**20)
         labeled: set[str] = set()
         for i, r in enumerate(records):
-            bars = [("measured", {p: r[p] for p in PARTS}, i - 0.2 if has_pred else i, None)]
+            bars = [("measured", {p: r.get(p) for p in stacks}, i - 0.2 if has_pred else i, None)]
             if r["predicted"]:
                 bars.append(("predicted", r["predicted"], i + 0.2, "//"))
             for _, parts, x, hatch in bars:
                 bottom = 0.0
-                for p in PARTS:
+                for p in stacks:
                     value = parts.get(p)
                     if not value:
                         continue
-                    label = p if hatch is None and p not in labeled else None
-                    if label:
+                    label = None
+                    if hatch is None and p not in labeled:
                         labeled.add(p)
+                        label = "DDP grad buckets" if p == "ddp_buckets" else p
                     ax.bar(x, value / mib, width, bottom=bottom, color=colors[p], hatch=hatch, edgecolor="black",
                            linewidth=0.5, label=label)
                     bottom += value / mib
