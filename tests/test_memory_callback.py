@@ -97,6 +97,14 @@ def test_single_process_figures_are_exact_and_logged_once(tmp_path, capsys, monk
 
 
 @pytest.mark.timeout(120)
+def test_the_planner_predicts_the_single_process_figures_exactly(tmp_path) -> None:
+    _, _, acc, _, _ = _fit(tmp_path, steps=2)
+    r = acc.record
+    assert r["predicted"] == {"params": r["params"], "grads": r["grads"], "optimizer": r["optimizer"],
+                              "activations": r["activations"], "ddp_buckets": 0}
+
+
+@pytest.mark.timeout(120)
 def test_prediction_is_shown_and_a_failing_prediction_only_warns(tmp_path, monkeypatch, capsys) -> None:
     import lightning_scale.callbacks._run_layout as layout
 
@@ -224,7 +232,9 @@ def test_ddp_two_ranks_give_per_rank_rows_and_the_png(tmp_path) -> None:
         assert r["by_device"]["activations"] == res["expected_activations"] and r["activations"] > 0
         assert r["peak"] == 16 * psi + 4 * tensors + 4 * psi + r["activations"]
         assert [x["rank"] for x in res["records"]] == [0, 1]  # every rank has every rank's row
-        assert r["predicted"] is None or sorted(r["predicted"]) == ["activations", "grads", "optimizer", "params"]
+        # The memory planner predicts every figure of this rank, DDP's buckets included.
+        assert r["predicted"] == {"params": r["params"], "grads": r["grads"], "optimizer": r["optimizer"],
+                                  "activations": r["activations"], "ddp_buckets": r["ddp_buckets"]}
     # Same shapes on both ranks: the same activation bytes.
     assert results[0]["record"]["activations"] == results[1]["record"]["activations"]
     rows = results[0]["rows"]
@@ -245,6 +255,8 @@ def test_zero2_shows_sharded_optimizer_and_gradient_bytes(tmp_path) -> None:
         assert r["optimizer"] < 8 * res["psi"]  # sharded: about half of DDP's
         assert r["by_device"]["activations"] == res["expected_activations"]
         assert res["records"][1 - rank]["optimizer"] == results[1 - rank]["record"]["optimizer"]
+        assert r["predicted"] == {"params": r["params"], "grads": r["grads"], "optimizer": r["optimizer"],
+                                  "activations": r["activations"], "ddp_buckets": 0}
     row = results[0]["rows"][0][1]
     assert row["memory/optimizer_bytes_max"] == max(res["record"]["optimizer"] for res in results)
 

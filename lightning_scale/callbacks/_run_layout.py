@@ -71,8 +71,9 @@ def _optimizer_name(trainer: Any) -> str | None:
 
 
 def predict_run(trainer: Any, pl_module: Any, batch: Any) -> dict[str, int] | None:
-    """Planner prediction for this rank, in bytes: ``{"params", "grads", "optimizer", "activations"}``
-    (device and host together), or None when the run's model or layout is not one the planner models."""
+    """Planner prediction for this rank, in bytes: ``{"params", "grads", "optimizer", "activations",
+    "ddp_buckets"}`` (device and host together), or None when the run's model or layout is not one
+    the planner models."""
     from lightning_scale.core.planner import Hardware, Layout, ModelSpec, Workload, plan_memory
     from lightning_scale.models.gpt import GPT, GPTConfig
 
@@ -94,4 +95,6 @@ def predict_run(trainer: Any, pl_module: Any, batch: Any) -> dict[str, int] | No
     plan = plan_memory(ModelSpec.from_gpt(config), workload, Layout(**fields), hardware)
     rank = plan.ranks[pp_rank]
     # Device and host together: the callback's counts include offloaded (CPU) tensors.
-    return {c: getattr(rank, c) + rank.host_by.get(c, 0) for c in ("params", "grads", "optimizer", "activations")}
+    out = {c: getattr(rank, c) + rank.host_by.get(c, 0) for c in ("params", "grads", "optimizer", "activations")}
+    out["ddp_buckets"] = rank.detail.get("DDP gradient buckets", 0)  # torch DDP's flat gradient copy
+    return out

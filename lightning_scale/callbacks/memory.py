@@ -367,7 +367,7 @@ class MemoryAccountant(Callback):
             predicted = predict_run(trainer, pl_module, batch)
             if predicted is None:
                 return None
-            return {k: int(predicted[k]) for k in PARTS}
+            return {k: int(predicted.get(k, 0)) for k in (*PARTS, "ddp_buckets")}
         except Exception as err:  # noqa: BLE001 - a prediction must not stop training
             warnings.warn(f"MemoryAccountant: the planner's prediction failed ({type(err).__name__}: {err}); "
                           f"the predicted column is left empty", stacklevel=2)
@@ -442,7 +442,8 @@ class MemoryAccountant(Callback):
             table.add_row(str(r["rank"]), "measured", *(mib(p) for p in parts), mib(total), mib(r["peak"]))
             pred = r["predicted"]
             cells = [mib(pred[p]) if pred else "-" for p in PARTS]
-            table.add_row("", "predicted", *cells, mib(sum(pred[p] for p in PARTS)) if pred else "-", "-")
+            pred_total = sum(pred[p] for p in PARTS) + pred.get("ddp_buckets", 0) if pred else None
+            table.add_row("", "predicted", *cells, mib(pred_total), "-")
         Console().print(table)
 
     @staticmethod
