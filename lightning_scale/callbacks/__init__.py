@@ -1,7 +1,8 @@
 """Lightning callbacks of the suite."""
 
+from lightning_scale.callbacks.cost import CostReporter
 from lightning_scale.callbacks.memory import MemoryAccountant
 from lightning_scale.callbacks.profiler import ScaleProfiler
 from lightning_scale.callbacks.resume import ExactResume
 
-__all__ = ["ExactResume", "MemoryAccountant", "ScaleProfiler"]
+__all__ = ["CostReporter", "ExactResume", "MemoryAccountant", "ScaleProfiler"]

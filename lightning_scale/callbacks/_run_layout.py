@@ -70,11 +70,10 @@ def _optimizer_name(trainer: Any) -> str | None:
     return None
 
 
-def predict_run(trainer: Any, pl_module: Any, batch: Any) -> dict[str, int] | None:
-    """Planner prediction for this rank, in bytes: ``{"params", "grads", "optimizer", "activations",
-    "ddp_buckets"}`` (device and host together), or None when the run's model or layout is not one
-    the planner models."""
-    from lightning_scale.core.planner import Hardware, Layout, ModelSpec, Workload, plan_memory
+def plan_inputs(trainer: Any, pl_module: Any, batch: Any) -> tuple[Any, Any, Any, int] | None:
+    """(ModelSpec, Workload, Layout, pipeline rank) of this run, or None when the planner does not
+    model it (see the module docstring)."""
+    from lightning_scale.core.planner import Layout, ModelSpec, Workload
     from lightning_scale.models.gpt import GPT, GPTConfig
 
     network = getattr(pl_module, "model", None)
@@ -91,9 +90,21 @@ def predict_run(trainer: Any, pl_module: Any, batch: Any) -> dict[str, int] | No
     fields, dp, pp_rank = layout
     b, s = tokens.shape  # this rank's batch: (B, T)
     workload = Workload(batch_size=b * dp, seq_len=s, precision=str(trainer.precision), optimizer=optimizer)
+    return ModelSpec.from_gpt(config), workload, Layout(**fields), pp_rank
+
+
+def predict_run(trainer: Any, pl_module: Any, batch: Any) -> dict[str, int] | None:
+    """Planner prediction for this rank, in bytes: ``{"params", "grads", "optimizer", "activations",
+    "ddp_buckets"}`` (device and host together), or None when the run's model or layout is not one
+    the planner models."""
+    from lightning_scale.core.planner import Hardware, plan_memory
+
+    inputs = plan_inputs(trainer, pl_module, batch)
+    if inputs is None:
+        return None
+    model, workload, layout, pp_rank = inputs
     hardware = Hardware(gpus=trainer.world_size, memory_gb=1.0)  # capacity is irrelevant here
-    plan = plan_memory(ModelSpec.from_gpt(config), workload, Layout(**fields), hardware)
-    rank = plan.ranks[pp_rank]
+    rank = plan_memory(model, workload, layout, hardware).ranks[pp_rank]
     # Device and host together: the callback's counts include offloaded (CPU) tensors.
     out = {c: getattr(rank, c) + rank.host_by.get(c, 0) for c in ("params", "grads", "optimizer", "activations")}
     out["ddp_buckets"] = rank.detail.get("DDP gradient buckets", 0)  # torch DDP's flat gradient copy
