@@ -63,61 +63,21 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
-from torch import nn
 
 from lightning_scale.core.activation_memory import HeldActivationMeter
-from lightning_scale.core.memory import CATEGORIES, _local, _tensors_in
+from lightning_scale.core.memory import CATEGORIES, model_state_breakdown
 
 PARTS = ("params", "grads", "optimizer", "activations")
 PNG_NAME = "memory_per_rank.png"
 
 
 # -- exact counting -----------------------------------------------------------------------------
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def model_state_breakdown(
-    module: nn.Module,
-    optimizers: Iterable[torch.optim.Optimizer] = (),
-    extra: Mapping[str, Iterable[torch.Tensor]] | None = None,
-) -> dict[str, dict[tuple[str, str], int]]:
-    """``{category: {(device, dtype): bytes}}``: :func:`~lightning_scale.core.memory.model_state_bytes`
-    with a dtype key too (same tensors, same order, each storage once; a storage's dtype is that of
-    the first tensor seen on it). Summing over dtypes gives ``model_state_bytes`` exactly."""
-    extra = extra or {}
-    optimizers = list(optimizers)
-    seen: set[tuple[str, int]] = set()
-    out: dict[str, dict[tuple[str, str], int]] = {c: {} for c in CATEGORIES}
-
-    def add(category: str, tensors: Iterable[torch.Tensor]) -> None:
-        for t in tensors:
-            t = _local(t)
-            storage = t.untyped_storage()
-            key = (str(t.device), storage.data_ptr())
-            if storage.nbytes() == 0 or key in seen:
-                continue
-            seen.add(key)
-            slot = (str(t.device), _dtype_name(t.dtype))
-            out[category][slot] = out[category].get(slot, 0) + storage.nbytes()
-
-    opt_params = [p for o in optimizers for g in o.param_groups for p in g["params"]]
-    add("params", module.parameters())
-    add("grads", [p.grad for p in list(module.parameters()) + opt_params if p.grad is not None])
-    add("grads", extra.get("grads", ()))
-    add("optimizer", [t for o in optimizers for state in o.state.values() for t in _tensors_in(state)])
-    add("optimizer", opt_params)
-    add("optimizer", extra.get("optimizer", ()))
-    return out
-
-
 def _sum_by(breakdown: dict[tuple[str, str], int], index: int) -> dict[str, int]:
     out: dict[str, int] = {}
     for key, nbytes in breakdown.items():

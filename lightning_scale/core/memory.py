@@ -35,23 +35,25 @@ def _tensors_in(value: Any) -> Iterable[torch.Tensor]:
             yield from _tensors_in(v)
 
 
-def model_state_bytes(
+def model_state_breakdown(
     module: nn.Module,
     optimizers: Iterable[torch.optim.Optimizer] = (),
     extra: Mapping[str, Iterable[torch.Tensor]] | None = None,
-) -> dict[str, dict[str, int]]:
-    """``{category: {device: bytes}}`` for ``params``, ``grads`` and ``optimizer``.
+) -> dict[str, dict[tuple[str, str], int]]:
+    """``{category: {(device, dtype): bytes}}`` for ``params``, ``grads`` and ``optimizer``.
 
     * params: ``module``'s parameters;
     * grads: their ``.grad`` and the ``.grad`` of the optimizers' parameters, plus ``extra["grads"]``
       (buffers a sharding engine holds between steps);
     * optimizer: the optimizers' state tensors and their parameters not already counted (e.g.
       fp32 master copies on CPU), plus ``extra["optimizer"]``.
+
+    A storage's dtype is that of the first tensor seen on it (``float32``, ``bfloat16``, ...).
     """
     extra = extra or {}
     optimizers = list(optimizers)
     seen: set[tuple[str, int]] = set()
-    out: dict[str, dict[str, int]] = {c: {} for c in CATEGORIES}
+    out: dict[str, dict[tuple[str, str], int]] = {c: {} for c in CATEGORIES}
 
     def add(category: str, tensors: Iterable[torch.Tensor]) -> None:
         for t in tensors:
@@ -61,7 +63,8 @@ def model_state_bytes(
             if storage.nbytes() == 0 or key in seen:
                 continue
             seen.add(key)
-            out[category][str(t.device)] = out[category].get(str(t.device), 0) + storage.nbytes()
+            slot = (str(t.device), str(t.dtype).removeprefix("torch."))
+            out[category][slot] = out[category].get(slot, 0) + storage.nbytes()
 
     opt_params = [p for o in optimizers for g in o.param_groups for p in g["params"]]
     add("params", module.parameters())
@@ -70,6 +73,20 @@ def model_state_bytes(
     add("optimizer", [t for o in optimizers for state in o.state.values() for t in _tensors_in(state)])
     add("optimizer", opt_params)
     add("optimizer", extra.get("optimizer", ()))
+    return out
+
+
+def model_state_bytes(
+    module: nn.Module,
+    optimizers: Iterable[torch.optim.Optimizer] = (),
+    extra: Mapping[str, Iterable[torch.Tensor]] | None = None,
+) -> dict[str, dict[str, int]]:
+    """``{category: {device: bytes}}``: :func:`model_state_breakdown` summed over dtypes."""
+    out: dict[str, dict[str, int]] = {}
+    for category, by_slot in model_state_breakdown(module, optimizers, extra).items():
+        out[category] = {}
+        for (device, _), nbytes in by_slot.items():
+            out[category][device] = out[category].get(device, 0) + nbytes
     return out
 
 
