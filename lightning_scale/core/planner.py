@@ -299,8 +299,6 @@ def _divisible(model: ModelSpec, workload: Workload, layout: Layout, hardware: H
             raise ValueError(f"pp x v = {layout.pp * layout.virtual_stages} stages but only {model.n_layer} layers")
         if per_replica % layout.m:
             raise ValueError(f"per-replica batch {per_replica} is not divisible by {layout.m} microbatches")
-        if layout.m < pp:
-            raise ValueError(f"{layout.m} microbatches < {pp} stages; use microbatches >= {pp}")
         return dp, per_replica // layout.m
     return dp, per_replica
 
