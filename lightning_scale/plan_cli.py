@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--gpus-per-node", type=int, default=8)
     h.add_argument("--reserve", type=float, default=0.10, help="fraction of memory kept free (context, fragmentation)")
     s = p.add_argument_group("layout")
-    s.add_argument("--strategy", default=None, choices=sorted(_STRATEGY_STAGE))
+    s.add_argument("--strategy", default=None, choices=sorted(_STRATEGY_STAGE),
+                   help="with --recipe: replaces the recipe's strategy (so do --tp / --pp)")
     s.add_argument("--tp", type=int, default=None)
     s.add_argument("--pp", type=int, default=None)
     s.add_argument("--sp", action="store_true", help="sequence parallel (with --tp)")
@@ -58,28 +59,53 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _strategy_from(spec: Any) -> Any:
+    """The recipe's ``trainer.strategy`` (a registered name or ``{class_path, init_args}``), built."""
+    import importlib
+
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    import lightning_scale  # noqa: F401  (registers the suite's strategy names)
+
+    if isinstance(spec, str):
+        if spec not in StrategyRegistry:
+            raise SystemExit(f"unknown strategy {spec!r} in the recipe; registered: {sorted(StrategyRegistry)}")
+        return StrategyRegistry.get(spec)
+    if isinstance(spec, dict) and "class_path" in spec:
+        module, _, name = spec["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        return cls(**(spec.get("init_args") or {}))
+    raise SystemExit(f"the recipe's trainer.strategy {spec!r} is neither a registered name nor a class_path")
+
+
 def _from_recipe(path: str) -> dict[str, Any]:
-    """Model, batch and layout fields from a recipe (only what the planner needs)."""
+    """Model, batch, devices, precision and layout from a recipe (only what the planner needs)."""
     import yaml
 
+    from lightning_scale.callbacks._run_layout import layout_of
     from lightning_scale.models.gpt import GPTConfig
 
     with open(path) as f:
         cfg = yaml.safe_load(f)
     model_args = (cfg.get("model") or {}).get("init_args", {}).get("model")
+    if isinstance(model_args, dict) and "init_args" in model_args:
+        model_args = model_args["init_args"]
     if not isinstance(model_args, dict):
         raise SystemExit(f"{path}: no model.init_args.model GPT config found; give --model or the dimensions instead")
     gpt = GPTConfig(**model_args)
     trainer = cfg.get("trainer") or {}
     data = (cfg.get("data") or {}).get("init_args", {})
     devices = trainer.get("devices", 1)
-    devices = devices if isinstance(devices, int) else 1
-    out: dict[str, Any] = {"gpt": gpt, "seq_len": data.get("block_size", gpt.block_size), "gpus": devices,
-                           "batch_size": data.get("batch_size", 1) * devices, "precision": str(trainer.get("precision", "32-true"))}
-    strategy = trainer.get("strategy", "ddp")
-    if isinstance(strategy, str) and strategy in _STRATEGY_STAGE:
-        out["strategy"] = strategy
-    return out
+    devices = (devices if isinstance(devices, int) else 1) * int(trainer.get("num_nodes", 1))
+    accumulate = int(trainer.get("accumulate_grad_batches", 1))
+    layout = layout_of(_strategy_from(trainer.get("strategy", "ddp")), devices)
+    if layout is None:
+        raise SystemExit(f"{path}: the planner does not model this strategy's options")
+    fields, dp = layout
+    return {"gpt": gpt, "seq_len": data.get("block_size", gpt.block_size), "gpus": devices,
+            # Global sequences per optimizer step; accumulation does not add activation memory.
+            "batch_size": data.get("batch_size", 1) * dp, "accumulate": accumulate,
+            "precision": str(trainer.get("precision", "32-true")), "layout": fields}
 
 
 def _inputs(a: argparse.Namespace) -> tuple[ModelSpec, Workload, Layout, Hardware]:
@@ -109,10 +135,14 @@ def _inputs(a: argparse.Namespace) -> tuple[ModelSpec, Workload, Layout, Hardwar
         hardware = Hardware.named(a.gpu, gpus, gpus_per_node=a.gpus_per_node, reserve_fraction=a.reserve)
     else:
         raise SystemExit("give --gpu NAME or --gpu-memory-gb")
-    stage, offload = _STRATEGY_STAGE[a.strategy or recipe.get("strategy", "ddp")]
-    v = a.virtual_stages or (2 if a.schedule == "interleaved_1f1b" else 1)
-    layout = Layout(tp=a.tp or 1, pp=a.pp or 1, zero_stage=stage, offload=offload, sequence_parallel=a.sp,
-                    schedule=a.schedule, microbatches=a.microbatches, virtual_stages=v, ac=a.ac, ac_every=a.ac_every)
+    if recipe and not (a.strategy or a.tp or a.pp):
+        layout = Layout(**recipe["layout"])  # the recipe's own strategy
+    else:
+        stage, offload = _STRATEGY_STAGE[a.strategy or "ddp"]
+        v = a.virtual_stages or (2 if a.schedule == "interleaved_1f1b" else 1)
+        layout = Layout(tp=a.tp or 1, pp=a.pp or 1, zero_stage=stage, offload=offload, sequence_parallel=a.sp,
+                        schedule=a.schedule, microbatches=a.microbatches, virtual_stages=v, ac=a.ac,
+                        ac_every=a.ac_every)
     return model, workload, layout, hardware
 
 

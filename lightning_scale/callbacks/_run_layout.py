@@ -14,48 +14,64 @@ from typing import Any
 import torch
 
 
-def _layout(trainer: Any) -> tuple[dict[str, Any], int, int] | None:
-    """(Layout fields, data-parallel size, pipeline rank), or None for a strategy the planner does not model."""
+def layout_of(strategy: Any, world_size: int) -> tuple[dict[str, Any], int] | None:
+    """(Layout fields, data-parallel size) of ``strategy`` on ``world_size`` devices, or None for a
+    strategy (or option) the planner does not model. Works before the strategy is set up."""
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
     from lightning_scale.core.activation_model import SCHEDULES
-    from lightning_scale.strategies import PipelineStrategy, TensorParallelStrategy, ZeroStrategy
+    from lightning_scale.strategies import MeshStrategy, PipelineStrategy, TensorParallelStrategy, ZeroStrategy
 
-    s = trainer.strategy
-    world = trainer.world_size
+    s = strategy
     fields: dict[str, Any] = {}
     ac = getattr(s, "activation_checkpointing", None)
     if ac is not None:
         if ac.policy not in ("none", "full", "selective", "every_k") or ac.offload:
             return None
         fields.update(ac=ac.policy, ac_every=ac.every)
+    if isinstance(s, MeshStrategy):
+        dims = s.resolved_dims or s.dims.resolve(world_size)
     if isinstance(s, ZeroStrategy):
         if s.zero.backend != "native":
             return None
         fields.update(zero_stage=s.zero.stage, offload=s.zero.offload_optimizer or s.zero.offload_params,
-                      bucket_mb=s.zero.bucket_mb)
-        return fields, world, 0
+                      bucket_mb=s.zero.bucket_mb, ddp_buckets=False)
+        return fields, dims.dp
     if isinstance(s, PipelineStrategy):
-        dims = s.resolved_dims
         cfg = s.pipeline_config
         if cfg.split_points is not None or cfg.balance != "params" or cfg.schedule not in SCHEDULES:
             return None
         fields.update(pp=dims.pp, tp=dims.tp, schedule=cfg.schedule, microbatches=cfg.resolved_microbatches,
                       virtual_stages=cfg.num_virtual, zero_stage=s.zero_stage,
                       sequence_parallel=bool(getattr(s, "sequence_parallel", False)))
-        return fields, dims.dp, s.coordinate("pp")
+        return fields, dims.dp
     if isinstance(s, TensorParallelStrategy):
-        dims = s.resolved_dims
         if s.plan is not None or s.shard_vocab:
             return None
         fields.update(tp=dims.tp, sequence_parallel=s.sequence_parallel)
-        return fields, dims.dp, 0
+        return fields, dims.dp
+    if isinstance(s, MeshStrategy):  # plain data parallelism (e.g. "ddp_ac"): one all-reduce, no DDP buckets
+        if dims.pp != 1 or dims.tp != 1:
+            return None
+        fields.update(ddp_buckets=False)
+        return fields, dims.dp
     if isinstance(s, DDPStrategy):
-        return fields, world, 0
+        return fields, world_size
     if isinstance(s, SingleDeviceStrategy):
         fields.update(ddp_buckets=False)
-        return fields, 1, 0
+        return fields, 1
     return None
+
+
+def _layout(trainer: Any) -> tuple[dict[str, Any], int, int] | None:
+    """(Layout fields, data-parallel size, this rank's pipeline rank) of a running Trainer."""
+    from lightning_scale.strategies import PipelineStrategy
+
+    found = layout_of(trainer.strategy, trainer.world_size)
+    if found is None:
+        return None
+    pp_rank = trainer.strategy.coordinate("pp") if isinstance(trainer.strategy, PipelineStrategy) else 0
+    return (*found, pp_rank)
 
 
 def _optimizer_name(trainer: Any) -> str | None:
