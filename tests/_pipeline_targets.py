@@ -33,16 +33,17 @@ class _Recorder:
 OPTIM_CONSTANT = OptimConfig(lr=1e-3, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.1)
 
 
-def _task(seed: int = 0, constant_lr: bool = False) -> LanguageModelingTask:
+def _task(seed: int = 0, constant_lr: bool = False, sample_tokens: int = 0) -> LanguageModelingTask:
     torch.manual_seed(seed)
-    return LanguageModelingTask(model=CFG, optim=OPTIM_CONSTANT if constant_lr else OPTIM, sample_tokens=0)
+    return LanguageModelingTask(model=CFG, optim=OPTIM_CONSTANT if constant_lr else OPTIM, sample_tokens=sample_tokens,
+                                sample_prompt="12")  # bytes 49, 50: inside the tiny vocabulary of 64
 
 
 def fit(strategy_kwargs: dict, steps: int, batch_size: int, accumulate: int = 1, clip: float | None = None,
         precision: str = "32-true", ckpt_dir: str | None = None, resume: str | None = None,
         n_samples: int = 256, save_to: str | None = None, constant_lr: bool = False,
         max_epochs: int | None = None, every_n_train_steps: int | None = None,
-        stateful_loader: bool = False, exact_resume_callback: bool = False) -> dict:
+        stateful_loader: bool = False, exact_resume_callback: bool = False, sample_tokens: int = 0) -> dict:
     """Train with PipelineStrategy on this rank; returns per-step losses and this rank's weights."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback
@@ -113,7 +114,7 @@ def fit(strategy_kwargs: dict, steps: int, batch_size: int, accumulate: int = 1,
         limit_val_batches=0,
         callbacks=callbacks,
     )
-    task = _task(constant_lr=constant_lr)
+    task = _task(constant_lr=constant_lr, sample_tokens=sample_tokens)
     if stateful_loader:
         from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -147,7 +148,7 @@ def fit(strategy_kwargs: dict, steps: int, batch_size: int, accumulate: int = 1,
 
     return {"losses": rec.losses, "lrs": rec.lrs, "adam": rec.adam, "state": state, "global_step": trainer.global_step,
             "held": held, "checkpointed": checkpointed_modules(task.model), "state_bytes": state_bytes,
-            "predicted": predicted,
+            "predicted": predicted, "sample": getattr(task, "last_sample", None),
             "sample_losses": getattr(strategy, "_test_probe", None)}
 
 

@@ -274,3 +274,30 @@ def test_bf16_mixed_precision_trains_close_to_fp32() -> None:
     for a, b in zip(bf16[0]["losses"], fp32["losses"]):
         assert abs(a - b) <= 2e-2 * abs(b)  # bf16 has ~3 significant digits
     assert bf16[0]["losses"] == bf16[1]["losses"]
+
+
+@pytest.mark.parametrize("world, kwargs", [
+    (2, dict(stages=2, schedule="1f1b", microbatches=2)),
+    (2, dict(tensor=True, tensor_parallel_size=2)),
+])
+def test_sample_at_the_end_of_fit_equals_the_full_model_sample(world: int, kwargs: dict) -> None:
+    # Every rank samples together (the pipeline through PipelineStrategy.pipelined_forward, a
+    # one-prompt batch padded to the schedule's microbatches; TP as a collective forward) and gets
+    # the text the full model with the trained weights gives.
+    from lightning_scale.data.text import decode, encode
+    from lightning_scale.models import GPT
+    from lightning_scale.models.gpt import sample_tokens
+
+    results = run_distributed(targets.fit, world, dict(kwargs), 2, 8, sample_tokens=12, init_process_group=False,
+                              timeout=240)
+    samples = {r["sample"] for r in results}
+    assert len(samples) == 1 and None not in samples
+    state = {}
+    for r in results:
+        state.update(r["state"])
+    model = GPT(targets.CFG)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    ref = sample_tokens(model, encode("12").unsqueeze(0), 12, block_size=targets.CFG.block_size, top_k=50, generator=gen)
+    assert samples.pop() == decode(ref[0])

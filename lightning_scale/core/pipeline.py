@@ -49,7 +49,8 @@ V_SCHEDULES = {"zbv_zero_bubble"}
 # Schedules that run each stage's backward in two passes (input gradients, then weight gradients).
 SPLIT_BACKWARD_SCHEDULES = {"interleaved_zero_bubble", "zbv_zero_bubble"}
 #: Schedules that need at least as many microbatches as pipeline ranks.
-_NEEDS_M_GE_P = {"1f1b", "interleaved_1f1b", "interleaved_zero_bubble", "zbv_zero_bubble"}
+#: Schedules that need at least as many microbatches as pipeline stages.
+NEEDS_M_GE_P = {"1f1b", "interleaved_1f1b", "interleaved_zero_bubble", "zbv_zero_bubble"}
 
 
 @dataclass
@@ -90,7 +91,7 @@ class PipelineConfig:
         m = self.resolved_microbatches
         if not isinstance(m, int) or m < 1:
             raise ValueError(f"microbatches must be a positive integer, got {self.microbatches!r}")
-        if self.schedule in _NEEDS_M_GE_P and m < self.stages:
+        if self.schedule in NEEDS_M_GE_P and m < self.stages:
             raise ValueError(
                 f"schedule {self.schedule!r} needs at least as many microbatches as pipeline stages: "
                 f"microbatches={m} < stages={self.stages}; set microbatches >= {self.stages} "
@@ -565,7 +566,7 @@ class PipelineRuntime:
     def eval_microbatches(self, batch_size: int) -> int:
         """Microbatches for a forward-only batch: the configured m, or the largest divisor of the
         batch below it (a smaller last eval batch), so every microbatch has the same shape."""
-        floor = self.cfg.stages if self.cfg.schedule in _NEEDS_M_GE_P else 1
+        floor = self.cfg.stages if self.cfg.schedule in NEEDS_M_GE_P else 1
         for m in range(min(self.microbatches, batch_size), floor - 1, -1):
             if batch_size % m == 0:
                 return m

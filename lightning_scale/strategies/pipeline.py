@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from lightning_scale.core.grads import allreduce_gradients
 from lightning_scale.core.mesh import ParallelDims
-from lightning_scale.core.pipeline import SPLIT_BACKWARD_SCHEDULES, PipelineConfig, PipelineRuntime, ScheduleName, plan_pipeline
+from lightning_scale.core.pipeline import NEEDS_M_GE_P, SPLIT_BACKWARD_SCHEDULES, PipelineConfig, PipelineRuntime, ScheduleName, plan_pipeline
 from lightning_scale.strategies.interface import PipelineOutput
 from lightning_scale.strategies.mesh import MeshStrategy
 
@@ -450,6 +450,25 @@ class PipelineStrategy(MeshStrategy):
             if isinstance(t, Tensor):
                 return t.shape[0]
         raise TypeError("PipelineStrategy needs tensor inputs or targets to cut the batch into microbatches")
+
+    def pipelined_forward(self, *inputs: Any) -> Any:
+        """The whole network's forward (no loss, no gradients) through the pipeline, returned on every
+        rank of this pipeline. A collective of the pipeline group: each of its ranks must call it
+        with the same inputs (e.g. token-by-token sampling after training, with the same seed).
+
+        A batch too small to cut into the schedule's microbatches (one prompt under 1F1B needs at
+        least ``stages`` rows) is padded by repeating its rows; the output is cut back to the batch.
+        """
+        runtime = self.runtime
+        assert runtime is not None, "pipelined_forward needs a set-up strategy (inside or after fit)"
+        b = self._batch_size(inputs, None)
+        floor = self.pipeline_config.stages if self.pipeline_config.schedule in NEEDS_M_GE_P else 1
+        if b >= floor:
+            return self._predict(inputs)
+        reps = -(-floor // b)  # ceil
+        padded = tuple(torch.cat([t] * reps)[:floor] if isinstance(t, Tensor) else t for t in inputs)
+        out = self._predict(padded)
+        return out[:b] if isinstance(out, Tensor) else out
 
     def _predict(self, args: tuple) -> Any:
         runtime = self.runtime

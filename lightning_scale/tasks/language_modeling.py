@@ -128,9 +128,12 @@ class LanguageModelingTask(LightningModule):
     def on_fit_end(self) -> None:
         if self.sample_tokens == 0 or not self.sample_prompt:
             return
-        if not all(getattr(self.model, name, None) is not None for name in ("tok_emb", "head")):
-            return  # this rank holds part of the model (pipeline stage); sampling needs all of it
-        if self.trainer.global_rank != 0:
+        # Every rank samples, with the same seed, so the same tokens: a tensor-parallel or ZeRO-3
+        # forward is a collective of all ranks, and a pipeline stage holds part of the model, so
+        # there the ranks sample together through the strategy (logits broadcast from the last stage).
+        partial = not all(getattr(self.model, name, None) is not None for name in ("tok_emb", "head"))
+        forward = getattr(self.trainer.strategy, "pipelined_forward", None) if partial else self.model
+        if forward is None:
             return
         from lightning_scale.data.text import decode, encode
 
@@ -138,7 +141,9 @@ class LanguageModelingTask(LightningModule):
         self.model.eval()
         prompt = encode(self.sample_prompt).unsqueeze(0).to(self.device)
         gen = torch.Generator(device=self.device).manual_seed(self.seed)
-        out = self.model.generate(prompt, self.sample_tokens, top_k=50, generator=gen)
+        out = sample_tokens(forward, prompt, self.sample_tokens, block_size=self.model_config.block_size, top_k=50,
+                            generator=gen)
         self.model.train(was_training)
         self.last_sample = decode(out[0])
-        rank_zero_info("\n--- sample from the trained model ---\n" + self.last_sample + "\n-------------------------------------")
+        if self.trainer.global_rank == 0:
+            rank_zero_info("\n--- sample from the trained model ---\n" + self.last_sample + "\n-------------------------------------")
