@@ -178,8 +178,7 @@ STRATEGIES = {
                                 8, dict(replicas=1, microbatches=4)),
     "tp_sp_every_2": (2, dict(tensor=True, tensor_parallel_size=2, sequence_parallel=True,
                               activation_checkpointing="every_2"), 8, dict(replicas=1, microbatches=1)),
-    "3d_full": (4, dict(three_d=True, pipeline_parallel_size=2, tensor_parallel_size=2, microbatches=4,
-                        activation_checkpointing="full"), 8, dict(replicas=1, microbatches=4)),
+    # 3D (pp2 x tp2) with full checkpointing: tests/test_parallel3d.py::test_pp2_tp2_parity[True].
     "zero2_offload_ac": (2, dict(zero=True, stage=2, activation_checkpointing="offload"), 4,
                          dict(replicas=2, microbatches=1)),
     "zero3_selective": (2, dict(zero=True, stage=3, activation_checkpointing="selective"), 4,

@@ -189,21 +189,14 @@ def test_gpu_recipes_are_found() -> None:
 
 
 @pytest.mark.parametrize("recipe", GPU_RECIPES, ids=lambda p: str(p.relative_to(RECIPES_DIR)))
-def test_gpu_recipe_parses_and_fits_as_its_header_says(recipe: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+def test_gpu_recipe_fits_as_its_header_says(recipe: Path, tmp_path: Path) -> None:
+    # (That the CLI parses every recipe is tests/test_cli.py::test_recipe_print_config_parses.)
     import json
     import re
 
-    monkeypatch.setattr(sys, "argv", ["lightning-scale"])  # argv comes from `args`
-
-    from lightning_scale.cli import main
     from lightning_scale.plan_cli import main as plan
 
-    # 1. The CLI parses it (every class_path resolves, every key exists) without building anything.
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(recipe), "--print_config"])
-    assert exit_info.value.code in (0, None)
-    assert "class_path" in capsys.readouterr().out
-    # 2. The planner, on the GPU named in the header, says it fits, with the peak the header states.
+    # The planner, on the GPU named in the header, says it fits, with the peak the header states.
     header = recipe.read_text()
     plan_args = re.search(r"^# plan:(.*)$", header, re.M).group(1).split()
     stated_peak = float(re.search(r"= peak ([0-9.]+) GB", header).group(1))

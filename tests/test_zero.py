@@ -244,13 +244,7 @@ def test_zero3_on_the_dp_dimension_with_tensor_parallelism_matches_the_reference
     _assert_parity(results, targets.reference(STEPS, 4, replicas=2, microbatches=1))
 
 
-@pytest.mark.slow
-def test_zero3_on_the_dp_dimension_of_full_3d_matches_the_reference() -> None:
-    # pp=2 x dp=2 x tp=2 on 8 ranks (about a minute on 2 cores; run with -m slow).
-    kwargs = dict(three_d=True, pipeline_parallel_size=2, tensor_parallel_size=2, data_parallel_size=2,
-                  microbatches=2, zero_stage=3)
-    results = run_distributed(targets.fit, 8, kwargs, STEPS, 4, init_process_group=False, timeout=600)
-    _assert_parity(results, targets.reference(STEPS, 4, replicas=2, microbatches=2))
+# pp2 x tp2 x dp2 with ZeRO-3 on dp (8 ranks): tests/test_parallel3d.py::test_pp2_tp2_dp2_parity_on_8_ranks_with_zero3_on_dp.
 
 
 def test_zero_stages_1_and_2_with_pipelining_are_refused_with_the_reason() -> None:
