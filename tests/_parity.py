@@ -42,3 +42,25 @@ def assert_planner_states(results: list[dict]) -> None:
         assert r["predicted"] is not None, f"rank {rank}: the planner does not model this run"
         predicted = {c: r["predicted"][c] for c in ("params", "grads", "optimizer")}
         assert r["state_bytes"] == predicted, f"rank {rank}: tensors {r['state_bytes']} vs planner {predicted}"
+
+
+def assert_sample_matches_full_model(results: list[dict], cfg, prompt: str = "12", tokens: int = 12) -> None:
+    """Every rank sampled the same text at the end of fit (``LanguageModelingTask.on_fit_end``), and it
+    is the text the full model with the trained weights gives (same seed, same prompt)."""
+    import torch
+
+    from lightning_scale.data.text import decode, encode
+    from lightning_scale.models import GPT
+    from lightning_scale.models.gpt import sample_tokens
+
+    samples = {r["sample"] for r in results}
+    assert len(samples) == 1 and None not in samples, samples
+    state: dict = {}
+    for r in results:
+        state.update(r["state"])
+    model = GPT(cfg)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+    model.eval()
+    ref = sample_tokens(model, encode(prompt).unsqueeze(0), tokens, block_size=cfg.block_size, top_k=50,
+                        generator=torch.Generator().manual_seed(0))
+    assert samples.pop() == decode(ref[0])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import _pipeline_targets as targets
-from _parity import assert_planner_states
+from _parity import assert_planner_states, assert_sample_matches_full_model
 from _parity import STEPS, assert_parity
 
 
@@ -21,8 +21,16 @@ from lightning_scale.testing import RankFailedError, run_distributed
 @pytest.mark.parametrize("sequence_parallel", [False, True])
 def test_tp2_parity(sequence_parallel: bool) -> None:
     kwargs = dict(tensor=True, tensor_parallel_size=2, sequence_parallel=sequence_parallel)
-    results = run_distributed(targets.fit, 2, kwargs, STEPS, 8, clip=0.05, init_process_group=False, timeout=300)
+    # The sample at the end of fit: every rank samples (a TP forward is a collective); none under
+    # SP (lengths 3, 4, 5 ... do not divide by tp).
+    sample = 0 if sequence_parallel else 12
+    results = run_distributed(targets.fit, 2, kwargs, STEPS, 8, clip=0.05, sample_tokens=sample,
+                              init_process_group=False, timeout=300)
     _assert_parity(results, targets.reference(STEPS, 8, replicas=1, microbatches=1, clip=0.05))
+    if sample:
+        assert_sample_matches_full_model(results, targets.CFG)
+    else:
+        assert all(r["sample"] is None for r in results)
     assert_planner_states(results)
 
 

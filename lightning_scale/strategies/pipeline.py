@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from lightning_scale.core.grads import allreduce_gradients
 from lightning_scale.core.mesh import ParallelDims
-from lightning_scale.core.pipeline import NEEDS_M_GE_P, SPLIT_BACKWARD_SCHEDULES, PipelineConfig, PipelineRuntime, ScheduleName, plan_pipeline
+from lightning_scale.core.pipeline import NEEDS_M_GE_P, SPLIT_BACKWARD_SCHEDULES, V_SCHEDULES, PipelineConfig, PipelineRuntime, ScheduleName, plan_pipeline
 from lightning_scale.strategies.interface import PipelineOutput
 from lightning_scale.strategies.mesh import MeshStrategy
 
@@ -438,6 +438,7 @@ class PipelineStrategy(MeshStrategy):
                 if png:
                     self._save_timeline()
                 return loss
+            self._check_forward_only()
             value, loss = runtime.eval_step(output.args, target, batch)
             output.value = value
             return loss
@@ -451,6 +452,20 @@ class PipelineStrategy(MeshStrategy):
                 return t.shape[0]
         raise TypeError("PipelineStrategy needs tensor inputs or targets to cut the batch into microbatches")
 
+    @property
+    def supports_forward_only(self) -> bool:
+        """False for torch's V-shaped zero-bubble schedule, whose runtime has no forward-only mode
+        (its eval asserts on the backward it does not run): no validation, test, predict or sample."""
+        return self.pipeline_config.schedule not in V_SCHEDULES
+
+    def _check_forward_only(self) -> None:
+        if not self.supports_forward_only:
+            raise ValueError(
+                f"schedule={self.pipeline_config.schedule!r} cannot run forward-only passes (validation, test, predict): "
+                f"torch's ZBV schedule has no eval mode. Set limit_val_batches=0 for training with it, or use "
+                f"schedule='interleaved_zero_bubble' (also zero-bubble, with forward-only support)"
+            )
+
     def pipelined_forward(self, *inputs: Any) -> Any:
         """The whole network's forward (no loss, no gradients) through the pipeline, returned on every
         rank of this pipeline. A collective of the pipeline group: each of its ranks must call it
@@ -461,6 +476,7 @@ class PipelineStrategy(MeshStrategy):
         """
         runtime = self.runtime
         assert runtime is not None, "pipelined_forward needs a set-up strategy (inside or after fit)"
+        self._check_forward_only()
         b = self._batch_size(inputs, None)
         floor = self.pipeline_config.stages if self.pipeline_config.schedule in NEEDS_M_GE_P else 1
         if b >= floor:
@@ -471,6 +487,7 @@ class PipelineStrategy(MeshStrategy):
         return out[:b] if isinstance(out, Tensor) else out
 
     def _predict(self, args: tuple) -> Any:
+        self._check_forward_only()
         runtime = self.runtime
         assert runtime is not None
         out = runtime.predict_step(args, self._batch_size(args, None))

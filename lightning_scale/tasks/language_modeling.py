@@ -129,11 +129,17 @@ class LanguageModelingTask(LightningModule):
         if self.sample_tokens == 0 or not self.sample_prompt:
             return
         # Every rank samples, with the same seed, so the same tokens: a tensor-parallel or ZeRO-3
-        # forward is a collective of all ranks, and a pipeline stage holds part of the model, so
-        # there the ranks sample together through the strategy (logits broadcast from the last stage).
-        partial = not all(getattr(self.model, name, None) is not None for name in ("tok_emb", "head"))
-        forward = getattr(self.trainer.strategy, "pipelined_forward", None) if partial else self.model
-        if forward is None:
+        # forward is a collective of all ranks, and under pipeline parallelism each rank holds some
+        # stages (with a V schedule rank 0 holds the first *and* the last), so there the ranks
+        # sample together through the strategy (logits broadcast from the last stage).
+        forward = getattr(self.trainer.strategy, "pipelined_forward", None) or self.model
+        if not getattr(self.trainer.strategy, "supports_forward_only", True):
+            rank_zero_info("No sample at the end of fit: this pipeline schedule has no forward-only mode.")
+            return
+        if getattr(self.trainer.strategy, "sequence_parallel", False):
+            # Token-by-token sampling grows the sequence one position at a time; sequence
+            # parallelism needs lengths divisible by the TP degree.
+            rank_zero_info("No sample at the end of fit under sequence parallelism (sequence lengths must divide by tp).")
             return
         from lightning_scale.data.text import decode, encode
 
