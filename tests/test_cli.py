@@ -92,8 +92,14 @@ def test_recipe_print_config_parses(recipe: Path, capsys: pytest.CaptureFixture[
     # The recipe's choices survive parsing, with every default filled in.
     assert config["model"]["class_path"] == source["model"]["class_path"]
     assert config["data"]["class_path"] == source["data"]["class_path"]
-    for key in ("accelerator", "devices", "strategy"):
+    for key in ("accelerator", "devices"):
         assert config["trainer"][key] == source["trainer"][key]
+    strategy, asked = config["trainer"]["strategy"], source["trainer"]["strategy"]
+    if isinstance(asked, dict):  # class_path + init_args: the parsed form adds every default
+        assert strategy["class_path"] == asked["class_path"]
+        assert {k: strategy["init_args"][k] for k in asked["init_args"]} == asked["init_args"]
+    else:
+        assert strategy == asked
     assert "optim" in config["model"]["init_args"]
 
 
