@@ -20,8 +20,15 @@ from typing import Any
 
 from lightning_scale.core.planner import Hardware, Layout, ModelSpec, Workload, plan_memory, plan_table, recommend
 
-_STRATEGY_STAGE = {"ddp": (0, False), "zero1": (1, False), "zero2": (2, False), "zero3": (3, False),
-                   "zero1_offload": (1, True), "zero2_offload": (2, True), "zero3_offload": (3, True)}
+def _zero_presets() -> dict[str, tuple[int, bool]]:
+    """``--strategy`` choices: "ddp" and the registered ZeRO presets, as (stage, offload)."""
+    from lightning_scale.strategies import PRESETS, ZeroStrategy
+
+    out = {"ddp": (0, False)}
+    for name, (cls, _, params) in PRESETS.items():
+        if cls is ZeroStrategy:
+            out[name] = (params["stage"], bool(params.get("offload_optimizer") or params.get("offload_params")))
+    return out
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--gpus-per-node", type=int, default=8)
     h.add_argument("--reserve", type=float, default=0.10, help="fraction of memory kept free (context, fragmentation)")
     s = p.add_argument_group("layout")
-    s.add_argument("--strategy", default=None, choices=sorted(_STRATEGY_STAGE),
+    s.add_argument("--strategy", default=None, choices=sorted(_zero_presets()),
                    help="with --recipe: replaces the recipe's strategy (so do --tp / --pp)")
     s.add_argument("--tp", type=int, default=None)
     s.add_argument("--pp", type=int, default=None)
@@ -65,7 +72,6 @@ def _strategy_from(spec: Any) -> Any:
 
     from lightning.pytorch.strategies import StrategyRegistry
 
-    import lightning_scale  # noqa: F401  (registers the suite's strategy names)
 
     if isinstance(spec, str):
         if spec not in StrategyRegistry:
@@ -138,7 +144,7 @@ def _inputs(a: argparse.Namespace) -> tuple[ModelSpec, Workload, Layout, Hardwar
     if recipe and not (a.strategy or a.tp or a.pp):
         layout = Layout(**recipe["layout"])  # the recipe's own strategy
     else:
-        stage, offload = _STRATEGY_STAGE[a.strategy or "ddp"]
+        stage, offload = _zero_presets()[a.strategy or "ddp"]
         v = a.virtual_stages or (2 if a.schedule == "interleaved_1f1b" else 1)
         layout = Layout(tp=a.tp or 1, pp=a.pp or 1, zero_stage=stage, offload=offload, sequence_parallel=a.sp,
                         schedule=a.schedule, microbatches=a.microbatches, virtual_stages=v, ac=a.ac,

@@ -135,14 +135,12 @@ def fit(strategy_kwargs: dict, steps: int, batch_size: int, accumulate: int = 1,
                          if isinstance(v, torch.Tensor) and v.dim() > 0)}
     from lightning_scale.callbacks._run_layout import predict_run
     from lightning_scale.core.activation_checkpointing import checkpointed_modules
+    from lightning_scale.callbacks.memory import model_state_sources
     from lightning_scale.core.memory import model_state_bytes
 
     # Model-state bytes this rank holds after the last step (grads of that step still present),
-    # and the memory planner's prediction for this rank's layout.
-    engine = getattr(trainer.strategy, "engine", None)
-    engine = engine() if callable(engine) else None
-    counts = model_state_bytes(task, [getattr(o, "optim", o) for o in trainer.optimizers],
-                               engine.held_tensors() if engine is not None else None)
+    # counted as MemoryAccountant counts them, and the memory planner's prediction for this rank.
+    counts = model_state_bytes(task, *model_state_sources(trainer))
     state_bytes = {c: sum(v.values()) for c, v in counts.items()}
     predicted = predict_run(trainer, task, (torch.zeros(batch_size, 16, dtype=torch.long),))
 

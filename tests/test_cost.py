@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
 
 import pytest
 
 import _cost_targets as ct
-from lightning_scale.core.cost import dollars, peak_for, project, project_across
+from lightning_scale.core.cost import dollars, project, project_across
+from lightning_scale.core.peak_flops import peak_flops
 from lightning_scale.core.prices import load_price_table
 from lightning_scale.testing import run_distributed
 
@@ -46,7 +45,7 @@ def test_project_time_and_cost_from_flops_and_mfu() -> None:
 def test_projection_of_a_72_hour_v100_job_ranks_the_a100_cheaper_with_the_tables_prices() -> None:
     table = load_price_table()
     mfu = 0.3
-    v100_peak = peak_for("V100 SXM2", "fp16")
+    v100_peak = peak_flops("V100 SXM2", "fp16")
     total = 72 * HOUR * 4 * v100_peak * mfu  # the job: 72 h on 4 V100 at 30% MFU
     rows, skipped = project_across(table, total, mfu, 4, "fp16")
     assert rows == sorted(rows, key=lambda p: p.dollars)
@@ -61,7 +60,7 @@ def test_projection_of_a_72_hour_v100_job_ranks_the_a100_cheaper_with_the_tables
     assert min(p.dollars for p in a100) < min(p.dollars for p in v100)
     aws = {p.gpu: p for p in rows if p.cloud == "AWS" and p.gpu in ("A100", "V100 SXM2")}
     assert aws["A100"].dollars < aws["V100 SXM2"].dollars  # same cloud: dearer per hour, cheaper per run
-    assert "A6000" in skipped or skipped  # GPUs without a curated peak are reported, not guessed
+    assert "A6000" in skipped  # GPUs without a curated peak are reported, not guessed
 
 
 # ---- the callback --------------------------------------------------------------------------------

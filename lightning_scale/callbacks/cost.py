@@ -53,25 +53,14 @@ from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch.utils._pytree import tree_map
 
 from lightning_scale.core.cost import Projection, dollars, project_across
-from lightning_scale.core.peak_flops import lookup
+from lightning_scale.core.peak_flops import lookup, precision_key
 from lightning_scale.core.prices import PriceTable, load_price_table
 
 PNG_NAME = "cost_projection.png"
 JSON_NAME = "cost_report.json"
-
-
-def precision_dtype(precision: str) -> str:
-    """Compute dtype key of the peak table for a Lightning precision string."""
-    p = str(precision)
-    if p.startswith("bf16"):
-        return "bf16"
-    if p.startswith("16"):
-        return "fp16"
-    if p.startswith("transformer-engine") or p.startswith("fp8"):
-        return "fp8"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
 
 
 class CostReporter(Callback):
@@ -178,7 +167,7 @@ class CostReporter(Callback):
                           f"table ({self.table.source}, prices of {self.table.date}): dollars are not reported. Give "
                           f"rate_per_gpu_hour= or add a row with prices=.", stacklevel=2)
             return
-        rates = [(o.spot_per_gpu_hour if self.spot else o.on_demand_per_gpu_hour) for o in offers]
+        rates = [o.price(self.spot) for o in offers]
         if self.cloud:
             self.rate = rates[0]
             self.rate_note = f"{gpu} {kind}, cheapest {self.cloud} offer ({offers[0].instance or offers[0].gpus} GPUs)"
@@ -221,8 +210,10 @@ class CostReporter(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._batch is None:
-            self._batch = batch
-            self._analytic_flops = self._gpt_flops(trainer, pl_module, batch)
+            # Only the shapes matter (FLOPs, the planner's fit verdict): keep no device memory.
+            self._batch = tree_map(lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta")
+                                   if isinstance(t, torch.Tensor) else t, batch)
+            self._analytic_flops = self._gpt_flops(trainer, pl_module, self._batch)
         step = trainer.global_step
         if self._last_log is None or step == self._last_log[1] or step % self.log_every_n_steps:
             return
@@ -346,7 +337,7 @@ class CostReporter(Callback):
                 warnings.warn(f"CostReporter: the projection across GPUs is omitted: it needs {missing}.", stacklevel=2)
             return [], [], ""
         n = self.projection_gpus or self.devices
-        dtype = precision_dtype(trainer.precision)
+        dtype = precision_key(trainer.precision, torch.backends.cuda.matmul.allow_tf32)
         fits = self._fits_function(trainer, pl_module, n)
         rows, skipped = project_across(self.table, flops * total_steps, mfu, n, dtype, spot=self.spot, fits=fits)
         why = (f"{flops * total_steps:.3e} model FLOPs ({total_steps} steps x {flops:.3e}) on {n} GPUs at {source}; "

@@ -85,7 +85,7 @@ def _sum_by(breakdown: dict[tuple[str, str], int], index: int) -> dict[str, int]
     return out
 
 
-def _state_sources(trainer: Any) -> tuple[list[torch.optim.Optimizer], dict[str, list[torch.Tensor]] | None]:
+def model_state_sources(trainer: Any) -> tuple[list[torch.optim.Optimizer], dict[str, list[torch.Tensor]] | None]:
     """The optimizers whose state to count (fairscale OSS: its partition's ``.optim``) and the
     tensors a ZeRO engine holds outside them (``strategy.engine(optimizer).held_tensors()``)."""
     raw = list(trainer.optimizers)
@@ -285,7 +285,7 @@ class MemoryAccountant(Callback):
 
     # -- measuring ------------------------------------------------------------------------------
     def _model_states(self, trainer, pl_module) -> dict[str, Any]:
-        optimizers, extra = _state_sources(trainer)
+        optimizers, extra = model_state_sources(trainer)
         breakdown = model_state_breakdown(pl_module, optimizers, extra)
         out: dict[str, Any] = {c: sum(breakdown[c].values()) for c in CATEGORIES}
         out["by_device"] = {c: _sum_by(breakdown[c], 0) for c in CATEGORIES}

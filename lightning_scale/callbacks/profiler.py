@@ -57,7 +57,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
 from lightning_scale.core import flops as flops_mod
-from lightning_scale.core.peak_flops import peak_flops
+from lightning_scale.core.peak_flops import peak_flops, precision_key
 
 PHASES = ("data", "forward", "backward", "grad_sync", "optimizer", "other")
 
@@ -340,10 +340,9 @@ class ScaleProfiler(Callback):
             return self.peak_tflops * 1e12
         device = trainer.strategy.root_device
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} (no peak-FLOPs entry)"
-        precision = str(trainer.precision)
-        dtype = "bf16" if "bf16" in precision else "fp16" if precision.startswith("16") else "fp32"
         allow_tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
-        peak = peak_flops(name, dtype, allow_tf32=allow_tf32)
+        dtype = precision_key(trainer.precision, allow_tf32)
+        peak = peak_flops(name, dtype)
         if peak is None and not self._warned_mfu:
             self._warned_mfu = True
             warnings.warn(f"ScaleProfiler: no peak FLOP/s known for device {name!r} and {dtype}: MFU is omitted. "

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lightning_scale.core.peak_flops import PEAKS
+from lightning_scale.core.peak_flops import peak_flops
 
 
 def dollars(rate_per_gpu_hour: float, gpus: int, seconds: float) -> float:
@@ -25,15 +25,6 @@ def dollars(rate_per_gpu_hour: float, gpus: int, seconds: float) -> float:
     if rate_per_gpu_hour < 0 or gpus < 1 or seconds < 0:
         raise ValueError(f"need rate >= 0, gpus >= 1, seconds >= 0; got {rate_per_gpu_hour}, {gpus}, {seconds}")
     return rate_per_gpu_hour * gpus * seconds / 3600.0
-
-
-def peak_for(gpu: str, dtype: str) -> float | None:
-    """Dense peak FLOP/s of the curated table's device ``gpu`` (exact device name) for ``dtype``."""
-    for row in PEAKS:
-        if row.device == gpu:
-            tflops = row.tflops.get(dtype)
-            return None if tflops is None else tflops * 1e12
-    return None
 
 
 @dataclass(frozen=True)
@@ -71,23 +62,20 @@ def project_across(table, total_flops: float, mfu: float, gpus: int, dtype: str,
     GPUs (all instances when none is that large). Returns (projections sorted by dollars, the
     table's GPUs skipped because no peak is known for them and ``dtype``).
     """
-    best: dict[tuple[str, float, str], object] = {}
+    offers: dict[tuple[str, float, str], list] = {}  # (gpu, memory, cloud) -> priced rows
     for row in table.rows:
-        rate = row.spot_per_gpu_hour if spot else row.on_demand_per_gpu_hour
-        if rate is None:
-            continue
-        key = (row.gpu, row.memory_gb, row.cloud)
-        best.setdefault(key, []).append(row)  # type: ignore[union-attr]
+        if row.price(spot) is not None:
+            offers.setdefault((row.gpu, row.memory_gb, row.cloud), []).append(row)
     out: list[Projection] = []
     skipped: set[str] = set()
-    for (gpu, memory_gb, cloud), rows in best.items():
-        peak = peak_for(gpu, dtype)
+    for (gpu, memory_gb, cloud), rows in offers.items():
+        peak = peak_flops(gpu, dtype)
         if peak is None:
             skipped.add(gpu)
             continue
-        large = [r for r in rows if r.gpus >= gpus] or rows  # type: ignore[attr-defined]
-        row = min(large, key=lambda r: (r.spot_per_gpu_hour if spot else r.on_demand_per_gpu_hour))
-        rate = row.spot_per_gpu_hour if spot else row.on_demand_per_gpu_hour
+        large = [r for r in rows if r.gpus >= gpus] or rows
+        row = min(large, key=lambda r: r.price(spot))
+        rate = row.price(spot)
         hours, cost = project(total_flops, mfu, gpus, peak, rate)
         out.append(Projection(gpu, memory_gb, cloud, row.instance, gpus, rate, peak, hours, cost,
                               fits(memory_gb) if fits is not None else None, row.source))

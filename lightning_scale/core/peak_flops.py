@@ -63,6 +63,17 @@ def dtype_key(dtype: object, allow_tf32: bool = False) -> str:
     return key
 
 
+def precision_key(precision: object, allow_tf32: bool = False) -> str:
+    """The peak-table dtype a Lightning ``precision`` computes its matmuls in: ``bf16-*`` -> "bf16",
+    ``16-*`` -> "fp16", otherwise "fp32" (or "tf32" when TF32 matmuls are enabled)."""
+    p = str(precision)
+    if p.startswith("bf16"):
+        return "bf16"
+    if p.startswith("16"):
+        return "fp16"
+    return "tf32" if allow_tf32 else "fp32"
+
+
 def lookup(device_name: str) -> PeakFlops | None:
     """The row for a device by its exact reported name (or canonical name), else None."""
     return _BY_NAME.get(device_name) or _BY_DEVICE.get(device_name)

@@ -476,7 +476,6 @@ class PipelineStrategy(MeshStrategy):
         """
         runtime = self.runtime
         assert runtime is not None, "pipelined_forward needs a set-up strategy (inside or after fit)"
-        self._check_forward_only()
         b = self._batch_size(inputs, None)
         floor = self.pipeline_config.stages if self.pipeline_config.schedule in NEEDS_M_GE_P else 1
         if b >= floor:
