@@ -103,14 +103,13 @@ def _from_recipe(path: str) -> dict[str, Any]:
     data = (cfg.get("data") or {}).get("init_args", {})
     devices = trainer.get("devices", 1)
     devices = (devices if isinstance(devices, int) else 1) * int(trainer.get("num_nodes", 1))
-    accumulate = int(trainer.get("accumulate_grad_batches", 1))
     layout = layout_of(_strategy_from(trainer.get("strategy", "ddp")), devices)
     if layout is None:
         raise SystemExit(f"{path}: the planner does not model this strategy's options")
     fields, dp = layout
     return {"gpt": gpt, "seq_len": data.get("block_size", gpt.block_size), "gpus": devices,
             # Global sequences per optimizer step; accumulation does not add activation memory.
-            "batch_size": data.get("batch_size", 1) * dp, "accumulate": accumulate,
+            "batch_size": data.get("batch_size", 1) * dp,
             "precision": str(trainer.get("precision", "32-true")), "layout": fields}
 
 

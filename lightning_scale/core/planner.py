@@ -135,8 +135,9 @@ class Hardware:
 
         name, _, mem = gpu.partition("-")
         mem = mem.upper().removesuffix("GB")
+        want = name.lower().replace(" ", "")  # "H100 PCIe" -> "h100pcie"; "H100" takes the first H100 row (SXM)
         for row in PEAKS:
-            if row.device.lower().replace(" ", "") in (name.lower(), gpu.lower().replace(" ", "")) or name.lower() == row.device.split()[0].lower():
+            if want in (row.device.lower().replace(" ", ""), row.device.split()[0].lower()):
                 if mem:
                     if float(mem) not in row.memory_gb:
                         raise ValueError(f"{row.device} comes with {row.memory_gb} GB, not {mem}; write e.g. {row.device.split()[0]}-{int(row.memory_gb[-1])}GB")
