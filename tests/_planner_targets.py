@@ -33,6 +33,8 @@ def measured_activations(cfg: GPTConfig, b: int, s: int, policy: str = "none", t
     with HeldActivationMeter(exclude) as meter, autocast:
         logits = model(x)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-    held = sum(meter.held([logits]).values())
+    if tp > 1:
+        torch.distributed.barrier()  # every collective of the forward has finished
+    held = sum(meter.held([logits], settle=2.0 if tp > 1 else 0.0).values())
     loss.backward()  # the saved tensors were usable (and are freed now)
     return held

@@ -225,7 +225,9 @@ class MemoryAccountant(Callback):
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         meter = self._close_meter()
         if meter is not None:
-            self._activations = meter.held(exclude=[loss])
+            # settle: a gloo worker may hold a finished collective's buffers for a moment.
+            settle = 0.5 if trainer.world_size > 1 else 0.0
+            self._activations = meter.held(exclude=[loss], settle=settle)
             self._measured_by, self._loss = meter, loss
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -238,7 +240,8 @@ class MemoryAccountant(Callback):
             # What the forward created and the step keeps beyond its backward is not activation
             # memory: the outputs (Lightning's copy of the loss), logged values, DDP's gradient
             # buckets (rebuilt in its second forward), lazily built state.
-            for device, nbytes in meter.held(exclude=[self._loss]).items():
+            settle = 0.5 if trainer.world_size > 1 else 0.0
+            for device, nbytes in meter.held(exclude=[self._loss], settle=settle).items():
                 self._activations[device] = self._activations.get(device, 0) - nbytes
             self._loss = None
         if not self._started or self.record is not None or trainer.global_step <= self.sample_step:
