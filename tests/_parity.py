@@ -64,3 +64,20 @@ def assert_sample_matches_full_model(results: list[dict], cfg, prompt: str = "12
     ref = sample_tokens(model, encode(prompt).unsqueeze(0), tokens, block_size=cfg.block_size, top_k=50,
                         generator=torch.Generator().manual_seed(0))
     assert samples.pop() == decode(ref[0])
+
+
+def assert_val_metrics(results: list[dict], ref_state: dict) -> None:
+    """``trainer.validate`` after fit (``fit(..., validate=True)``) logged, on every rank, the loss,
+    token accuracy and perplexity one process computes with torchmetrics from the reference's
+    trained weights. Each data-parallel rank sees part of the data, so a metric not synchronised
+    over dp fails this; the ranks without outputs (early pipeline stages) must log the last
+    stage's value. (A sync over the model-parallel ranks too would count duplicates of both
+    numerator and denominator, which these ratio metrics cannot detect.)"""
+    from _pipeline_targets import reference_val_metrics
+
+    ref = reference_val_metrics(ref_state)
+    for rank, r in enumerate(results):
+        assert r["val"] is not None, f"rank {rank}: no validation ran"
+        for name, value in ref.items():
+            got = r["val"][name]
+            assert abs(got - value) <= LOSS_RTOL * abs(value), f"rank {rank} {name}: {got} vs single process {value}"

@@ -43,8 +43,10 @@ def fit(strategy_kwargs: dict, steps: int, batch_size: int, accumulate: int = 1,
         precision: str = "32-true", ckpt_dir: str | None = None, resume: str | None = None,
         n_samples: int = 256, save_to: str | None = None, constant_lr: bool = False,
         max_epochs: int | None = None, every_n_train_steps: int | None = None,
-        stateful_loader: bool = False, exact_resume_callback: bool = False, sample_tokens: int = 0) -> dict:
-    """Train with PipelineStrategy on this rank; returns per-step losses and this rank's weights."""
+        stateful_loader: bool = False, exact_resume_callback: bool = False, sample_tokens: int = 0,
+        validate: bool = False) -> dict:
+    """Train with PipelineStrategy on this rank; returns per-step losses and this rank's weights.
+    ``validate``: then run ``trainer.validate`` on :func:`val_data` (metrics under ``"val"``)."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
@@ -143,11 +145,45 @@ def fit(strategy_kwargs: dict, steps: int, batch_size: int, accumulate: int = 1,
     counts = model_state_bytes(task, *model_state_sources(trainer))
     state_bytes = {c: sum(v.values()) for c, v in counts.items()}
     predicted = predict_run(trainer, task, (torch.zeros(batch_size, 16, dtype=torch.long),))
+    val_metrics = None
+    if validate:  # after the counts above: validate() drops the last step's gradients
+        trainer.limit_val_batches = 1.0  # fit ran without validation (limit 0)
+        val_metrics = trainer.validate(task, dataloaders=DataLoader(val_data(), batch_size=VAL_BATCH), verbose=False)[0]
 
     return {"losses": rec.losses, "lrs": rec.lrs, "adam": rec.adam, "state": state, "global_step": trainer.global_step,
             "held": held, "checkpointed": checkpointed_modules(task.model), "state_bytes": state_bytes,
             "predicted": predicted, "sample": getattr(task, "last_sample", None),
-            "sample_losses": getattr(strategy, "_test_probe", None)}
+            "sample_losses": getattr(strategy, "_test_probe", None), "val": val_metrics}
+
+
+VAL_BATCH = 8
+
+
+def val_data() -> TensorDataset:
+    """48 sequences: 6 batches of 8, or 3 per data-parallel rank of 2 (no sampler padding)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randint(0, CFG.vocab_size, (48, 16), generator=g)
+    return TensorDataset(x, torch.roll(x, -1, dims=1))
+
+
+def reference_val_metrics(state: dict) -> dict:
+    """One process, the trained weights ``state``: the same metrics computed by torchmetrics."""
+    from torchmetrics.classification import MulticlassAccuracy
+    from torchmetrics.text import Perplexity
+
+    task = _task()
+    task.load_state_dict(state)
+    model = task.model.eval()
+    acc, ppl = MulticlassAccuracy(num_classes=CFG.vocab_size, average="micro"), Perplexity()
+    losses = []
+    with torch.no_grad():
+        for x, y in DataLoader(val_data(), batch_size=VAL_BATCH):
+            logits = model(x)
+            losses.append(task.loss_fn(logits, y).item())
+            acc.update(logits.flatten(0, 1), y.flatten())
+            ppl.update(logits, y)
+    return {"val/loss": sum(losses) / len(losses), "val/token_acc": acc.compute().item(),
+            "val/perplexity": ppl.compute().item()}
 
 
 def reference(steps: int, per_replica_batch: int, replicas: int, microbatches: int, accumulate: int = 1,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 import _pipeline_targets as targets
-from _parity import assert_planner_states
+from _parity import assert_planner_states, assert_val_metrics
 from _parity import STEPS
 from _parity import assert_parity as _assert_parity
 from lightning_scale.testing import run_distributed
@@ -23,9 +23,13 @@ def test_pp2_tp2_parity(sequence_parallel: bool) -> None:
     ac = dict(activation_checkpointing="full") if sequence_parallel else {}
     kwargs = dict(three_d=True, pipeline_parallel_size=2, tensor_parallel_size=2, microbatches=4,
                   sequence_parallel=sequence_parallel, **ac)
-    results = run_distributed(targets.fit, 4, kwargs, STEPS, 8, clip=0.05, init_process_group=False, timeout=400)
-    _assert_parity(results, targets.reference(STEPS, 8, replicas=1, microbatches=4, clip=0.05))
+    results = run_distributed(targets.fit, 4, kwargs, STEPS, 8, clip=0.05, validate=sequence_parallel,
+                              init_process_group=False, timeout=400)
+    ref = targets.reference(STEPS, 8, replicas=1, microbatches=4, clip=0.05)
+    _assert_parity(results, ref)
     assert_planner_states(results)
+    if sequence_parallel:
+        assert_val_metrics(results, ref["state"])
     for rank, r in enumerate(results):  # AC is bitwise exact: parity alone would pass without it
         assert bool(r["checkpointed"]) == sequence_parallel, (rank, r["checkpointed"])
 
@@ -35,9 +39,12 @@ def test_pp2_tp2_dp2_parity_on_8_ranks_with_zero3_on_dp() -> None:
     # dp all-reduce without ZeRO is covered on 4 ranks (pp2 x dp2, tp2 x dp2).
     kwargs = dict(three_d=True, pipeline_parallel_size=2, tensor_parallel_size=2, data_parallel_size=2, microbatches=2,
                   zero_stage=3)
-    results = run_distributed(targets.fit, 8, kwargs, STEPS, 4, clip=0.05, init_process_group=False, timeout=600)
-    _assert_parity(results, targets.reference(STEPS, 4, replicas=2, microbatches=2, clip=0.05))
+    results = run_distributed(targets.fit, 8, kwargs, STEPS, 4, clip=0.05, validate=True, init_process_group=False,
+                              timeout=600)
+    ref = targets.reference(STEPS, 4, replicas=2, microbatches=2, clip=0.05)
+    _assert_parity(results, ref)
     assert_planner_states(results)
+    assert_val_metrics(results, ref["state"])
 
 
 def test_tp2_checkpoint_loads_into_pp2_tp2(tmp_path) -> None:

@@ -13,7 +13,7 @@ from torch import nn
 
 import _pipeline_core_targets as core_targets
 import _pipeline_targets as targets
-from _parity import assert_planner_states, assert_sample_matches_full_model
+from _parity import assert_planner_states, assert_sample_matches_full_model, assert_val_metrics
 from _parity import LOSS_RTOL, STEPS, WEIGHT_ATOL
 from _parity import assert_parity as _assert_parity
 from lightning_scale.core.mesh import ParallelDims
@@ -32,11 +32,15 @@ def test_two_stage_parity(schedule: str, virtual: int | None) -> None:
     # sample_tokens: the sample at the end of fit goes through PipelineStrategy.pipelined_forward
     # (one prompt padded to the schedule's microbatches) and must equal the full model's.
     sample = 0 if schedule == "zbv_zero_bubble" else 12  # ZBV has no forward-only mode (tested below)
-    results = run_distributed(targets.fit, 2, kwargs, STEPS, 8, sample_tokens=sample, init_process_group=False,
-                              timeout=240)
-    _assert_parity(results, targets.reference(STEPS, 8, replicas=1, microbatches=4))
+    validate = schedule == "interleaved_1f1b"  # metrics after fit through a virtual-stage schedule
+    results = run_distributed(targets.fit, 2, kwargs, STEPS, 8, sample_tokens=sample, validate=validate,
+                              init_process_group=False, timeout=240)
+    ref = targets.reference(STEPS, 8, replicas=1, microbatches=4)
+    _assert_parity(results, ref)
     if sample:
         assert_sample_matches_full_model(results, targets.CFG)
+    if validate:
+        assert_val_metrics(results, ref["state"])
     if schedule != "zbv_zero_bubble":  # the planner models gpipe, 1f1b and interleaved_1f1b
         assert_planner_states(results)
 
@@ -52,9 +56,12 @@ def test_zbv_refuses_forward_only_passes_with_the_fix() -> None:
 
 def test_two_stages_times_two_replicas_parity() -> None:
     kwargs = dict(stages=2, schedule="1f1b", microbatches=2)
-    results = run_distributed(targets.fit, 4, kwargs, STEPS, 4, init_process_group=False, timeout=300)
-    _assert_parity(results, targets.reference(STEPS, 4, replicas=2, microbatches=2))
+    results = run_distributed(targets.fit, 4, kwargs, STEPS, 4, validate=True, init_process_group=False, timeout=300)
+    ref = targets.reference(STEPS, 4, replicas=2, microbatches=2)
+    _assert_parity(results, ref)
     assert_planner_states(results)
+    # Metrics on the last stage, synchronised over its data-parallel group (ranks 1 and 3) only.
+    assert_val_metrics(results, ref["state"])
 
 
 def test_four_stage_parity() -> None:

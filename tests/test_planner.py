@@ -154,10 +154,12 @@ def test_activation_prediction_under_tensor_parallelism_within_15_percent() -> N
 # tensor parallel (tp2 with and without SP, tp2 x dp2), pipeline (gpipe, 1f1b, interleaved; pp2 x dp2),
 # pp2 x tp2, pp2 x dp2 with ZeRO-3; tests/test_zero.py covers every ZeRO engine case.
 def test_planner_model_states_equal_the_tensors_of_a_ddp_run() -> None:
-    from _parity import assert_planner_states
+    from _parity import assert_planner_states, assert_val_metrics
 
-    results = run_distributed(targets.fit, 2, dict(ddp=True), 2, 4, init_process_group=False, timeout=240)
+    results = run_distributed(targets.fit, 2, dict(ddp=True), 2, 4, validate=True, init_process_group=False, timeout=240)
     assert_planner_states(results)
+    # Lightning's ddp too: the task's metrics equal one process's (the suite's strategies: their parity tests).
+    assert_val_metrics(results, targets.reference(2, 4, replicas=2, microbatches=1)["state"])
 
 
 # ---- the command line ----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import _pipeline_targets as targets
-from _parity import assert_planner_states, assert_sample_matches_full_model
+from _parity import assert_planner_states, assert_sample_matches_full_model, assert_val_metrics
 from _parity import STEPS, assert_parity
 
 
@@ -25,20 +25,25 @@ def test_tp2_parity(sequence_parallel: bool) -> None:
     # SP (lengths 3, 4, 5 ... do not divide by tp).
     sample = 0 if sequence_parallel else 12
     results = run_distributed(targets.fit, 2, kwargs, STEPS, 8, clip=0.05, sample_tokens=sample,
-                              init_process_group=False, timeout=300)
-    _assert_parity(results, targets.reference(STEPS, 8, replicas=1, microbatches=1, clip=0.05))
+                              validate=sequence_parallel, init_process_group=False, timeout=300)
+    ref = targets.reference(STEPS, 8, replicas=1, microbatches=1, clip=0.05)
+    _assert_parity(results, ref)
     if sample:
         assert_sample_matches_full_model(results, targets.CFG)
     else:
         assert all(r["sample"] is None for r in results)
+        assert_val_metrics(results, ref["state"])  # validation with sequence-parallel regions
     assert_planner_states(results)
 
 
 def test_tp2_times_dp2_parity() -> None:
     kwargs = dict(tensor=True, tensor_parallel_size=2)
-    results = run_distributed(targets.fit, 4, kwargs, STEPS, 4, init_process_group=False, timeout=300)
-    _assert_parity(results, targets.reference(STEPS, 4, replicas=2, microbatches=1))
+    results = run_distributed(targets.fit, 4, kwargs, STEPS, 4, validate=True, init_process_group=False, timeout=300)
+    ref = targets.reference(STEPS, 4, replicas=2, microbatches=1)
+    _assert_parity(results, ref)
     assert_planner_states(results)
+    # Each dp rank validates half the data: a metric not synchronised over dp would differ from one process's.
+    assert_val_metrics(results, ref["state"])
 
 
 def test_heads_not_divisible_by_tp_fails_on_every_rank_with_the_fix() -> None:

@@ -12,7 +12,7 @@ import pytest
 
 import _pipeline_targets as targets
 from lightning_scale.testing import run_distributed
-from _parity import assert_planner_states
+from _parity import assert_planner_states, assert_val_metrics
 from _parity import STEPS
 from _parity import assert_parity as _assert_parity
 
@@ -35,8 +35,11 @@ def test_two_rank_parity_with_clipping(zero: dict) -> None:
     # Small buckets (several per model) so bucketing, padding and in-flight reductions are exercised.
     small_buckets = zero["stage"] < 3 and zero.get("backend", "native") == "native"
     kwargs = dict(zero=True, bucket_mb=0.02, **zero) if small_buckets else dict(zero=True, **zero)
-    results = run_distributed(targets.fit, 2, kwargs, STEPS, 4, clip=0.05, init_process_group=False, timeout=300)
-    _assert_parity(results, targets.reference(STEPS, 4, replicas=2, microbatches=1, clip=0.05))
+    results = run_distributed(targets.fit, 2, kwargs, STEPS, 4, clip=0.05, validate=True, init_process_group=False,
+                              timeout=300)
+    ref = targets.reference(STEPS, 4, replicas=2, microbatches=1, clip=0.05)
+    _assert_parity(results, ref)
+    assert_val_metrics(results, ref["state"])  # validation with sharded (and offloaded) parameters
 
 
 # ---- memory accounting ---------------------------------------------------------------------------

@@ -9,13 +9,12 @@ The contract the suite's strategies rely on (documented in docs/strategies/):
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.text import Perplexity
 
 from lightning_scale.core.optim import OptimConfig, adamw_warmup_cosine
 from lightning_scale.models.gpt import GPT, GPTConfig, sample_tokens
@@ -55,6 +54,9 @@ class LanguageModelingTask(LightningModule):
         self.model = GPT(self.model_config)
         # Token accuracy over every position of every sequence (micro average).
         self.val_acc = MulticlassAccuracy(num_classes=self.model_config.vocab_size, average="micro")
+        # Perplexity = exp(total negative log-likelihood / tokens), summed over every token seen
+        # (exact also when the last batch is smaller, unlike exp of the mean batch loss).
+        self.val_ppl = Perplexity()
         self.last_sample: str | None = None
 
     # -- the strategy contract -------------------------------------------------------------
@@ -67,7 +69,7 @@ class LanguageModelingTask(LightningModule):
 
     # -- steps -------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        self.val_acc.process_group = data_parallel_group(self.trainer)
+        self.val_acc.process_group = self.val_ppl.process_group = data_parallel_group(self.trainer)
         data_vocab = getattr(self.trainer.datamodule, "vocab_size", None) if self.trainer else None
         if data_vocab is not None and data_vocab > self.model_config.vocab_size:
             raise ValueError(
@@ -88,6 +90,7 @@ class LanguageModelingTask(LightningModule):
         logits = outputs_here(output)  # None on pipeline stages that do not hold the outputs
         if logits is not None:
             self.val_acc.update(logits.flatten(0, 1), y.flatten())
+            self.val_ppl.update(logits.float(), y)  # (B, T, V) fp32, (B, T)
         self.log(f"{prefix}/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
@@ -98,14 +101,13 @@ class LanguageModelingTask(LightningModule):
         return self._eval_step(batch, "test")
 
     def _log_epoch_metrics(self, prefix: str) -> None:
-        # Accuracy is synchronised over the data-parallel group of the ranks holding outputs,
-        # then shared with every rank so rank 0 logs the real value under every strategy.
-        acc = share_from_output_ranks(self.trainer, compute_quietly(self.val_acc).to(self.device))
-        self.val_acc.reset()
-        self.log(f"{prefix}/token_acc", acc, sync_dist=True)  # identical on every rank: the mean is a no-op
-        loss = self.trainer.callback_metrics.get(f"{prefix}/loss")
-        if loss is not None:  # already synchronised: identical on every rank
-            self.log(f"{prefix}/perplexity", math.exp(min(float(loss), 50.0)), sync_dist=True)
+        # The metrics are synchronised over the data-parallel group of the ranks holding outputs
+        # (the last pipeline stage), then shared with every rank so rank 0 logs the real values
+        # under every strategy.
+        for name, metric in (("token_acc", self.val_acc), ("perplexity", self.val_ppl)):
+            value = share_from_output_ranks(self.trainer, compute_quietly(metric).to(self.device))
+            metric.reset()
+            self.log(f"{prefix}/{name}", value, sync_dist=True)  # identical on every rank: the mean is a no-op
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_metrics("val")
