@@ -43,7 +43,8 @@ def main(args: Sequence[str] | None = None) -> None:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        args=argv,
+        # None: LightningCLI reads sys.argv itself (passing both warns that one may be a mistake).
+        args=None if args is None else argv,
     )
 
 

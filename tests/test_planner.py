@@ -189,7 +189,9 @@ def test_plan_cli_reads_a_recipe(tmp_path, capsys) -> None:
     import json
 
     asked = json.loads((tmp_path / "p.json").read_text())["asked"]
-    assert asked["dp"] == 2 and asked["microbatch_size"] == 16  # devices: 2, batch_size: 16 in the recipe
+    # The recipe: 2 devices, PipelineStrategy(stages=2, schedule=1f1b, microbatches=4), batch_size 32.
+    assert asked["dp"] == 1 and asked["layout_fields"]["pp"] == 2 and asked["layout_fields"]["schedule"] == "1f1b"
+    assert asked["microbatch_size"] == 8
 
 
 @pytest.mark.parametrize("argv, message", [

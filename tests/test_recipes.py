@@ -1,6 +1,7 @@
 """Every CPU recipe in ``recipes/`` trains end-to-end through the real ``lightning-scale`` CLI.
 
-Each recipe asks for ``devices: 2`` + ``strategy: ddp``, so it runs on two real processes. They
+Each recipe asks for ``devices: 2`` and one of the suite's strategies (the GPT recipe: pipeline,
+2 stages; the vision recipe: its strategy), so it runs on two real processes. They
 are started by :func:`lightning_scale.testing.run_distributed` with ``init_process_group=False``:
 every rank calls :func:`lightning_scale.cli.main` with the recipe and a few overrides, sees
 ``LOCAL_RANK``/``WORLD_SIZE`` set by the harness, and so *joins* as an externally launched

@@ -62,6 +62,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+# torch 2.13 renamed the flat-tensor collectives (the old names warn); same arguments.
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 STAGES = (1, 2, 3)
 SCALAR_STATE_KEYS = frozenset({"step"})  # optimizer state entries that are one value per parameter
 BACKENDS = ("native", "fairscale")
@@ -328,7 +332,7 @@ class ZeroOptimizer:
         assert bucket.staging is not None
         out = torch.empty(bucket.spec.chunk(self.world), dtype=bucket.spec.dtype, device=self.device)
         if self.world > 1:
-            work = dist.reduce_scatter_tensor(out, bucket.staging, group=self.group, async_op=True)
+            work = _reduce_scatter_flat(out, bucket.staging, group=self.group, async_op=True)
         else:
             out.copy_(bucket.staging)
             work = None
@@ -362,7 +366,7 @@ class ZeroOptimizer:
                 lo, hi = b.spec.chunk_range(self.rank, self.world)
                 if self.world > 1:
                     out = torch.empty(hi - lo, dtype=b.spec.dtype, device=self.device)
-                    dist.reduce_scatter_tensor(out, b.grads, group=self.group)
+                    _reduce_scatter_flat(out, b.grads, group=self.group)
                     b.grads[lo:hi].copy_(out)
                 chunk = b.grads[lo:hi]
                 if b.shard_grad is not None:  # separate master (offload / low precision)
@@ -390,7 +394,7 @@ class ZeroOptimizer:
                 if b.master.data_ptr() != b.flat[lo:hi].data_ptr():
                     b.flat[lo:hi].copy_(b.master.detach(), non_blocking=self._pin)
                 if self.world > 1:
-                    dist.all_gather_into_tensor(b.flat, b.flat[lo:hi], group=self.group)
+                    _all_gather_flat(b.flat, b.flat[lo:hi], group=self.group)
                 if b.grads is not None:
                     b.grads.zero_()
                     self._point_grads(b)
@@ -432,7 +436,7 @@ class ZeroOptimizer:
                 if torch.is_tensor(value) and value.dim() == 1 and value.numel() == b.master.numel():
                     full = torch.empty(b.spec.padded, dtype=value.dtype, device=value.device)
                     if self.world > 1:
-                        dist.all_gather_into_tensor(full, value.detach().contiguous(), group=self.group)
+                        _all_gather_flat(full, value.detach().contiguous(), group=self.group)
                     else:
                         full.copy_(value)
                     for i, slot in enumerate(b.spec.slots):
