@@ -15,8 +15,12 @@ with optimizer state already allocated):
   leaving out parameters, buffers, the batch, the loss, and whatever of them is still alive at
   the end of the step (``on_train_batch_end``): that is kept state, not activations (the step's
   outputs, values logged with ``self.log``, DDP's gradient buckets, which DDP rebuilds inside its
-  second forward). Pipeline strategies (``strategy.runtime``) run forward *and* backward inside the
-  training step, so there they are not measured (None, one warning);
+  second forward). Pipeline strategies (``strategy.runtime``) run the microbatches' forwards *and*
+  backwards inside the training step: there the meter stays open for the whole step and is read
+  after each microbatch's forward through this rank's stage (a forward hook); the figure is the
+  largest reading, the activations of the microbatches in flight at that moment (under 1F1B,
+  ``p - r`` on pipeline rank ``r`` of ``p``), parameters' gradients left out. Buffers alive at
+  that moment for the stage-to-stage transfers count as well;
 * **DDP gradient buckets**: under ``DistributedDataParallel`` with ``gradient_as_bucket_view=False``
   (Lightning's default) the reducer keeps a flat copy of every gradient for its all-reduce, not
   reachable as a tensor: its size comes from DDP's own logging data (``bucket_sizes``) and is
@@ -177,7 +181,6 @@ class MemoryAccountant(Callback):
         self.records: list[dict[str, Any]] | None = None
         self.png_path: Path | None = None
         self.oom_path: Path | None = None
-        self._warned_pipeline = False
         self._reset()
 
     def _reset(self) -> None:
@@ -187,6 +190,8 @@ class MemoryAccountant(Callback):
         self._activations_note: str | None = None
         self._measured_by: HeldActivationMeter | None = None
         self._loss: torch.Tensor | None = None
+        self._hooks: list[Any] = []
+        self._pipeline_peak: dict[str, int] = {}
         self._run_dir: Path | None = None
 
     # -- fit -------------------------------------------------------------------------------------
@@ -204,17 +209,34 @@ class MemoryAccountant(Callback):
         if self._started or trainer.global_step != self.sample_step:
             return
         self._started = True
-        if hasattr(trainer.strategy, "runtime"):
-            self._activations_note = "pipeline strategy: forward and backward run inside the training step"
-            if not self._warned_pipeline:
-                self._warned_pipeline = True
-                warnings.warn(f"MemoryAccountant: activations are not measured under {type(trainer.strategy).__name__}"
-                              f" (its schedule runs forward and backward inside the training step); memory/"
-                              f"activations_bytes and the CPU peak are omitted", stacklevel=2)
-            return
         exclude = [*pl_module.parameters(), *pl_module.buffers(), *_batch_tensors(batch)]
         self._meter = HeldActivationMeter(exclude=exclude)
+        runtime = getattr(trainer.strategy, "runtime", None)
+        if runtime is not None:
+            self._watch_pipeline_stages(runtime.stage_modules, list(pl_module.parameters()))
         self._meter.__enter__()  # closed in on_before_backward (or on_train_batch_end / on_exception)
+
+    def _watch_pipeline_stages(self, stage_modules: list[torch.nn.Module], params: list[torch.Tensor]) -> None:
+        """Read the meter after every microbatch forward of this rank's stage(s); keep the largest."""
+        self._pipeline_peak = {}
+        self._activations_note = "pipeline: largest held bytes after a microbatch forward (microbatches in flight)"
+
+        def after_forward(module, args, output) -> None:
+            meter = self._meter
+            if meter is None:
+                return
+            grads = [p.grad for p in params if p.grad is not None]  # created by earlier backwards: not activations
+            now = meter.held(exclude=grads)
+            if sum(now.values()) > sum(self._pipeline_peak.values()):
+                self._pipeline_peak = now
+
+        self._hooks = [m.register_forward_hook(after_forward) for m in stage_modules]
+
+    def _unwatch_pipeline_stages(self) -> dict[str, int] | None:
+        hooks, self._hooks = self._hooks, []
+        for h in hooks:
+            h.remove()
+        return self._pipeline_peak if hooks else None
 
     def _close_meter(self) -> HeldActivationMeter | None:
         meter, self._meter = self._meter, None
@@ -223,6 +245,8 @@ class MemoryAccountant(Callback):
         return meter
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if self._hooks:  # pipeline: the backwards ran inside the schedule; read at on_train_batch_end
+            return
         meter = self._close_meter()
         if meter is not None:
             # settle: a gloo worker may hold a finished collective's buffers for a moment.
@@ -231,7 +255,11 @@ class MemoryAccountant(Callback):
             self._measured_by, self._loss = meter, loss
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._close_meter() is not None:  # no backward ran (training_step returned None, manual optimization)
+        peak = self._unwatch_pipeline_stages()
+        if peak is not None:
+            self._close_meter()
+            self._activations = peak or None  # {} if no stage forward ran
+        elif self._close_meter() is not None:  # no backward ran (training_step returned None, manual optimization)
             self._activations_note = "no backward ran in the sampled step"
             warnings.warn("MemoryAccountant: the sampled step ran no backward (on_before_backward was not called); "
                           "activations are not measured", stacklevel=2)
@@ -277,6 +305,7 @@ class MemoryAccountant(Callback):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # Lightning re-raises the exception after this hook: write what is known, never swallow it.
+        self._unwatch_pipeline_stages()
         self._close_meter()
         self._measured_by = self._loss = None
         if self.oom_dump and _is_oom(exception):
