@@ -6,6 +6,8 @@ Examples::
     lightning-scale plan --recipe recipes/gpt/nano-cpu.yaml --gpus 2 --gpu-memory-gb 0.05
     lightning-scale plan --layers 32 --hidden 4096 --heads 32 --vocab 50304 --params 8e9 \\
         --batch-size 1 --seq-len 2048 --precision mixed --gpus 1 --gpu H100 --strategy ddp
+    lightning-scale plan --recipe recipes/vision/vit-b-cifar10-8gpu.yaml --gpu A10G
+    lightning-scale plan --model resnet56 --image-size 32 --batch-size 1024 --gpus 4 --gpu L4
 
 It prints the asked layout's per-device memory and, below it, the fastest layouts that fit
 (:func:`lightning_scale.core.planner.recommend`). ``--json FILE`` writes both.
@@ -34,14 +36,17 @@ def _zero_presets() -> dict[str, tuple[int, bool]]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lightning-scale plan", description="Predict per-GPU memory of a training layout.")
     m = p.add_argument_group("model (one of --model, --recipe, or the dimensions)")
-    m.add_argument("--model", help="a GPT preset (tiny, nano, micro, gpt2, gpt2-medium, gpt2-large, gpt2-xl)")
-    m.add_argument("--recipe", help="a LightningCLI recipe YAML with a GPT model (model, batch, devices, strategy, precision)")
+    m.add_argument("--model", help="a preset: GPT (tiny, nano, micro, gpt2, gpt2-medium, gpt2-large, gpt2-xl), ViT "
+                                    "(digits, cifar-small, vit-b16, vit-l16) or ResNet (resnet8-digits, resnet20, resnet56)")
+    m.add_argument("--recipe", help="a LightningCLI recipe YAML with the suite's GPT, ViT or ResNet (model, batch, "
+                                     "devices, strategy, precision)")
     for name in ("layers", "hidden", "heads", "vocab", "mlp-hidden"):
         m.add_argument(f"--{name}", type=int)
     m.add_argument("--params", type=float, help="parameter count Psi (with the dimensions; e.g. 7.5e9)")
     w = p.add_argument_group("workload")
-    w.add_argument("--batch-size", type=int, help="global sequences per optimizer step")
-    w.add_argument("--seq-len", type=int)
+    w.add_argument("--batch-size", type=int, help="global sequences (images) per optimizer step")
+    w.add_argument("--seq-len", type=int, help="tokens per sequence (a ViT's: patches + 1, read from its config)")
+    w.add_argument("--image-size", type=int, help="side of the square input images in pixels (needed for a ResNet)")
     w.add_argument("--precision", default=None, help="32-true, bf16-mixed, 16-mixed, bf16-true, 16-true, mixed")
     w.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd", "sgd_momentum"])
     h = p.add_argument_group("hardware")
@@ -84,21 +89,49 @@ def _strategy_from(spec: Any) -> Any:
     raise SystemExit(f"the recipe's trainer.strategy {spec!r} is neither a registered name nor a class_path")
 
 
+#: ``model.init_args.model`` config classes the planner knows, by the task that takes them.
+_TASK_DEFAULT_CONFIG = {
+    "lightning_scale.tasks.LanguageModelingTask": "lightning_scale.models.GPTConfig",
+    "lightning_scale.tasks.language_modeling.LanguageModelingTask": "lightning_scale.models.GPTConfig",
+    "lightning_scale.tasks.ImageClassificationTask": "lightning_scale.models.ViTConfig",
+    "lightning_scale.tasks.image_classification.ImageClassificationTask": "lightning_scale.models.ViTConfig",
+}
+
+
+def _model_config(path: str, cfg: dict[str, Any]) -> Any:
+    """The recipe's ``model.init_args.model``, built as a GPTConfig, ViTConfig or ResNetConfig."""
+    import importlib
+
+    from lightning_scale.models import GPTConfig, ResNetConfig, ViTConfig
+
+    model = cfg.get("model") or {}
+    args = (model.get("init_args") or {}).get("model")
+    class_path = _TASK_DEFAULT_CONFIG.get(model.get("class_path", ""))
+    if isinstance(args, dict) and "class_path" in args:
+        class_path, args = args["class_path"], args.get("init_args") or {}
+    if not isinstance(args, dict) or class_path is None:
+        raise SystemExit(f"{path}: no model.init_args.model config of the suite's GPT, ViT or ResNet found; "
+                         f"give --model or the dimensions instead")
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module or "lightning_scale.models"), name)
+    except (ImportError, AttributeError) as err:
+        raise SystemExit(f"{path}: cannot import the model config {class_path!r} ({err})") from None
+    if cls not in (GPTConfig, ViTConfig, ResNetConfig):
+        raise SystemExit(f"{path}: the planner models GPTConfig, ViTConfig and ResNetConfig, not {class_path}")
+    return cls(**args)
+
+
 def _from_recipe(path: str) -> dict[str, Any]:
     """Model, batch, devices, precision and layout from a recipe (only what the planner needs)."""
     import yaml
 
     from lightning_scale.callbacks._run_layout import layout_of
-    from lightning_scale.models.gpt import GPTConfig
+    from lightning_scale.models import GPTConfig, ViTConfig
 
     with open(path) as f:
         cfg = yaml.safe_load(f)
-    model_args = (cfg.get("model") or {}).get("init_args", {}).get("model")
-    if isinstance(model_args, dict) and "init_args" in model_args:
-        model_args = model_args["init_args"]
-    if not isinstance(model_args, dict):
-        raise SystemExit(f"{path}: no model.init_args.model GPT config found; give --model or the dimensions instead")
-    gpt = GPTConfig(**model_args)
+    config = _model_config(path, cfg)
     trainer = cfg.get("trainer") or {}
     data = (cfg.get("data") or {}).get("init_args", {})
     devices = trainer.get("devices", 1)
@@ -107,29 +140,49 @@ def _from_recipe(path: str) -> dict[str, Any]:
     if layout is None:
         raise SystemExit(f"{path}: the planner does not model this strategy's options")
     fields, dp = layout
-    return {"gpt": gpt, "seq_len": data.get("block_size", gpt.block_size), "gpus": devices,
-            # Global sequences per optimizer step; accumulation does not add activation memory.
-            "batch_size": data.get("batch_size", 1) * dp,
-            "precision": str(trainer.get("precision", "32-true")), "layout": fields}
+    out = {"config": config, "gpus": devices,
+           # Global sequences (images) per optimizer step; accumulation does not add activation memory.
+           "batch_size": data.get("batch_size", 1) * dp,
+           "precision": str(trainer.get("precision", "32-true")), "layout": fields}
+    if isinstance(config, GPTConfig):
+        out["seq_len"] = data.get("block_size", config.block_size)
+    elif isinstance(config, ViTConfig):
+        out["seq_len"] = config.seq_len
+        out["image_size"] = data.get("image_size") or config.image_size
+    else:
+        out["seq_len"] = 1
+        out["image_size"] = data.get("image_size")  # None (native size): --image-size must say it
+    return out
 
 
 def _inputs(a: argparse.Namespace) -> tuple[ModelSpec, Workload, Layout, Hardware]:
     recipe = _from_recipe(a.recipe) if a.recipe else {}
     if recipe:
-        model = ModelSpec.from_gpt(recipe["gpt"])
+        model = ModelSpec.from_config(recipe["config"])
     elif a.model:
-        model = ModelSpec.from_gpt(a.model)
+        model = ModelSpec.from_config(a.model)
     elif all(getattr(a, k) for k in ("layers", "hidden", "heads", "vocab", "params")):
         model = ModelSpec(n_layer=a.layers, hidden=a.hidden, heads=a.heads, vocab=a.vocab,
                           mlp_hidden=a.mlp_hidden or 4 * a.hidden, params=int(a.params))
     else:
         raise SystemExit("give --model PRESET, --recipe YAML, or --layers --hidden --heads --vocab --params")
-    seq = a.seq_len or recipe.get("seq_len") or (model.gpt.block_size if model.gpt is not None else None)
+    kind = model.kind
+    image_size = a.image_size or recipe.get("image_size")
+    if kind == "vit":
+        seq = a.seq_len or model.vision.seq_len
+        image_size = image_size or model.vision.image_size
+    elif kind == "resnet":
+        seq = a.seq_len or 1
+        if not image_size:
+            raise SystemExit("a ResNet's activations depend on the image size: give --image-size PIXELS (or set "
+                             "data.init_args.image_size in the recipe)")
+    else:
+        seq = a.seq_len or recipe.get("seq_len") or (model.gpt.block_size if model.gpt is not None else None)
     batch = a.batch_size or recipe.get("batch_size")
     if not seq or not batch:
         raise SystemExit("give --batch-size (global sequences per step) and --seq-len")
     workload = Workload(batch_size=batch, seq_len=seq, precision=a.precision or recipe.get("precision", "bf16-mixed"),
-                        optimizer=a.optimizer)
+                        optimizer=a.optimizer, image_size=image_size if kind in ("vit", "resnet") else None)
     gpus = a.gpus or recipe.get("gpus")
     if not gpus:
         raise SystemExit("give --gpus")
@@ -151,6 +204,21 @@ def _inputs(a: argparse.Namespace) -> tuple[ModelSpec, Workload, Layout, Hardwar
     return model, workload, layout, hardware
 
 
+def _describe(model: ModelSpec, workload: Workload, hardware: Hardware) -> str:
+    psi = f"{model.params / 1e9:.3f}B parameters" if model.params >= 1e8 else f"{model.params:,} parameters"
+    tail = f"{workload.precision}, {workload.optimizer}; {hardware.gpus} x {hardware.name}"
+    if model.kind == "vit":
+        cfg = model.vision
+        return (f"model: ViT, {psi}, {model.n_layer} layers, hidden {model.hidden}, {cfg.num_classes} classes; batch "
+                f"{workload.batch_size} images of {cfg.image_size} px = {workload.seq_len} tokens each; {tail}")
+    if model.kind == "resnet":
+        cfg = model.vision
+        return (f"model: ResNet-{cfg.depth} (width {cfg.width}), {psi}, {cfg.num_classes} classes; batch "
+                f"{workload.batch_size} images of {workload.image_size} x {workload.image_size} px; {tail}")
+    return (f"model: {psi}, {model.n_layer} layers, hidden {model.hidden}; batch {workload.batch_size} x "
+            f"{workload.seq_len} tokens, {tail}")
+
+
 def main(args: Sequence[str] | None = None) -> int:
     from rich.console import Console
 
@@ -161,9 +229,7 @@ def main(args: Sequence[str] | None = None) -> int:
     except ValueError as err:
         raise SystemExit(f"lightning-scale plan: {err}") from None
     console = Console(width=160)
-    psi = f"{model.params / 1e9:.3f}B parameters" if model.params >= 1e8 else f"{model.params:,} parameters"
-    console.print(f"model: {psi}, {model.n_layer} layers, hidden {model.hidden}; batch {workload.batch_size} x "
-                  f"{workload.seq_len} tokens, {workload.precision}, {workload.optimizer}; {hardware.gpus} x {hardware.name}")
+    console.print(_describe(model, workload, hardware))
     console.print(plan_table([asked], "asked layout (GB = 1e9 bytes, per device)"))
     console.print(asked.summary())
     found = recommend(model, workload, hardware, limit=a.top)

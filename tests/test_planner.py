@@ -127,10 +127,12 @@ def test_activation_prediction_matches_the_measurement_fp32(b: int, s: int, poli
 
 
 @pytest.mark.parametrize("policy", ["none", "full"])
-def test_activation_prediction_under_bf16_autocast_within_15_percent(policy: str) -> None:
+def test_activation_prediction_under_bf16_autocast_is_exact(policy: str) -> None:
+    # Exact once autocast's three 16-bit copies of the ln_1 output (one per q/k/v projection) are
+    # counted (ActivationModel.qkv_input_copies); up to the loss's 4-byte scalar, as in fp32.
     measured = pt.measured_activations(CFG, 4, 64, policy, precision="bf16-mixed")
     predicted = _predicted(CFG, 4, 64, policy, precision="bf16-mixed")
-    assert abs(predicted / measured - 1) <= 0.15, (predicted, measured)
+    assert abs(predicted - measured) <= 8, (predicted, measured)
 
 
 def _tp_activations() -> dict:

@@ -2,9 +2,11 @@
 
 Reads the layout from the suite's strategies (``ddp``, :class:`ZeroStrategy`,
 :class:`TensorParallelStrategy`, :class:`PipelineStrategy` / :class:`Parallel3DStrategy`), the
-model shape from a :class:`~lightning_scale.models.GPT` (``pl_module.model``), the batch shape
-from the training batch ((B, T) token ids) and the precision from the Trainer. Anything else
-(other models, optimizers other than Adam/AdamW/SGD) gives None: no guess.
+model shape from a :class:`~lightning_scale.models.GPT`, :class:`~lightning_scale.models.ViT` or
+:class:`~lightning_scale.models.ResNet` (``pl_module.model``), the batch shape from the training
+batch ((B, T) token ids; (B, C, S, S) square images) and the precision from the Trainer.
+Anything else (other models, non-square images, optimizers other than Adam/AdamW/SGD) gives
+None: no guess.
 """
 
 from __future__ import annotations
@@ -74,6 +76,15 @@ def _layout(trainer: Any) -> tuple[dict[str, Any], int, int] | None:
     return (*found, pp_rank)
 
 
+def _dp_rank(trainer: Any) -> int:
+    """This rank's data-parallel coordinate (ZeRO-3's optimizer shards depend on it)."""
+    from lightning_scale.strategies import MeshStrategy
+
+    if isinstance(trainer.strategy, MeshStrategy):
+        return trainer.strategy.coordinate("dp")
+    return trainer.global_rank  # Lightning's ddp / single device: every rank is a data-parallel rank
+
+
 def _optimizer_name(trainer: Any) -> str | None:
     if len(trainer.optimizers) != 1:
         return None
@@ -86,27 +97,47 @@ def _optimizer_name(trainer: Any) -> str | None:
     return None
 
 
+def _model_and_shape(network: Any, batch: Any) -> tuple[Any, dict[str, int]] | None:
+    """(ModelSpec, {"b", "seq_len", "image_size"}) of a suite model and its training batch, or None."""
+    from lightning_scale.core.planner import ModelSpec
+    from lightning_scale.models import GPT, GPTConfig, ResNet, ResNetConfig, ViT, ViTConfig
+
+    config = getattr(network, "config", None)
+    first = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if not torch.is_tensor(first):
+        return None
+    if isinstance(network, GPT) and isinstance(config, GPTConfig):
+        if first.dim() != 2:
+            return None
+        b, s = first.shape  # this rank's batch: (B, T) token ids
+        return ModelSpec.from_gpt(config), {"b": b, "seq_len": s, "image_size": None}
+    if isinstance(network, (ViT, ResNet)) and isinstance(config, (ViTConfig, ResNetConfig)):
+        if first.dim() != 4 or first.shape[2] != first.shape[3]:
+            return None
+        b, _, side, _ = first.shape  # this rank's batch: (B, C, S, S) images
+        if isinstance(config, ViTConfig):
+            return ModelSpec.from_vit(config), {"b": b, "seq_len": config.seq_len, "image_size": side}
+        return ModelSpec.from_resnet(config), {"b": b, "seq_len": 1, "image_size": side}
+    return None
+
+
 def plan_inputs(trainer: Any, pl_module: Any, batch: Any) -> tuple[Any, Any, Any, int] | None:
     """(ModelSpec, Workload, Layout, pipeline rank) of this run, or None when the planner does not
     model it (see the module docstring)."""
-    from lightning_scale.core.planner import Layout, ModelSpec, Workload
-    from lightning_scale.models.gpt import GPT, GPTConfig
+    from lightning_scale.core.planner import Layout, Workload
 
-    network = getattr(pl_module, "model", None)
-    config = getattr(network, "config", None)
-    if not isinstance(network, GPT) or not isinstance(config, GPTConfig):
+    found = _model_and_shape(getattr(pl_module, "model", None), batch)
+    if found is None:
         return None
-    tokens = batch[0] if isinstance(batch, (tuple, list)) else batch
-    if not torch.is_tensor(tokens) or tokens.dim() != 2:
-        return None
+    model, shape = found
     layout = _layout(trainer)
     optimizer = _optimizer_name(trainer)
     if layout is None or optimizer is None:
         return None
     fields, dp, pp_rank = layout
-    b, s = tokens.shape  # this rank's batch: (B, T)
-    workload = Workload(batch_size=b * dp, seq_len=s, precision=str(trainer.precision), optimizer=optimizer)
-    return ModelSpec.from_gpt(config), workload, Layout(**fields), pp_rank
+    workload = Workload(batch_size=shape["b"] * dp, seq_len=shape["seq_len"], precision=str(trainer.precision),
+                        optimizer=optimizer, image_size=shape["image_size"])
+    return model, workload, Layout(**fields), pp_rank
 
 
 def predict_run(trainer: Any, pl_module: Any, batch: Any) -> dict[str, int] | None:
@@ -120,7 +151,8 @@ def predict_run(trainer: Any, pl_module: Any, batch: Any) -> dict[str, int] | No
         return None
     model, workload, layout, pp_rank = inputs
     hardware = Hardware(gpus=trainer.world_size, memory_gb=1.0)  # capacity is irrelevant here
-    rank = plan_memory(model, workload, layout, hardware).ranks[pp_rank]
+    dp_rank = _dp_rank(trainer)
+    rank = plan_memory(model, workload, layout, hardware, dp_rank=dp_rank).ranks[pp_rank]
     # Device and host together: the callback's counts include offloaded (CPU) tensors.
     out = {c: getattr(rank, c) + rank.host_by.get(c, 0) for c in ("params", "grads", "optimizer", "activations")}
     out["ddp_buckets"] = rank.detail.get("DDP gradient buckets", 0)  # torch DDP's flat gradient copy

@@ -99,12 +99,24 @@ class CostReporter(Callback):
         plot: bool = True,
         top: int = 15,
     ) -> None:
-        if rate_per_gpu_hour is not None and not (isinstance(rate_per_gpu_hour, (int, float)) and rate_per_gpu_hour >= 0):
+        def number(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        if rate_per_gpu_hour is not None and not (number(rate_per_gpu_hour) and rate_per_gpu_hour >= 0):
             raise ValueError(f"rate_per_gpu_hour must be a number >= 0 (USD per device-hour); got {rate_per_gpu_hour!r}")
-        if assumed_mfu is not None and not 0 < assumed_mfu <= 1:
+        if assumed_mfu is not None and not (number(assumed_mfu) and 0 < assumed_mfu <= 1):
             raise ValueError(f"assumed_mfu must be in (0, 1], e.g. 0.4 for 40% MFU; got {assumed_mfu!r}")
-        if flops_per_step is not None and not flops_per_step > 0:
-            raise ValueError(f"flops_per_step must be > 0; got {flops_per_step!r}")
+        if flops_per_step is not None and not (number(flops_per_step) and flops_per_step > 0):
+            raise ValueError(f"flops_per_step must be a number > 0 (model FLOPs per optimizer step); got {flops_per_step!r}")
+        if gpu is not None and (not isinstance(gpu, str) or not gpu.strip()):
+            raise ValueError(f"gpu must be a GPU name of the price table (e.g. 'A100', 'H100 SXM') or None; got {gpu!r}")
+        if gpu_memory_gb is not None and not (number(gpu_memory_gb) and gpu_memory_gb > 0):
+            raise ValueError(f"gpu_memory_gb must be a number > 0 (GB per GPU, e.g. 40 or 80 for the A100) or None; "
+                             f"got {gpu_memory_gb!r}")
+        if cloud is not None and (not isinstance(cloud, str) or not cloud.strip()):
+            raise ValueError(f"cloud must be a cloud name of the price table (e.g. 'AWS') or None; got {cloud!r}")
+        if not isinstance(spot, bool):
+            raise ValueError(f"spot must be True or False; got {spot!r}")
         if projection_gpus is not None and (not isinstance(projection_gpus, int) or projection_gpus < 1):
             raise ValueError(f"projection_gpus must be a positive integer; got {projection_gpus!r}")
         if not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
@@ -116,6 +128,11 @@ class CostReporter(Callback):
         self.assumed_mfu, self.flops_per_step, self.projection_gpus = assumed_mfu, flops_per_step, projection_gpus
         self.log_every_n_steps, self.print_table, self.plot, self.top = log_every_n_steps, print_table, plot, top
         self.table: PriceTable = load_price_table(prices)  # validates overrides now, on every rank
+        if gpu is not None and not self.table.rates(gpu) and lookup(gpu) is None:
+            known = sorted({name for name, _ in self.table.gpus()})
+            raise ValueError(f"gpu={gpu!r} is neither in the price table nor in the peak-FLOPs table; use one of {known}, "
+                             f"or add a row for it with prices=[{{cloud: ..., gpu: {gpu!r}, memory_gb: ..., "
+                             f"on_demand_per_gpu_hour: ...}}]")
         # Resolved at train start.
         self.rate: float | None = None
         self.rate_note = ""

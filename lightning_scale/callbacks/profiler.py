@@ -105,12 +105,30 @@ class ScaleProfiler(Callback):
                  peak_tflops: float | None = None, straggler_threshold: float = 0.2,
                  trace_steps: tuple[int, int] | None = None, trace_ranks: tuple[int, ...] = (0,),
                  trace_dir: str | None = None, print_summary: bool = True) -> None:
-        if log_every_n_steps < 1:
-            raise ValueError(f"log_every_n_steps must be >= 1; got {log_every_n_steps}")
-        if straggler_threshold <= 0:
-            raise ValueError(f"straggler_threshold must be > 0; got {straggler_threshold}")
-        if trace_steps is not None and not (0 <= trace_steps[0] <= trace_steps[1]):
-            raise ValueError(f"trace_steps must be (first, last) with 0 <= first <= last; got {trace_steps}")
+        def integer(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def positive(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and value != float("inf")
+
+        if not integer(log_every_n_steps) or log_every_n_steps < 1:
+            raise ValueError(f"log_every_n_steps must be an integer >= 1; got {log_every_n_steps!r}")
+        if not positive(straggler_threshold):
+            raise ValueError(f"straggler_threshold must be a number > 0 (e.g. 0.2 warns at a 20% spread); got "
+                             f"{straggler_threshold!r}")
+        if trace_steps is not None and not (isinstance(trace_steps, (tuple, list)) and len(trace_steps) == 2
+                                            and all(integer(t) for t in trace_steps)
+                                            and 0 <= trace_steps[0] <= trace_steps[1]):
+            raise ValueError(f"trace_steps must be (first, last) optimizer steps with 0 <= first <= last, e.g. (5, 7), "
+                             f"or None; got {trace_steps!r}")
+        if not isinstance(trace_ranks, (tuple, list)) or not all(integer(r) and r >= 0 for r in trace_ranks):
+            raise ValueError(f"trace_ranks must be a tuple of global ranks, e.g. (0,) or (0, 1); got {trace_ranks!r}")
+        if flops_per_sample is not None and not positive(flops_per_sample):
+            raise ValueError(f"flops_per_sample must be a number > 0 (model FLOPs of one trained sample, forward + "
+                             f"backward) or None to compute it; got {flops_per_sample!r}")
+        if peak_tflops is not None and not positive(peak_tflops):
+            raise ValueError(f"peak_tflops must be a number > 0 (dense peak TFLOP/s of one device, e.g. 989 for an H100 "
+                             f"SXM in bf16) or None to look it up; got {peak_tflops!r}")
         self.log_every_n_steps = log_every_n_steps
         self.flops_per_sample = flops_per_sample
         self.peak_tflops = peak_tflops

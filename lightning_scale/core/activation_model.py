@@ -17,6 +17,12 @@ that count as a list of named items (:func:`layer_items`), so the same enumerati
   a LayerNorm keeps the *gathered* (B, T, D) input (Megatron keeps the shard and re-gathers it
   in the backward). In fp32 this matches the saved-tensor measurement byte for byte (tests).
 
+**The ViT** (:mod:`lightning_scale.models.vit`) uses the same block, so :func:`layer_items`
+applies with s = patches + 1 tokens; what it keeps outside the blocks (patch convolution,
+``ln_f``, a head on the [CLS] row, a (b, classes) loss) is :func:`vit_outer_items`, passed to
+:func:`model_activation_bytes` as ``outer``. Models without such an inventory (the ResNet) are
+measured by a forward on the ``meta`` device instead (:mod:`lightning_scale.core.meta_activations`).
+
 **Recomputation** (:mod:`lightning_scale.core.activation_checkpointing` policies): ``full`` keeps
 each block's input (``2sbh`` in 16-bit, the paper's figure); ``selective`` keeps the block
 input, q, k, v, the attention output and the non-widening matmul outputs; ``every_k`` mixes the
@@ -56,6 +62,11 @@ class ActivationModel:
             backward (``bf16-mixed``: 2); 0 when parameters are already in the compute dtype.
         small_terms: count LayerNorm mean/rstd, the attention log-sum-exp, position indices and
             loss scalars (fp32, O(s b) each); the paper leaves them out.
+        qkv_input_copies: copies of the attention input (ln_1 output) that q, k and v keep. 1 when
+            the three projections share one tensor; 3 under autocast with an fp32 residual stream:
+            autocast casts the fp32 ln_1 output to 16-bit once per projection (its cast cache holds
+            parameters only), and each projection keeps its own copy (measured on CPU autocast, the
+            same rule as CUDA's). :meth:`for_precision` sets 3 under ``*-mixed``.
     """
 
     act_bytes: int = 4
@@ -65,8 +76,12 @@ class ActivationModel:
     sp_saves_gathered: bool = True
     weight_copy_bytes: int = 0
     small_terms: bool = True
+    qkv_input_copies: int = 1
 
     def __post_init__(self) -> None:
+        if self.qkv_input_copies not in (1, 3):
+            raise ValueError(f"qkv_input_copies must be 1 (shared) or 3 (one per projection); "
+                             f"got {self.qkv_input_copies!r}")
         if self.attention not in ATTENTION:
             raise ValueError(f"attention must be one of {ATTENTION}; got {self.attention!r}")
         for name in ("act_bytes", "residual_bytes"):
@@ -86,7 +101,8 @@ class ActivationModel:
         if p in ("32-true", "32", "64-true"):
             return cls(act_bytes=4, residual_bytes=4, dropout=dropout, attention=attention)
         if p in ("bf16-mixed", "16-mixed"):
-            return cls(act_bytes=2, residual_bytes=4, dropout=dropout, attention=attention, weight_copy_bytes=2)
+            return cls(act_bytes=2, residual_bytes=4, dropout=dropout, attention=attention, weight_copy_bytes=2,
+                       qkv_input_copies=3)
         if p in ("bf16-true", "16-true", "mixed"):
             return cls(act_bytes=2, residual_bytes=2, dropout=dropout, attention=attention)
         raise ValueError(f"unknown precision {precision!r}; use 32-true, bf16-mixed, 16-mixed, bf16-true or 16-true")
@@ -161,7 +177,11 @@ def layer_items(shape: LayerShape, model: ActivationModel, policy: str = "none")
         raise ValueError(f"per-layer policy must be none, full or selective; got {policy!r}")
 
     add("ln_1 input", n * rb / sp_div)
-    add("attention input (ln_1 output)", n * ab / gathered_div)
+    if model.qkv_input_copies == 1:
+        add("attention input (ln_1 output)", n * ab / gathered_div)
+    else:  # autocast: one 16-bit copy of the fp32 ln_1 output per q/k/v projection
+        add("attention input (ln_1 output), one autocast copy per q, k, v",
+            model.qkv_input_copies * n * ab / gathered_div)
     add("q, k", 2 * n * ab / t)
     if model.attention == "math":
         add("softmax(QK^T)", b * a * s * s * ab / t)
@@ -239,6 +259,46 @@ def outer_items(*, b: int, s: int, h: int, vocab: int, t: int = 1, sp: bool = Fa
     return items
 
 
+def vit_outer_items(*, b: int, s: int, h: int, num_classes: int, image_shape: tuple[int, int, int],
+                    patch_weight: int, t: int = 1, sp: bool = False, first: bool = True, last: bool = True,
+                    model: ActivationModel) -> list[Item]:
+    """What a ViT (:class:`lightning_scale.models.ViT`) keeps outside its blocks, per microbatch.
+
+    ``image_shape`` is (C, H, W) of one image; ``patch_weight`` the elements of the patch
+    convolution's weight (D C P P); ``s`` = patches + 1 tokens. First stage: the convolution saves
+    the images (the batch: not counted) and its weight, the [CLS] concatenation and the position
+    add save nothing; under autocast the convolution keeps low-precision copies of both. Last
+    stage: ``ln_f`` keeps its input (the full sequence: with sequence parallelism the ViT plan
+    gathers it before ``ln_f``) and the head reads the [CLS] row of its output; the head's
+    ``addmm`` keeps that (b, h) row as a view of the whole (b, s, h) ``ln_f`` output, unless
+    autocast casts it (a (b, h) copy). The loss keeps the fp32 log-softmax of the (b, classes)
+    logits. The (b, classes) logits themselves are the caller's (a transient, not counted here).
+    """
+    n, tok = s * b * h, s * b
+    sp_div = t if sp else 1
+    items: list[Item] = []
+    if first:
+        if model.dropout:
+            items.append(Item("embedding dropout mask", n * 1 / sp_div))
+        if model.weight_copy_bytes:
+            c, hh, ww = image_shape
+            items.append(Item("autocast copy of the images (patch convolution input)",
+                              b * c * hh * ww * model.act_bytes))
+            items.append(Item("autocast copy of the patch-embedding weight", patch_weight * model.weight_copy_bytes))
+    if last:
+        items.append(Item("ln_f input (full sequence)", n * model.residual_bytes))
+        if model.weight_copy_bytes:
+            items.append(Item("head input ([CLS] row, autocast copy)", b * h * model.act_bytes))
+            items.append(Item("autocast copy of the head weight", num_classes * h * model.weight_copy_bytes))
+        else:
+            items.append(Item("head input (a view of the whole ln_f output)", n * model.act_bytes))
+        items.append(Item("log-softmax of the logits (fp32)", b * num_classes * 4))
+        if model.small_terms:
+            items.append(Item("ln_f mean/rstd (fp32)", 2 * tok * 4))
+            items.append(Item("loss weight (fp32 scalar)", 4))
+    return items
+
+
 def in_flight_microbatches(schedule: str, p: int, m: int, rank: int, v: int = 1) -> int:
     """Microbatches (chunk-microbatches for interleaved) whose activations rank ``rank`` holds at its peak."""
     if schedule not in SCHEDULES:
@@ -300,6 +360,7 @@ def model_activation_bytes(
     first: bool = True,
     last: bool = True,
     in_flight: int = 1,
+    outer: list[Item] | None = None,
 ) -> ActivationEstimate:
     """Activation bytes of one rank holding ``layers`` (indices, or a count from 0) for ``in_flight``
     microbatches of ``b`` sequences. ``n_layer`` is the whole model's depth (for ``every_k``).
@@ -321,7 +382,9 @@ def model_activation_bytes(
         items.extend(Item(f"layer {i}: {it.name}", it.bytes) for it in layer_items(shape, model, p))
         if p in ("full", "selective"):
             recompute_peak = max(recompute_peak, full_layer - layer_bytes(shape, model, p))
-    items.extend(outer_items(b=b, s=s, h=h, vocab=vocab, t=t, sp=sp, first=first, last=last, model=model))
+    if outer is None:
+        outer = outer_items(b=b, s=s, h=h, vocab=vocab, t=t, sp=sp, first=first, last=last, model=model)
+    items.extend(outer)
     per_microbatch = sum(i.bytes for i in items)
     held = per_microbatch * in_flight
     if policy == "offload":
@@ -342,4 +405,5 @@ __all__ = [
     "layer_policies",
     "model_activation_bytes",
     "outer_items",
+    "vit_outer_items",
 ]

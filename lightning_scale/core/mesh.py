@@ -15,6 +15,7 @@ on every rank before the first collective.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -93,8 +94,38 @@ class ParallelDims:
         return out
 
 
-def build_device_mesh(dims: ParallelDims, device_type: str) -> torch.distributed.device_mesh.DeviceMesh:
-    """Create the global mesh (a collective: every rank must call it with the same dims)."""
+def build_device_mesh(
+    dims: ParallelDims, device_type: str, timeout: timedelta | None = None
+) -> torch.distributed.device_mesh.DeviceMesh:
+    """Create the global mesh (a collective: every rank must call it with the same dims).
+
+    ``timeout``: collective timeout of the mesh's groups. DeviceMesh otherwise creates its
+    sub-groups with torch's default (30 minutes), not the default group's timeout, and a rank
+    waiting on a hung peer in a pp/dp/tp group (a collective or a pipeline send/recv) would wait
+    that long. The timeout is given at creation: gloo's send/recv keep the one they were made with."""
+    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh(device_type, (dims.pp, dims.dp, dims.tp), mesh_dim_names=MESH_DIM_NAMES)
+    override = None
+    options = None
+    if timeout is not None and dist.is_initialized():
+        options = _options_with_timeout(dist.get_backend(), timeout)
+    if options is not None:
+        override = {name: (dist.get_backend(), options) for name in MESH_DIM_NAMES}
+    return init_device_mesh(
+        device_type, (dims.pp, dims.dp, dims.tp), mesh_dim_names=MESH_DIM_NAMES, backend_override=override
+    )
+
+
+def _options_with_timeout(backend: str, timeout: timedelta):
+    """Process-group options of ``backend`` ("gloo" or "nccl") carrying ``timeout``; None for others."""
+    import torch.distributed as dist
+
+    if backend == "gloo":
+        options = dist.ProcessGroupGloo._Options()
+    elif backend == "nccl" and dist.is_nccl_available():
+        options = dist.ProcessGroupNCCL.Options()
+    else:
+        return None
+    options._timeout = timeout
+    return options

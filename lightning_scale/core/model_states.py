@@ -12,8 +12,9 @@ Two ways in:
   same pipeline split and tensor-parallel placements the strategies use). The engines' padding
   is reproduced: ZeRO-1/2 (:mod:`lightning_scale.core.sharding`) pads each bucket to a multiple
   of N and Adam steps one tensor per bucket chunk; FSDP2 (ZeRO-3) pads each parameter's dim 0 to
-  a multiple of N and steps one tensor per parameter. Tests compare these numbers with the
-  tensors of real gloo runs, to the byte.
+  a multiple of N and steps one tensor per parameter, whose optimizer state follows the
+  unpadded shard (smaller on the last ranks when dim 0 does not divide: ``dp_rank``). Tests
+  compare these numbers with the tensors of real gloo runs, to the byte.
 
 Bytes are split by where they live: ``device`` (the accelerator) or ``host`` (CPU offload).
 """
@@ -127,9 +128,16 @@ def decay_groups(named: Sequence[tuple[str, tuple[int, ...]]]) -> list[ParamSpec
     return decay + rest
 
 
+def fsdp_shard_rows(rows: int, dp: int, dp_rank: int) -> int:
+    """Rows of a dim-0 size ``rows`` that FSDP2 gives data-parallel rank ``dp_rank`` of ``dp``
+    (``torch.chunk``: ceil(rows / dp) each from rank 0 on, the last ranks get fewer or none)."""
+    chunk = math.ceil(rows / dp)
+    return max(0, min(chunk, rows - dp_rank * chunk))
+
+
 def rank_model_states(params: Sequence[ParamSpec], dp: int, zero_stage: int, *, precision: str = "32-true",
                       optimizer: str = "adamw", offload: bool = False, bucket_mb: float = 25.0,
-                      ddp_buckets: bool = False) -> StateBytes:
+                      ddp_buckets: bool = False, dp_rank: int = 0) -> StateBytes:
     """Exact model-state bytes of one rank of this suite's engines.
 
     Args:
@@ -140,8 +148,15 @@ def rank_model_states(params: Sequence[ParamSpec], dp: int, zero_stage: int, *, 
             stage 3: FSDP2 ``CPUOffloadPolicy`` (parameters, gradients and optimizer on the host).
         ddp_buckets: stage 0 under torch DDP (Lightning's ``ddp``): its reducer keeps a flat copy
             of the gradients (``gradient_as_bucket_view=False``), reported as a transient buffer.
+        dp_rank: which data-parallel rank. Only FSDP2 (stage 3) differs between them: its
+            parameter and gradient shards are padded to ceil(dim 0 / N) rows on every rank, but the
+            optimizer state is sized like the unpadded shard, which is smaller (or empty) on the
+            last ranks when dim 0 does not divide (e.g. a ViT's (1, 1, D) [CLS] token). Rank 0
+            holds the most (the default, the planner's worst case).
     """
     _check_stage(zero_stage, dp)
+    if not 0 <= dp_rank < dp:
+        raise ValueError(f"dp_rank must be in 0..{dp - 1}; got {dp_rank}")
     d = StateDtypes.for_precision(precision, zero_stage)
     k_moments = moments(optimizer)
     steps = optimizer in ("adam", "adamw")  # Adam keeps a 4-byte fp32 "step" tensor per stepped tensor
@@ -158,10 +173,11 @@ def rank_model_states(params: Sequence[ParamSpec], dp: int, zero_stage: int, *, 
     if zero_stage == 3:
         # FSDP2: dim 0 of every parameter padded to a multiple of dp, one shard per rank.
         padded = sum(math.ceil(p.shape[0] / dp) * dp * math.prod(p.shape[1:]) if p.shape else dp for p in params)
+        local = sum(fsdp_shard_rows(p.shape[0], dp, dp_rank) * math.prod(p.shape[1:]) if p.shape else 1 for p in params)
         where = "host" if offload else "device"
         out.add("params", where, d.param * padded // dp)
         out.add("grads", where, d.grad * padded // dp)
-        out.add("optimizer", where, (k_moments * d.moment + d.master) * padded // dp + (4 * len(params) if steps else 0))
+        out.add("optimizer", where, (k_moments * d.moment + d.master) * local + (4 * len(params) if steps else 0))
         largest = sorted((d.param * math.prod(p.shape) for p in params), reverse=True)
         out.transient["all-gathered parameters (upper bound: 2 largest tensors)"] = sum(largest[:2])
         return out

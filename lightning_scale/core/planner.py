@@ -4,14 +4,17 @@ layout that does. Torch only (no Lightning); the CLI is ``lightning-scale plan``
 A prediction is the sum, per pipeline rank (tensor- and data-parallel ranks of one pipeline
 rank hold the same amounts), of
 
-* model states (:mod:`lightning_scale.core.model_states`): exact for the suite's GPT (built on
-  the ``meta`` device and split / sharded / padded as the strategies do), the ZeRO paper's
-  closed forms for a model given only by its parameter count;
+* model states (:mod:`lightning_scale.core.model_states`): exact for the suite's GPT, ViT and
+  ResNet (built on the ``meta`` device and split / sharded / padded as the strategies do), the
+  ZeRO paper's closed forms for a model given only by its parameter count;
 * activations (:mod:`lightning_scale.core.activation_model`): Korthikanti et al.'s per-layer
-  inventory for the suite's kernels, times the microbatches the pipeline schedule keeps in
-  flight, under the activation-checkpointing policy;
+  inventory for the suite's transformer kernels (GPT; ViT with s = patches + 1 tokens), times
+  the microbatches the pipeline schedule keeps in flight, under the activation-checkpointing
+  policy; for the ResNet, which has no closed form, a forward on the ``meta`` device counting
+  the bytes it leaves for the backward (:mod:`lightning_scale.core.meta_activations`);
 * transient buffers: one recomputed layer (full / selective checkpointing), ZeRO-3's gathered
-  parameters, ZeRO-2's staging bucket, torch DDP's gradient buckets.
+  parameters, ZeRO-2's staging bucket, torch DDP's gradient buckets, the logits; and the model's
+  buffers (BatchNorm running statistics), which live all step but are none of the model states.
 
 **Units**: bytes; tables print GB = 1e9 bytes (the ZeRO paper's unit). A device "fits" when the
 peak is at most ``memory_gb * 1e9 * (1 - reserve_fraction)``; the reserve (default 10%) stands
@@ -35,9 +38,11 @@ from typing import Any
 from lightning_scale.core.activation_model import (
     AC_POLICIES,
     SCHEDULES,
+    ActivationEstimate,
     ActivationModel,
     in_flight_microbatches,
     model_activation_bytes,
+    vit_outer_items,
 )
 from lightning_scale.core.model_states import (
     OPTIMIZERS,
@@ -55,10 +60,15 @@ GB = 1e9
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelSpec:
-    """A GPT-style decoder: the shapes activations depend on, and the parameter count.
+    """The model: the shapes activations depend on, and the parameter count.
 
-    Build it with :meth:`from_gpt` (exact model states: the suite's GPT on the meta device) or
-    directly from the dimensions and ``params`` (the ZeRO paper's closed forms).
+    Build it with :meth:`from_gpt`, :meth:`from_vit` or :meth:`from_resnet` (exact model states:
+    the suite's model on the meta device; :meth:`from_config` picks one) or directly from the
+    dimensions and ``params`` of a GPT-style decoder (the ZeRO paper's closed forms).
+
+    For a ViT the fields are its transformer's (``vocab`` = classes); for a ResNet, which has no
+    attention, ``n_layer`` = residual blocks, ``hidden`` = ``mlp_hidden`` = the last stage's
+    channels, ``heads`` = 1, ``vocab`` = classes (its activations come from a meta forward).
     """
 
     n_layer: int
@@ -69,6 +79,7 @@ class ModelSpec:
     params: int
     dropout: bool = False
     gpt: Any = None  # a lightning_scale.models.GPTConfig: enables the exact per-rank parameter count
+    vision: Any = None  # a lightning_scale.models.ViTConfig or ResNetConfig (exact, as ``gpt``)
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "hidden", "heads", "vocab", "mlp_hidden", "params"):
@@ -77,6 +88,24 @@ class ModelSpec:
                 raise ValueError(f"ModelSpec.{name} must be a positive integer; got {value!r}")
         if self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        if self.gpt is not None and self.vision is not None:
+            raise ValueError("ModelSpec takes one model config: gpt= or vision=, not both")
+
+    @property
+    def config(self) -> Any:
+        """The suite model's config (GPT, ViT or ResNet), or None for a dimensions-only model."""
+        return self.gpt if self.gpt is not None else self.vision
+
+    @property
+    def kind(self) -> str:
+        """``"gpt"``, ``"vit"``, ``"resnet"`` or ``"dims"`` (dimensions and a parameter count)."""
+        if self.gpt is not None:
+            return "gpt"
+        if self.vision is None:
+            return "dims"
+        from lightning_scale.models.vit import ViTConfig
+
+        return "vit" if isinstance(self.vision, ViTConfig) else "resnet"
 
     @classmethod
     def from_gpt(cls, config: Any) -> ModelSpec:
@@ -90,19 +119,68 @@ class ModelSpec:
                    mlp_hidden=config.mlp_hidden, params=gpt_param_count(config), dropout=config.dropout > 0,
                    gpt=config)
 
+    @classmethod
+    def from_vit(cls, config: Any) -> ModelSpec:
+        """A :class:`~lightning_scale.models.ViTConfig` (or a preset name / dict of its fields)."""
+        from lightning_scale.models.vit import ViTConfig, vit_param_count
+
+        if isinstance(config, str):
+            config = ViTConfig.from_preset(config)
+        elif isinstance(config, dict):
+            config = ViTConfig(**config)
+        return cls(n_layer=config.n_layer, hidden=config.n_embd, heads=config.n_head, vocab=config.num_classes,
+                   mlp_hidden=config.mlp_hidden, params=vit_param_count(config), dropout=config.dropout > 0,
+                   vision=config)
+
+    @classmethod
+    def from_resnet(cls, config: Any) -> ModelSpec:
+        """A :class:`~lightning_scale.models.ResNetConfig` (or a preset name / dict of its fields)."""
+        from lightning_scale.models.resnet import ResNetConfig, resnet_param_count
+
+        if isinstance(config, str):
+            config = ResNetConfig.from_preset(config)
+        elif isinstance(config, dict):
+            config = ResNetConfig(**config)
+        last = 4 * config.width  # channels of the last stage
+        return cls(n_layer=3 * config.blocks_per_stage, hidden=last, heads=1, vocab=config.num_classes,
+                   mlp_hidden=last, params=resnet_param_count(config), vision=config)
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelSpec:
+        """A GPT, ViT or ResNet config object, or a preset name of any of them."""
+        from lightning_scale.models import GPT_PRESETS, RESNET_PRESETS, VIT_PRESETS, GPTConfig, ResNetConfig, ViTConfig
+
+        if isinstance(config, GPTConfig) or (isinstance(config, str) and config in GPT_PRESETS):
+            return cls.from_gpt(config)
+        if isinstance(config, ViTConfig) or (isinstance(config, str) and config in VIT_PRESETS):
+            return cls.from_vit(config)
+        if isinstance(config, ResNetConfig) or (isinstance(config, str) and config in RESNET_PRESETS):
+            return cls.from_resnet(config)
+        known = sorted([*GPT_PRESETS, *VIT_PRESETS, *RESNET_PRESETS])
+        raise ValueError(f"{config!r} is not a GPTConfig, ViTConfig or ResNetConfig, nor a preset name; "
+                         f"presets: {known}")
+
 
 @dataclass(frozen=True)
 class Workload:
-    """``batch_size``: sequences per optimizer step over all data-parallel replicas (global)."""
+    """``batch_size``: sequences (images) per optimizer step over all data-parallel replicas (global).
+
+    ``seq_len``: tokens per sequence; a ViT's is fixed by its config (patches + 1), a ResNet has
+    none (give 1). ``image_size``: side in pixels of the square input images, needed for a ResNet
+    (a ViT's is its config's; when given it must agree).
+    """
 
     batch_size: int
     seq_len: int
     precision: str = "bf16-mixed"
     optimizer: str = "adamw"
+    image_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be >= 1; got {self.batch_size}, {self.seq_len}")
+        if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 1):
+            raise ValueError(f"image_size must be a positive integer (pixels) or None; got {self.image_size!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {self.optimizer!r}")
         ActivationModel.for_precision(self.precision)  # validates the precision string
@@ -276,8 +354,43 @@ class MemoryPlan:
 # ----------------------------------------------------------------------------------------------
 # Planning
 # ----------------------------------------------------------------------------------------------
+def _check_vision(model: ModelSpec, workload: Workload, layout: Layout) -> None:
+    """What the vision models need from the workload and the layout (errors name the fix)."""
+    kind = model.kind
+    if kind == "vit":
+        cfg = model.vision
+        if workload.seq_len != cfg.seq_len:
+            raise ValueError(
+                f"this ViT sees (image_size/patch_size)^2 + 1 = ({cfg.image_size}/{cfg.patch_size})^2 + 1 = "
+                f"{cfg.seq_len} tokens per image, not seq_len={workload.seq_len}: give seq_len={cfg.seq_len} "
+                f"(or leave --seq-len out)"
+            )
+        if workload.image_size is not None and workload.image_size != cfg.image_size:
+            raise ValueError(
+                f"the images are {workload.image_size} px but this ViT takes image_size={cfg.image_size}: set the "
+                f"model's image_size to {workload.image_size} (or resize the data to {cfg.image_size})"
+            )
+    elif kind == "resnet":
+        if workload.image_size is None:
+            raise ValueError(
+                "planning a ResNet needs the side of its square input images: Workload(image_size=...), "
+                "--image-size, or data.init_args.image_size in the recipe"
+            )
+        if layout.tp > 1:
+            raise ValueError(
+                "the ResNet has no tensor-parallel plan (only the suite's transformers do): use tp=1, with data "
+                "parallelism or ZeRO"
+            )
+        if layout.pp > 1:
+            raise ValueError(
+                "the planner models ResNet activations on one pipeline stage only: use pp=1 (ZeRO-3 shards a "
+                "model too large for one GPU)"
+            )
+
+
 def _divisible(model: ModelSpec, workload: Workload, layout: Layout, hardware: Hardware) -> tuple[int, int]:
     """(dp, microbatch size); raises on sizes that do not divide."""
+    _check_vision(model, workload, layout)
     tp, pp = layout.tp, layout.pp
     if hardware.gpus % (tp * pp):
         raise ValueError(f"{hardware.gpus} GPUs are not divisible by tp x pp = {tp} x {pp}")
@@ -308,10 +421,10 @@ def _stage_layers(model: ModelSpec, layout: Layout) -> list[tuple[list[int], boo
     """Per pipeline rank: (layer indices, holds the embeddings, holds the head)."""
     if layout.pp == 1:
         return [(list(range(model.n_layer)), True, True)]
-    if model.gpt is not None:
+    if model.config is not None:
         from lightning_scale.core.pipeline import PipelineConfig, plan_pipeline
 
-        net = _meta_gpt(model.gpt)
+        net = _meta_network(model.config)
         plan = plan_pipeline(net, PipelineConfig(stages=layout.pp, schedule=layout.schedule, microbatches=layout.m,
                                                  virtual_stages=layout.virtual_stages))
         out = []
@@ -328,42 +441,136 @@ def _stage_layers(model: ModelSpec, layout: Layout) -> list[tuple[list[int], boo
              r == stage_ranks[-1]) for r in range(layout.pp)]
 
 
-_META_CACHE: dict[str, Any] = {}
+_META_CACHE: dict[Any, Any] = {}  # repr(config) (or a tuple) -> a meta-device network
 
 
-def _meta_gpt(config: Any) -> Any:
+def _build_network(config: Any) -> Any:
+    """The suite's model of ``config`` (a GPT, ViT or ResNet config), built on the current device."""
+    from lightning_scale.models import GPT, ResNet, ResNetConfig, ViT, ViTConfig
+
+    if isinstance(config, ViTConfig):
+        return ViT(config)
+    if isinstance(config, ResNetConfig):
+        return ResNet(config)
+    return GPT(config)
+
+
+def _meta_network(config: Any) -> Any:
+    """The model of ``config`` on the ``meta`` device (shapes only), built once per config."""
     import torch
-
-    from lightning_scale.models.gpt import GPT
 
     key = repr(config)
     if key not in _META_CACHE:
         with torch.device("meta"):
-            _META_CACHE[key] = GPT(config)
+            _META_CACHE[key] = _build_network(config)
     return _META_CACHE[key]
 
 
-def _states(model: ModelSpec, workload: Workload, layout: Layout, dp: int, pp_rank: int) -> StateBytes:
-    if model.gpt is None:
+def _buffer_bytes(model: ModelSpec, precision: str) -> int:
+    """Bytes of the model's buffers on every rank (BatchNorm running mean / var in the parameter
+    dtype, its int64 batch counter). Not sharded by ZeRO-3 (FSDP2 leaves buffers replicated)."""
+    if model.config is None:
+        return 0
+    from lightning_scale.core.meta_activations import compute_dtype
+
+    dtype = compute_dtype(precision)[0]
+    total = 0
+    for b in _meta_network(model.config).buffers():
+        size = dtype.itemsize if b.is_floating_point() else b.element_size()
+        total += b.numel() * size
+    return total
+
+
+_ACT_CACHE: dict[tuple, Any] = {}
+
+
+def _meta_activation_bytes(model: ModelSpec, b: int, image_size: int, precision: str, policy: str,
+                           every: int) -> Any:
+    """:func:`lightning_scale.core.meta_activations.measure_activations` of the model on a batch of
+    ``b`` images of ``image_size`` px, cached (the ``none`` measurement is the others' baseline)."""
+    from lightning_scale.core.meta_activations import compute_dtype, measure_activations
+
+    cfg = model.config
+    shape = (b, cfg.in_channels, image_size, image_size)
+    base_key = (repr(cfg), shape, str(precision))
+    key = (*base_key, policy, every if policy == "every_k" else None)
+    if key in _ACT_CACHE:
+        return _ACT_CACHE[key]
+    dtype = compute_dtype(precision)[0]  # *-true: Lightning converts the model to 16-bit
+    net_key = ("activations", repr(cfg), str(dtype))
+    if net_key not in _META_CACHE:
+        import torch
+
+        with torch.device("meta"):
+            _META_CACHE[net_key] = _build_network(cfg).to(dtype)
+    net = _META_CACHE[net_key]
+    none_key = (*base_key, "none", None)
+    if none_key not in _ACT_CACHE:
+        _ACT_CACHE[none_key] = measure_activations(net, shape, precision=precision, policy="none")
+    if policy in ("none", "offload"):
+        return _ACT_CACHE[none_key]
+    _ACT_CACHE[key] = measure_activations(net, shape, precision=precision, policy=policy, every=every,
+                                          baseline=_ACT_CACHE[none_key])
+    return _ACT_CACHE[key]
+
+
+def _states(model: ModelSpec, workload: Workload, layout: Layout, dp: int, pp_rank: int,
+            dp_rank: int = 0) -> StateBytes:
+    if model.config is None:
         # Closed form; the pipeline and TP split are taken as even (embeddings make them uneven).
         psi = math.ceil(model.params / (layout.tp * layout.pp))
         return psi_model_states(psi, dp, layout.zero_stage, precision=workload.precision, optimizer=workload.optimizer,
                                 offload=layout.offload)
-    from lightning_scale.core.tensor_parallel import gpt_tp_plan
+    from lightning_scale.core.tensor_parallel import gpt_tp_plan, vit_tp_plan
 
-    params = rank_parameters(_meta_gpt(model.gpt), pp=layout.pp, pp_rank=pp_rank, schedule=layout.schedule,
+    tp_plan = None
+    if layout.tp > 1:
+        tp_plan = (vit_tp_plan if model.kind == "vit" else gpt_tp_plan)(layout.sequence_parallel)
+    params = rank_parameters(_meta_network(model.config), pp=layout.pp, pp_rank=pp_rank, schedule=layout.schedule,
                              virtual_stages=layout.virtual_stages if layout.pp > 1 else None,
-                             microbatches=layout.m if layout.pp > 1 else None, tp=layout.tp,
-                             tp_plan=gpt_tp_plan(layout.sequence_parallel) if layout.tp > 1 else None)
+                             microbatches=layout.m if layout.pp > 1 else None, tp=layout.tp, tp_plan=tp_plan)
     return rank_model_states(params, dp, layout.zero_stage, precision=workload.precision, optimizer=workload.optimizer,
                              offload=layout.offload, bucket_mb=layout.bucket_mb,
-                             ddp_buckets=layout.ddp_buckets and layout.tp == 1 and layout.pp == 1)
+                             ddp_buckets=layout.ddp_buckets and layout.tp == 1 and layout.pp == 1, dp_rank=dp_rank)
 
 
-def plan_memory(model: ModelSpec, workload: Workload, layout: Layout, hardware: Hardware) -> MemoryPlan:
-    """Per-device memory of ``layout`` (see the module docstring)."""
+def _activations(model: ModelSpec, workload: Workload, layout: Layout, am: ActivationModel, b: int,
+                 layers: list[int], first: bool, last: bool) -> ActivationEstimate:
+    """One microbatch's activations on a pipeline rank holding ``layers`` (see the module docstring)."""
+    common = dict(b=b, s=workload.seq_len, h=model.hidden, a=model.heads, f=model.mlp_hidden, vocab=model.vocab,
+                  layers=layers, n_layer=model.n_layer, t=layout.tp, sp=layout.sequence_parallel, policy=layout.ac,
+                  every=layout.ac_every, model=am, first=first, last=last, in_flight=1)
+    kind = model.kind
+    if kind == "vit":
+        cfg = model.vision
+        outer = vit_outer_items(b=b, s=workload.seq_len, h=model.hidden, num_classes=cfg.num_classes,
+                                image_shape=(cfg.in_channels, cfg.image_size, cfg.image_size),
+                                patch_weight=cfg.n_embd * cfg.in_channels * cfg.patch_size ** 2, t=layout.tp,
+                                sp=layout.sequence_parallel, first=first, last=last, model=am)
+        return model_activation_bytes(**common, outer=outer)
+    if kind == "resnet":
+        measured = _meta_activation_bytes(model, b, workload.image_size, workload.precision, layout.ac,
+                                          layout.ac_every)
+        if layout.ac == "offload":  # save_on_cpu: what the forward saves waits on the host
+            return ActivationEstimate(device=0.0, host=float(measured.held))
+        return ActivationEstimate(device=float(measured.held), recompute_peak=float(measured.recompute_peak))
+    return model_activation_bytes(**common)
+
+
+def plan_memory(model: ModelSpec, workload: Workload, layout: Layout, hardware: Hardware,
+                dp_rank: int = 0) -> MemoryPlan:
+    """Per-device memory of ``layout`` (see the module docstring).
+
+    ``dp_rank``: the data-parallel rank to report. The ranks hold the same bytes except under
+    ZeRO-3, where FSDP2 gives the last ranks a smaller optimizer shard of parameters whose dim 0
+    does not divide by dp (:func:`~lightning_scale.core.model_states.rank_model_states`); rank 0,
+    the default, holds the most.
+    """
     dp, b = _divisible(model, workload, layout, hardware)
+    if not 0 <= dp_rank < dp:
+        raise ValueError(f"dp_rank must be in 0..{dp - 1} (dp = {dp}); got {dp_rank}")
     am = ActivationModel.for_precision(workload.precision, dropout=model.dropout)
+    buffers = _buffer_bytes(model, workload.precision)
     ranks = []
     for r, (layers, first, last) in enumerate(_stage_layers(model, layout)):
         if layout.pp > 1:
@@ -371,19 +578,19 @@ def plan_memory(model: ModelSpec, workload: Workload, layout: Layout, hardware: 
             per_chunk = 1 / layout.virtual_stages  # interleaved: in-flight counts chunk-microbatches
         else:
             in_flight, per_chunk = 1, 1.0
-        act = model_activation_bytes(b=b, s=workload.seq_len, h=model.hidden, a=model.heads, f=model.mlp_hidden,
-                                     vocab=model.vocab, layers=layers, n_layer=model.n_layer, t=layout.tp,
-                                     sp=layout.sequence_parallel, policy=layout.ac, every=layout.ac_every, model=am,
-                                     first=first, last=last, in_flight=1)
+        act = _activations(model, workload, layout, am, b, layers, first, last)
         device_act = act.device * in_flight * per_chunk
         host_act = act.host * in_flight * per_chunk
-        states = _states(model, workload, layout, dp, r)
+        states = _states(model, workload, layout, dp, r, dp_rank)
         transient = dict(states.transient)
         if act.recompute_peak:
             transient["one recomputed layer"] = int(act.recompute_peak)
-        # The logits (b s V in the compute dtype) live until the loss is computed.
+        # The logits (b s V in the compute dtype; a classifier's b x classes) live until the loss is computed.
         if last:
-            transient["logits"] = b * workload.seq_len * model.vocab * am.act_bytes
+            per_sample = model.vocab * (workload.seq_len if model.kind in ("gpt", "dims") else 1)
+            transient["logits"] = b * per_sample * am.act_bytes
+        if buffers:
+            transient["model buffers (BatchNorm running statistics, all step)"] = buffers
         ranks.append(RankMemory(
             pp_rank=r,
             params=states.total("params", "device"), grads=states.total("grads", "device"),
@@ -392,7 +599,7 @@ def plan_memory(model: ModelSpec, workload: Workload, layout: Layout, hardware: 
             layers=layers, in_flight=in_flight, detail={k: int(v) for k, v in transient.items()},
             host_by={**{c: states.total(c, "host") for c in ("params", "grads", "optimizer")}, "activations": int(host_act)},
         ))
-    return MemoryPlan(model, workload, layout, hardware, dp, b, ranks, exact_states=model.gpt is not None)
+    return MemoryPlan(model, workload, layout, hardware, dp, b, ranks, exact_states=model.config is not None)
 
 
 def candidate_layouts(model: ModelSpec, workload: Workload, hardware: Hardware) -> list[Layout]:

@@ -12,12 +12,12 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 def check_loader_args(batch_size: int, val_fraction: float, num_workers: int, val_example: str) -> None:
     """Errors naming the fix for the arguments every data module takes."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be strictly between 0 and 1 ({val_example}); got {val_fraction}.")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0; got {num_workers}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1 (examples per batch, per device); got {batch_size!r}.")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be strictly between 0 and 1 ({val_example}); got {val_fraction!r}.")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be an integer >= 0 (0 loads in the main process); got {num_workers!r}.")
 
 
 class OfflineDataModule(L.LightningDataModule):

@@ -462,8 +462,9 @@ class ImageDataModule(OfflineDataModule):
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
-        if image_size is not None and image_size < 1:
-            raise ValueError(f"image_size must be >= 1 or None (native size); got {image_size}.")
+        if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+            raise ValueError(f"image_size must be an integer >= 1 (side in pixels, e.g. 32) or None (native size); got "
+                             f"{image_size!r}.")
         check_loader_args(batch_size, val_fraction, num_workers, "e.g. 0.2 holds out 20% of each class")
         self.save_hyperparameters()
         self.path = None if path is None else str(path)

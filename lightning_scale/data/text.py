@@ -253,8 +253,10 @@ class TextDataModule(OfflineDataModule):
         prompt_length: int = 32,
     ) -> None:
         super().__init__()
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1 (tokens per example); got {block_size}.")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be an integer >= 1 (tokens per example, e.g. 128); got {block_size!r}.")
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"pattern must be a non-empty glob such as '**/*.txt'; got {pattern!r}.")
         check_loader_args(batch_size, val_fraction, num_workers, "e.g. 0.1 keeps the last 10% of the corpus for validation")
         if num_prompts < 1 or prompt_length < 1:
             raise ValueError(

@@ -30,10 +30,21 @@ def saved_loader_states(checkpoint: dict[str, Any]) -> list[dict[str, Any]] | No
     return (fit_loop.get("state_dict") or {}).get("combined_loader") or None
 
 
-def resume_loaders_mid_epoch(trainer: Any, states: list[dict[str, Any]]) -> bool:
+def saved_data_parallel_degree(checkpoint: dict[str, Any]) -> int | None:
+    """The data-parallel degree of the run that wrote a suite checkpoint (None if not recorded)."""
+    dims = (checkpoint.get("lightning_scale_layout") or {}).get("dims") or {}
+    return dims.get("dp")
+
+
+def resume_loaders_mid_epoch(
+    trainer: Any, states: list[dict[str, Any]], saved_dp: int | None = None, dp: int | None = None
+) -> bool:
     """Position the training loaders at the checkpoint's batch of the checkpoint's epoch.
 
-    Returns True if it did (the checkpoint was taken mid-epoch), False otherwise.
+    Returns True if it did (the checkpoint was taken mid-epoch), False otherwise. Raises
+    ``ValueError`` when the checkpoint was taken mid-epoch with ``saved_dp`` data-parallel
+    replicas and this run has another number, ``dp``: a loader's saved position is within its
+    replica's shard of the data, and the shards change with the number of replicas.
     """
     from lightning.fabric.utilities.data import _set_sampler_epoch
 
@@ -43,6 +54,14 @@ def resume_loaders_mid_epoch(trainer: Any, states: list[dict[str, Any]]) -> bool
     fetched = fit_loop.epoch_loop.batch_progress.current.ready  # batches of this epoch already drawn
     if loader is None or fetcher is None or not 0 < fetched < trainer.num_training_batches:
         return False
+    if saved_dp is not None and dp is not None and saved_dp != dp:
+        raise ValueError(
+            f"this checkpoint was taken mid-epoch (after batch {fetched} of epoch "
+            f"{fit_loop.epoch_progress.current.processed}) with {saved_dp} data-parallel replicas; this run has {dp}. "
+            "Each replica's data-loader position is within its own shard of the data, and the shards change with "
+            f"the number of replicas, so the epoch cannot be continued exactly. Resume with {saved_dp} data-parallel "
+            "replicas, or from a checkpoint taken at the end of an epoch (those load into any layout)."
+        )
     for dataloader in loader.flattened:
         _set_sampler_epoch(dataloader, fit_loop.epoch_progress.current.processed)
     loader._load_state_dicts(states)

@@ -41,7 +41,11 @@ from lightning_scale.core import checkpoint as ckpt
 from lightning_scale.core.activation_checkpointing import ACConfig, apply_activation_checkpointing, as_ac_config
 from lightning_scale.core.grads import allreduce_gradients, clip_grad_norm_, reduce_partial_gradients
 from lightning_scale.core.mesh import ParallelDims, build_device_mesh
-from lightning_scale.strategies.loader_state import resume_loaders_mid_epoch, saved_loader_states
+from lightning_scale.strategies.loader_state import (
+    resume_loaders_mid_epoch,
+    saved_data_parallel_degree,
+    saved_loader_states,
+)
 
 
 def _optim_options():
@@ -79,6 +83,54 @@ def _sharded_over(p: torch.Tensor, dim: str) -> bool:
     return isinstance(p, DTensor) and dim in (p.device_mesh.mesh_dim_names or ())
 
 
+def check_bool(owner: str, name: str, value: Any) -> None:
+    """A clear error for a non-bool flag (``"yes"``, ``1``): raised in ``__init__``, before any collective."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{owner}({name}={value!r}): {name} must be True or False")
+
+
+def check_attribute_name(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, str) or not value.isidentifier():
+        raise ValueError(f"{owner}({name}={value!r}): {name} must be the name of an attribute of your LightningModule, "
+                         f"e.g. 'model'")
+
+
+def check_module_path(owner: str, name: str, value: Any) -> None:
+    """None or a dotted module path inside the network, e.g. ``"blocks"`` or ``"transformer.h"``."""
+    if value is not None and (not isinstance(value, str) or not all(part.isidentifier() or part.isdigit()
+                                                                   for part in value.split("."))):
+        raise ValueError(f"{owner}({name}={value!r}): {name} must be None (found automatically) or a dotted path of a "
+                         f"module inside the network, e.g. 'blocks' or 'transformer.h'")
+
+
+def check_plan(owner: str, name: str, plan: Any) -> None:
+    """None or ``{module-path pattern: ParallelStyle}``."""
+    if plan is None:
+        return
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    if not isinstance(plan, Mapping) or not all(isinstance(k, str) and isinstance(v, ParallelStyle) for k, v in plan.items()):
+        raise ValueError(f"{owner}({name}=...): {name} must be a dict {{'module pattern': ParallelStyle}}, e.g. "
+                         f"{{'blocks.*.attn.q_proj': ColwiseParallel()}}, or None for the built-in plan; got "
+                         f"{type(plan).__name__} {plan!r:.120}")
+
+
+def _check_mesh_options(owner: str, process_group_backend: Any, timeout: Any, trust_checkpoint: Any, module_name: Any) -> None:
+    if process_group_backend is not None:
+        known = sorted(b for b in dist.Backend.backend_list if b not in ("undefined", "fake")) if dist.is_available() else []
+        parts = [p.split(":")[-1] for p in process_group_backend.split(",")] if isinstance(process_group_backend, str) else None
+        if not parts or any(p.strip().lower() not in known for p in parts):
+            raise ValueError(f"{owner}(process_group_backend={process_group_backend!r}): not a torch.distributed backend; "
+                             f"use one of {known} (or 'cpu:gloo,cuda:nccl'), or None for nccl on CUDA and gloo on CPU")
+    if timeout is not None and not isinstance(timeout, timedelta):
+        raise ValueError(f"{owner}(timeout={timeout!r}): timeout must be a datetime.timedelta, e.g. "
+                         f"timedelta(minutes=10), or None for torch's default")
+    if isinstance(timeout, timedelta) and timeout.total_seconds() <= 0:
+        raise ValueError(f"{owner}(timeout={timeout!r}): timeout must be positive, e.g. timedelta(minutes=10)")
+    check_bool(owner, "trust_checkpoint", trust_checkpoint)
+    check_attribute_name(owner, "module_name", module_name)
+
+
 class MeshStrategy(ParallelStrategy):
     """Data parallelism over a ``("pp", "dp", "tp")`` device mesh; the base of the suite's strategies.
 
@@ -111,6 +163,7 @@ class MeshStrategy(ParallelStrategy):
         module_name: str = "model",
     ) -> None:
         # Validated here, on every rank, before any process group exists.
+        _check_mesh_options(type(self).__name__, process_group_backend, timeout, trust_checkpoint, module_name)
         self.activation_checkpointing = as_ac_config(activation_checkpointing)
         self.module_name = module_name
         super().__init__(
@@ -166,7 +219,7 @@ class MeshStrategy(ParallelStrategy):
         if self.root_device.type != "cpu":
             kwargs["device_id"] = self.root_device
         _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
-        self.device_mesh = build_device_mesh(self.resolved_dims, self.root_device.type)
+        self.device_mesh = build_device_mesh(self.resolved_dims, self.root_device.type, self._timeout)
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self.device_mesh
 
@@ -322,7 +375,8 @@ class MeshStrategy(ParallelStrategy):
         # Exact mid-epoch resume with stateful loaders (Lightning issue #20550; see loader_state.py).
         states, self._saved_loader_states = getattr(self, "_saved_loader_states", None), None
         if states:
-            resume_loaders_mid_epoch(self.lightning_module.trainer, states)
+            dp = self.resolved_dims.dp if self.resolved_dims else None
+            resume_loaders_mid_epoch(self.lightning_module.trainer, states, getattr(self, "_saved_dp", None), dp)
 
     def teardown(self) -> None:
         assert self.cluster_environment is not None and self.accelerator is not None
@@ -362,6 +416,7 @@ class MeshStrategy(ParallelStrategy):
         checkpoint = self._load_checkpoint_files(checkpoint_path)
         # Kept to re-apply at on_train_start (Lightning issue #20550; see loader_state.py).
         self._saved_loader_states = saved_loader_states(checkpoint)
+        self._saved_dp = saved_data_parallel_degree(checkpoint)  # a mid-epoch resume needs the same dp
         return checkpoint
 
     def _load_checkpoint_files(self, checkpoint_path) -> dict[str, Any]:
@@ -370,8 +425,11 @@ class MeshStrategy(ParallelStrategy):
         path = Path(self.broadcast(str(checkpoint_path)))
         assert self.lightning_module is not None
         module = self.lightning_module
-        if not ckpt.is_sharded_checkpoint(path) and path.is_file():
+        if not path.exists():
+            raise ckpt.CheckpointError(f"checkpoint {path} does not exist; check ckpt_path")
+        if path.is_file():
             return self._load_full_checkpoint(path)
+        ckpt.read_dcp_metadata(path)  # a directory: DCP's index first (names a missing or corrupt .metadata)
         meta = ckpt.load_meta(path, trust=self.trust_checkpoint)
         model_state = {"state_dict": get_model_state_dict(module)}
         ckpt.load_sharded(path, model_state)
@@ -398,19 +456,45 @@ class MeshStrategy(ParallelStrategy):
         return {}
 
     def _load_full_checkpoint(self, path: Path) -> dict[str, Any]:
-        """A single-file (consolidated) checkpoint: each rank takes the names its modules hold."""
+        """A single-file (consolidated) checkpoint: each rank takes the names its modules hold.
+
+        Read with ``weights_only=True`` (unless ``trust_checkpoint``); a file that cannot be read,
+        or that lacks (or has other shapes for) a tensor some rank holds, raises the same
+        :class:`~lightning_scale.core.checkpoint.CheckpointError` on every rank."""
         assert self.lightning_module is not None
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=not self.trust_checkpoint)
-        except Exception as err:
-            raise ckpt.CheckpointError(f"could not read checkpoint file {path}: {type(err).__name__}: {err}") from err
+        checkpoint = ckpt.load_file(path, trust=self.trust_checkpoint)  # the same file, the same outcome on every rank
+        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), Mapping):
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} has no 'state_dict' entry ({type(checkpoint).__name__}"
+                + (f" with keys {sorted(map(str, checkpoint))[:5]}" if isinstance(checkpoint, dict) else "")
+                + "): it is not a Lightning checkpoint; save one with trainer.save_checkpoint or ModelCheckpoint"
+            )
         own = self.lightning_module.state_dict()
-        missing = [k for k in own if k not in checkpoint.get("state_dict", {})]
-        if missing:
-            raise ckpt.CheckpointError(f"checkpoint {path} lacks {len(missing)} tensors of this model, e.g. {missing[:3]}")
-        self.lightning_module.load_state_dict({k: checkpoint["state_dict"][k] for k in own}, strict=True)
+        self._raise_on_any_rank(ckpt.state_dict_mismatch(path, own, checkpoint["state_dict"]))
+        full = {k: checkpoint["state_dict"][k] for k in own}
+        if any(_sharded_over(v, "dp") or _sharded_over(v, "tp") for v in own.values()):
+            # DTensor parameters (ZeRO-3 / FSDP2, TP) take full tensors through DCP's state-dict API.
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.lightning_module, full, options=StateDictOptions(full_state_dict=True, strict=True))
+        else:
+            self.lightning_module.load_state_dict(full, strict=True)
         checkpoint.pop("optimizer_states", None)  # index-keyed states cannot be mapped to a new layout
         return checkpoint
+
+    def _raise_on_any_rank(self, problem: str | None) -> None:
+        """Raise ``problem`` (a rank's own finding, or None) on every rank if any rank has one: the
+        ranks of a split model check different tensors, and a rank that raised alone would leave
+        the others waiting in their next collective."""
+        problems = [problem]
+        if _distributed_is_initialized() and dist.get_world_size() > 1:
+            problems = [None] * dist.get_world_size()
+            dist.all_gather_object(problems, problem)
+        found = [(rank, p) for rank, p in enumerate(problems) if p]
+        if found:
+            ranks = [rank for rank, _ in found]
+            where = "" if len(problems) == 1 else f" (found on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))})"
+            raise ckpt.CheckpointError(found[0][1] + where)
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         pass  # done in load_checkpoint

@@ -33,7 +33,7 @@ from lightning_scale.core.grads import allreduce_gradients
 from lightning_scale.core.mesh import ParallelDims
 from lightning_scale.core.pipeline import NEEDS_M_GE_P, SPLIT_BACKWARD_SCHEDULES, V_SCHEDULES, PipelineConfig, PipelineRuntime, ScheduleName, plan_pipeline
 from lightning_scale.strategies.interface import PipelineOutput
-from lightning_scale.strategies.mesh import MeshStrategy
+from lightning_scale.strategies.mesh import MeshStrategy, check_attribute_name, check_module_path
 
 StepMode = Literal["train", "eval", "predict"]
 
@@ -51,6 +51,27 @@ def _resolve_callable(spec: str | Callable[..., Any]) -> Callable[..., Any]:
     if not callable(fn):
         raise ValueError(f"stage_forward={spec!r} is not callable")
     return fn
+
+
+def _check_pipeline_options(owner: str, balance: Any, split_points: Any, container: Any, module_name: Any,
+                            loss_name: Any, timeline_step: Any, timeline_path: Any) -> None:
+    """Options PipelineConfig does not check, with errors naming the fix (before any collective)."""
+    if balance not in ("params", "time"):
+        raise ValueError(f"{owner}(balance={balance!r}): balance must be 'params' (split blocks by parameter count) or "
+                         f"'time' (by measured forward+backward time; needs example_input_array)")
+    if split_points is not None and (isinstance(split_points, str) or not isinstance(split_points, (list, tuple))
+                                     or not all(isinstance(p, str) and p for p in split_points)):
+        raise ValueError(f"{owner}(split_points={split_points!r}): split_points must be a list of block names where a new "
+                         f"stage starts, e.g. ['blocks.2'] for 2 stages (one name fewer than stages), or None")
+    check_module_path(owner, "container", container)
+    check_attribute_name(owner, "module_name", module_name)
+    check_attribute_name(owner, "loss_name", loss_name)
+    if timeline_step is not None and (isinstance(timeline_step, bool) or not isinstance(timeline_step, int) or timeline_step < 0):
+        raise ValueError(f"{owner}(timeline_step={timeline_step!r}): timeline_step must be a global step >= 0 to record "
+                         f"(e.g. 5), or None for no timeline")
+    if timeline_path is not None and (not isinstance(timeline_path, (str, Path)) or not str(timeline_path)):
+        raise ValueError(f"{owner}(timeline_path={timeline_path!r}): timeline_path must be a file path for the PNG "
+                         f"(e.g. 'runs/timeline.png'), or None for <log_dir>/pipeline_timeline.png")
 
 
 class _NetworkProxy:
@@ -125,6 +146,8 @@ class PipelineStrategy(MeshStrategy):
         **kwargs: Any,
     ) -> None:
         # Validated here, on every rank, before any process group exists.
+        _check_pipeline_options(type(self).__name__, balance, split_points, container, module_name, loss_name,
+                                timeline_step, timeline_path)
         self.pipeline_config = PipelineConfig(
             stages=stages,
             schedule=schedule,
@@ -244,7 +267,7 @@ class PipelineStrategy(MeshStrategy):
             for dp in range(dims.dp):
                 for tp in range(dims.tp):
                     ranks = [pp * dims.dp * dims.tp + dp * dims.tp + tp for pp in holders]
-                    group = dist.new_group(ranks)
+                    group = dist.new_group(ranks, timeout=self._timeout)
                     if rank in ranks and local_name:
                         self._tied_groups.append((group, local_name))
         rank_zero_info(f"PipelineStrategy: {self.pipeline_config.schedule}, m={self.runtime.microbatches}\n{plan.describe()}")

@@ -22,7 +22,7 @@ from torch.distributed.tensor.parallel import ParallelStyle
 
 from lightning_scale.core.mesh import ParallelDims
 from lightning_scale.core.tensor_parallel import apply_tp, gpt_tp_plan, validate_tp, vit_tp_plan
-from lightning_scale.strategies.mesh import MeshStrategy
+from lightning_scale.strategies.mesh import MeshStrategy, check_attribute_name, check_bool, check_plan
 
 
 def builtin_plan(network: nn.Module, sequence_parallel: bool, shard_vocab: bool = False) -> dict[str, ParallelStyle]:
@@ -87,6 +87,12 @@ class TensorParallelStrategy(MeshStrategy):
         trust_checkpoint: bool = False,
         **kwargs: Any,
     ) -> None:
+        # Validated here, on every rank, before any process group exists.
+        owner = type(self).__name__
+        check_bool(owner, "sequence_parallel", sequence_parallel)
+        check_bool(owner, "shard_vocab", shard_vocab)
+        check_plan(owner, "plan", plan)
+        check_attribute_name(owner, "module_name", module_name)
         super().__init__(
             dims=ParallelDims(pp=1, dp=-1, tp=tensor_parallel_size),
             process_group_backend=process_group_backend,

@@ -39,7 +39,7 @@ from lightning_scale.core import checkpoint as ckpt
 from lightning_scale.core.grads import allreduce_gradients
 from lightning_scale.core.mesh import ParallelDims
 from lightning_scale.core.sharding import ZeroConfig, ZeroOptimizer, fully_shard_blocks
-from lightning_scale.strategies.mesh import MeshStrategy
+from lightning_scale.strategies.mesh import MeshStrategy, check_attribute_name, check_bool, check_module_path
 
 
 class ZeroStrategy(MeshStrategy):
@@ -73,6 +73,11 @@ class ZeroStrategy(MeshStrategy):
         **kwargs: Any,
     ) -> None:
         # Validated here, on every rank, before any process group exists.
+        owner = type(self).__name__
+        check_bool(owner, "offload_optimizer", offload_optimizer)
+        check_bool(owner, "offload_params", offload_params)
+        check_attribute_name(owner, "module_name", module_name)
+        check_module_path(owner, "block_container", block_container)
         self.zero = ZeroConfig(stage=stage, offload_optimizer=offload_optimizer, offload_params=offload_params,
                                backend=backend, bucket_mb=bucket_mb)
         super().__init__(dims=ParallelDims(pp=1, dp=-1, tp=1), process_group_backend=process_group_backend,
