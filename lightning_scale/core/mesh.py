@@ -110,8 +110,9 @@ def build_device_mesh(
     options = None
     if timeout is not None and dist.is_initialized():
         options = _options_with_timeout(dist.get_backend(), timeout)
-    if options is not None:
-        override = {name: (dist.get_backend(), options) for name in MESH_DIM_NAMES}
+    sizes = dict(zip(MESH_DIM_NAMES, (dims.pp, dims.dp, dims.tp)))
+    if options is not None:  # dims spanning the world reuse the default group, which has the timeout
+        override = {name: (dist.get_backend(), options) for name, size in sizes.items() if 1 < size < dims.world_size}
     return init_device_mesh(
         device_type, (dims.pp, dims.dp, dims.tp), mesh_dim_names=MESH_DIM_NAMES, backend_override=override
     )

@@ -25,7 +25,8 @@ pool is live is the classic way to deadlock a child.
 
 Failure handling
 ----------------
-* a rank raising -> :class:`RankFailedError` (rank, exception, remote traceback, output tail);
+* a rank raising -> :class:`RankFailedError` (rank, exception and, for an exception raised
+  ``from`` another, its root cause; remote traceback, output tail);
   the other ranks get :attr:`HarnessSettings.failure_grace_s` seconds to finish or fail, then
   are killed, so a test never waits for the whole timeout because a peer died;
 * a rank dying without a report (segfault, ``os._exit``, SIGKILL) -> :class:`RankFailedError`
@@ -410,10 +411,24 @@ def _run_target(spec: _RankSpec) -> _Report:
     except BaseException as exc:  # noqa: BLE001 - everything, incl. SystemExit, is a failure
         return _Report(
             ok=False,
-            summary=f"{_type_name(exc)}: {exc}",
+            summary=_summarize(exc),
             traceback=traceback.format_exc(),
             time_s=time.time(),
         )
+
+
+def _summarize(exc: BaseException) -> str:
+    """``Type: message`` of ``exc``, plus its root cause when it was raised ``from`` another
+    exception (a wrapper such as torch's "[Stage 1] failed to run forward" hides the real error,
+    e.g. a peer's closed connection, in its ``__cause__``)."""
+    text = f"{_type_name(exc)}: {exc}"
+    root, seen = exc, {id(exc)}
+    while root.__cause__ is not None and id(root.__cause__) not in seen:
+        root = root.__cause__
+        seen.add(id(root))
+    if root is not exc:
+        text += f"\n(root cause) {_type_name(root)}: {root}"
+    return text
 
 
 def _type_name(exc: BaseException) -> str:
