@@ -479,7 +479,15 @@ class MeshStrategy(ParallelStrategy):
             set_model_state_dict(self.lightning_module, full, options=StateDictOptions(full_state_dict=True, strict=True))
         else:
             self.lightning_module.load_state_dict(full, strict=True)
-        checkpoint.pop("optimizer_states", None)  # index-keyed states cannot be mapped to a new layout
+        if checkpoint.pop("optimizer_states", None):  # index-keyed states cannot be mapped to a new layout
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(
+                f"{type(self).__name__}: {path} is a single-file checkpoint; its optimizer state is keyed by "
+                f"parameter index and is NOT restored (the optimizer restarts from zero state, so the resumed "
+                f"losses differ from an uninterrupted run). For an exact resume, resume from a checkpoint this "
+                f"strategy saved (a DCP directory)."
+            )
         return checkpoint
 
     def _raise_on_any_rank(self, problem: str | None) -> None:
