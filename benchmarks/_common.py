@@ -162,6 +162,12 @@ def measure(args: argparse.Namespace, console: Any, label: str, launch: Callable
             "attempts_foreign_cores": [a[0] for a in attempts]}
 
 
+#: Imported once by the harness's fork server (on top of torch and lightning), so that no rank
+#: process imports them again: the suite's strategies, callbacks, task and planner, fairscale.
+PRELOAD = ["lightning_scale.strategies", "lightning_scale.callbacks", "lightning_scale.tasks", "lightning_scale.core.planner",
+           "lightning_scale.core.activation_checkpointing", "fairscale.nn", "fairscale.optim"]
+
+
 def start(args: argparse.Namespace) -> tuple[Any, Path, dict]:
     """What every benchmark's ``main`` does first: a console, quiet harness output, the output
     path, the idle guard, the harness's forkserver and the environment record. Returns (console, json path, environment)."""
@@ -169,10 +175,25 @@ def start(args: argparse.Namespace) -> tuple[Any, Path, dict]:
 
     out = console()
     mp_harness.SETTINGS.forward_output = False
+    for name in PRELOAD:  # read when the fork server starts (the first benchmark of a process)
+        if name not in mp_harness.SETTINGS.preload:
+            mp_harness.SETTINGS.preload.append(name)
     path = output_path(args.json)
     load_before, waited = wait_for_idle(args, out)
     mp_harness.warm_up()  # start the forkserver before anything is timed
     return out, path, environment(load_before, waited)
+
+
+def rank_setup() -> None:
+    """First thing in a rank function: move the objects of the preloaded libraries out of the
+    garbage collector's view (``gc.freeze``). Every rank is forked with the fork server's whole
+    heap (torch, lightning, ...); without this, each full collection (Python's own, and the two
+    ``gc.collect`` calls of MemoryAccountant's activation read on multi-rank runs) walks all of
+    it, which took seconds per run on this machine. Objects created afterwards are collected as
+    usual."""
+    import gc
+
+    gc.freeze()
 
 
 def stats(values: list[float]) -> dict:
@@ -180,6 +201,16 @@ def stats(values: list[float]) -> dict:
     import statistics
 
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def paired_ratio(numerator: list[dict], denominator: list[dict], key: str = "step_s") -> dict | None:
+    """Stats of ``numerator[key] / denominator[key]`` taken within each repeat (runs carry
+    ``"repeat"``): repeats loop over the whole matrix, so both sides of a ratio ran close together
+    in time (the load can still change between them: the min-max shows how much). None when no
+    repeat has both."""
+    den = {r["repeat"]: r[key] for r in denominator}
+    ratios = [r[key] / den[r["repeat"]] for r in numerator if r["repeat"] in den]
+    return stats(ratios) if ratios else None
 
 
 def markdown_table(caption: str, headers: list[str], rows: list[list[str]], env: dict) -> str:

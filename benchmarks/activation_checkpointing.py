@@ -123,6 +123,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _minus_one(ratio: dict | None) -> dict | None:
+    """Ratio stats -> overhead stats (ratio - 1)."""
+    if ratio is None:
+        return None
+    return {k: (v - 1 if k in ("median", "min", "max") else v) for k, v in ratio.items()}
+
+
 def _summarise(args: argparse.Namespace, runs: list[dict]) -> list[dict]:
     rows = []
     for preset in args.presets:
@@ -139,6 +146,7 @@ def _summarise(args: argparse.Namespace, runs: list[dict]) -> list[dict]:
             rows.append({
                 "preset": preset, "policy": pol, "params": of[pol][0]["params"], "held_bytes": held,
                 "activation_bytes_on_device": on_device, "saving": saving, "step_s": t, "overhead": overhead,
+                "overhead_stats": _minus_one(common.paired_ratio(of[pol], of["none"])),
                 "target": target, "target_met": None if target is None else (saving >= target[0] and overhead <= target[1]),
                 "polluted_runs": sum(r["polluted"] for r in of[pol]),
             })

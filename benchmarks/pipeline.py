@@ -323,6 +323,8 @@ def _summarise(args: argparse.Namespace, runs: list[dict]) -> list[dict]:
                 row["speedup"] = row["single_s"]["median"] / row["pipeline_s"]["median"]
                 row["speedup_per_repeat"] = [s / q for s, q in zip(b, pipe)] if len(b) == len(pipe) else None
                 row["efficiency"] = row["speedup"] / row["theory_speedup"]
+                row["efficiency_stats"] = (_common.stats([sp / row["theory_speedup"] for sp in row["speedup_per_repeat"]])
+                                           if row["speedup_per_repeat"] else None)
                 rows.append(row)
     return rows
 

@@ -201,6 +201,7 @@ def _summarise(args: argparse.Namespace, runs: list[dict]) -> list[dict]:
             "hidden": h, "heads": h // HEAD_DIM, "params": of["tp1"][0]["results"][0]["params_total"],
             "params_local_tp2": of["tp2"][0]["results"][0]["params_local"],
             "tp1_s": t1, "tp2_s": t2, "speedup": speedup, "efficiency": speedup / 2,
+            "speedup_stats": common.paired_ratio(of["tp1"], of["tp2"]),  # t(TP=1) / t(TP=2) within each repeat
             "comm_share": common.stats([r["comm_share"] for r in of["tp2"]]),
             "collectives": of["tp2"][0]["results"][0]["collectives"],
             "polluted_runs": sum(r["polluted"] for k in of.values() for r in k),

@@ -220,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
             row = {"preset": preset, "variant": variant, "bytes": counts, "total": total, "formula": formula,
                    "at_formula": formula == total if formula is not None else None, "step_s": step,
                    "vs_ddp": step / ddp_s if ddp_s else None,
+                   "step_stats": common.stats([r["step_s"] for r in mine]),
+                   "vs_ddp_stats": common.paired_ratio(mine, [r for r in runs if r["preset"] == preset
+                                                             and r["variant"] == "ddp"]),
                    "polluted_runs": sum(r["polluted"] for r in mine)}
             rows.append(row)
             cells = [variant, *(f"{counts[c] / 1e6:.3f}" for c in ("params", "grads", "optimizer")), f"{total / 1e6:.3f}",
