@@ -111,23 +111,21 @@ class HeldActivationMeter(TorchDispatchMode):
     def held(self, exclude: Iterable[Any] = (), settle: float = 0.0) -> dict[str, int]:
         """Bytes still alive, by device, leaving out ``exclude`` (e.g. the loss or the logits).
 
-        ``settle`` (seconds): when > 0, collect garbage and read again every 10 ms until three
-        reads in a row agree (or ``settle`` has passed). Meant for reads right after collectives:
+        ``settle`` (seconds): when > 0, read again every 10 ms until three reads in a row agree
+        (or ``settle`` has passed). Meant for reads right after collectives:
         a gloo worker thread drops its reference to a finished collective's buffers a moment after
         the caller has been woken, so for that moment they still count. Seen once, in CI: three
         16 KiB sequence-parallel buffers too many on one TP rank; not reproduced in 34 local runs
-        (with and without CPU contention), so the worker thread is the likely holder, not a
-        proven one.
+        (with and without CPU contention, with and without the garbage collector), so the worker
+        thread is the likely holder, not a proven one.
         """
         if settle <= 0:
             return self._held_now(exclude)
-        import gc
         import time
 
         deadline = time.monotonic() + settle
         reads = [self._held_now(exclude)]
         while time.monotonic() < deadline and not (len(reads) >= 3 and reads[-1] == reads[-2] == reads[-3]):
-            gc.collect()
             time.sleep(0.01)
             reads.append(self._held_now(exclude))
         return reads[-1]
