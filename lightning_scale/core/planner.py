@@ -58,6 +58,15 @@ GB = 1e9
 # ----------------------------------------------------------------------------------------------
 # Inputs
 # ----------------------------------------------------------------------------------------------
+def _as_config(config_cls: Any, config: Any) -> Any:
+    """A model config from itself, a preset name (``config_cls.from_preset``) or a dict of its fields."""
+    if isinstance(config, str):
+        return config_cls.from_preset(config)
+    if isinstance(config, dict):
+        return config_cls(**config)
+    return config
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """The model: the shapes activations depend on, and the parameter count.
@@ -111,10 +120,7 @@ class ModelSpec:
     def from_gpt(cls, config: Any) -> ModelSpec:
         from lightning_scale.models.gpt import GPTConfig, gpt_param_count
 
-        if isinstance(config, str):
-            config = GPTConfig.from_preset(config)
-        elif isinstance(config, dict):
-            config = GPTConfig(**config)
+        config = _as_config(GPTConfig, config)
         return cls(n_layer=config.n_layer, hidden=config.n_embd, heads=config.n_head, vocab=config.vocab_size,
                    mlp_hidden=config.mlp_hidden, params=gpt_param_count(config), dropout=config.dropout > 0,
                    gpt=config)
@@ -124,10 +130,7 @@ class ModelSpec:
         """A :class:`~lightning_scale.models.ViTConfig` (or a preset name / dict of its fields)."""
         from lightning_scale.models.vit import ViTConfig, vit_param_count
 
-        if isinstance(config, str):
-            config = ViTConfig.from_preset(config)
-        elif isinstance(config, dict):
-            config = ViTConfig(**config)
+        config = _as_config(ViTConfig, config)
         return cls(n_layer=config.n_layer, hidden=config.n_embd, heads=config.n_head, vocab=config.num_classes,
                    mlp_hidden=config.mlp_hidden, params=vit_param_count(config), dropout=config.dropout > 0,
                    vision=config)
@@ -137,10 +140,7 @@ class ModelSpec:
         """A :class:`~lightning_scale.models.ResNetConfig` (or a preset name / dict of its fields)."""
         from lightning_scale.models.resnet import ResNetConfig, resnet_param_count
 
-        if isinstance(config, str):
-            config = ResNetConfig.from_preset(config)
-        elif isinstance(config, dict):
-            config = ResNetConfig(**config)
+        config = _as_config(ResNetConfig, config)
         last = 4 * config.width  # channels of the last stage
         return cls(n_layer=3 * config.blocks_per_stage, hidden=last, heads=1, vocab=config.num_classes,
                    mlp_hidden=last, params=resnet_param_count(config), vision=config)
