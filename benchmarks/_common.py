@@ -259,3 +259,20 @@ def write_outputs(console: Any, json_path: Path, title: str, headers: list[str],
     console.print(f"wall time {env['wall_s']:.0f} s; wrote {json_path}, {md_path}")
     return md_path
 
+
+
+def fsdp2_task_class() -> type:
+    """The suite's LanguageModelingTask for Lightning's ``ModelParallelStrategy``: FSDP2
+    (``fully_shard``) on every block, then on the network, over the ``data_parallel`` mesh dim."""
+    from lightning_scale.tasks import LanguageModelingTask
+
+    class FSDP2Task(LanguageModelingTask):
+        def configure_model(self) -> None:
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            for block in self.model.blocks.values():
+                fully_shard(block, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
+
+    return FSDP2Task

@@ -144,16 +144,7 @@ def _task_class(variant: str, microbatches: int) -> type:
     from lightning_scale.tasks import LanguageModelingTask
 
     if variant == "lightning_fsdp2":
-        class FSDP2Task(LanguageModelingTask):
-            def configure_model(self) -> None:
-                from torch.distributed.fsdp import fully_shard
-
-                mesh = self.device_mesh["data_parallel"]
-                for block in self.model.blocks.values():
-                    fully_shard(block, mesh=mesh)
-                fully_shard(self.model, mesh=mesh)
-
-        return FSDP2Task
+        return common.fsdp2_task_class()
     if variant == "lightning_tp":
         class TPTask(LanguageModelingTask):
             def configure_model(self) -> None:

@@ -100,19 +100,8 @@ def bench_worker(variant: str, preset: str, batch: int, seq: int, warmup: int, s
                 out["psi_padded"] = engine.padded_numel() if engine else None
                 out["buckets"] = len(engine.specs) if engine else None
 
-    class FSDP2Task(LanguageModelingTask):
-        """For Lightning's ModelParallelStrategy: shard blocks and network in configure_model."""
-
-        def configure_model(self) -> None:
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = self.device_mesh["data_parallel"]
-            for block in self.model.blocks.values():
-                fully_shard(block, mesh=mesh)
-            fully_shard(self.model, mesh=mesh)
-
     torch.manual_seed(0)
-    task_cls = FSDP2Task if variant == "lightning_fsdp2" else LanguageModelingTask
+    task_cls = common.fsdp2_task_class() if variant == "lightning_fsdp2" else LanguageModelingTask
     task = task_cls(model=cfg, optim=OptimConfig(lr=1e-4, warmup_steps=0, min_lr_ratio=1.0), sample_tokens=0)
     shapes = [tuple(p.shape) for p in {id(p): p for p in task.parameters()}.values()]
     out["psi"] = sum(math.prod(s) for s in shapes)
