@@ -57,9 +57,10 @@ def layout_of(strategy: Any, world_size: int) -> tuple[dict[str, Any], int] | No
             return None
         fields.update(ddp_buckets=False)
         return fields, dims.dp
-    if isinstance(s, DDPStrategy):
+    # Exact types: subclasses (DeepSpeed, fairscale wrappers, ...) shard or offload differently.
+    if type(s) is DDPStrategy:
         return fields, world_size
-    if isinstance(s, SingleDeviceStrategy):
+    if type(s) is SingleDeviceStrategy:
         fields.update(ddp_buckets=False)
         return fields, 1
     return None
