@@ -47,3 +47,31 @@ def fit_profiled(kind: str, steps: int, batch: int, accumulate: int = 1, slow_ra
         trainer.fit(_task(), train_dataloaders=DataLoader(make_data(), batch_size=batch, drop_last=True))
     return {"history": profiler.history, "trace": str(getattr(profiler, "trace_path", "")),
             "top_ops": getattr(profiler, "top_ops", []), "warnings": [str(w.message) for w in caught if "ScaleProfiler" in str(w.message)]}
+
+
+def comm_timer_calls() -> dict:
+    """CommTimer on 2 ranks: rank 1 arrives 0.2 s late to a synchronous all-reduce; an async one,
+    a nested one (broadcast_object_list -> broadcast) and one outside start/stop."""
+    import torch
+    import torch.distributed as dist
+
+    from lightning_scale.core.comm_timer import CommTimer, section
+
+    timer = CommTimer.get()
+    original = dist.all_reduce
+    timer.install()
+    timer.name_groups([("dp", dist.group.WORLD)], world="dp")
+    t = torch.ones(4)
+    dist.all_reduce(t)  # not active: not counted
+    timer.start()
+    if dist.get_rank() == 1:
+        time.sleep(0.2)
+    dist.all_reduce(t, group=dist.group.WORLD)  # rank 0 waits here for rank 1
+    dist.all_reduce(t, async_op=True).wait()  # the launch is not a wait; the C++ wait is not seen
+    dist.broadcast_object_list([1], src=0)  # counted once although it calls broadcast
+    with section("other"):
+        time.sleep(0.05)
+    seconds, calls = timer.stop(), dict(timer.calls)
+    patched = dist.all_reduce is not original
+    timer.uninstall()
+    return {"seconds": seconds, "calls": calls, "patched": patched, "restored": dist.all_reduce is original}

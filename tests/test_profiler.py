@@ -86,6 +86,7 @@ def test_ddp_with_accumulation_counts_global_tokens_and_reports_mfu_with_a_given
         assert row["perf/tokens_per_s_per_device"] == pytest.approx(row["perf/tokens_per_s"] / 2)
         flops_step = row["perf/model_flops_per_step"]
         assert row["perf/mfu"] == pytest.approx(flops_step / row["perf/step_s_max"] / (2 * 0.05e12))
+        assert not any(k.startswith("perf/comm") for k in row)  # DDP's C++ reducer: not seen, so not reported
         _check_breakdown(row)
     assert results[1]["history"][-1]["perf/step_s_max"] == rows[-1]["perf/step_s_max"]  # gathered: same on all ranks
 
@@ -105,6 +106,8 @@ def test_pipeline_microbatches_do_not_add_samples_and_the_schedule_is_timed(tmp_
         # Measured bubble: schedule time minus this rank's recorded compute actions.
         assert 0 <= row["perf/bubble_fraction"] < 1
         assert row["perf/bubble_s"] == pytest.approx(row["perf/bubble_fraction"] * row["perf/forward_s"])
+        # Stage-to-stage waits and the loss broadcast happen inside the schedule (the forward phase).
+        assert 0 < row["perf/comm_pp_s"] <= row["perf/forward_s"]
         _check_breakdown(row)
 
 
@@ -115,6 +118,11 @@ def test_a_slowed_rank_is_found_and_an_unknown_device_omits_mfu() -> None:
     # Rank 0 waits for the slow rank in the data-parallel all-reduce after its backward.
     for fast, slow in zip(rows[1:], results[1]["history"][1:]):
         assert fast["perf/grad_sync_s"] > slow["perf/grad_sync_s"]
+        # ... and that wait is communication on the dp dimension (the 0.2 s sleep is in rank 1's forward).
+        assert fast["perf/comm_dp_s"] > 0.15 > slow["perf/comm_dp_s"]
+        assert fast["perf/comm_s"] <= fast["perf/grad_sync_s"] + fast["perf/optimizer_s"] + fast["perf/forward_s"]
+        assert fast["perf/compute_s"] == pytest.approx(
+            sum(fast[f"perf/{p}_s"] for p in ("forward", "backward", "grad_sync", "optimizer")) - fast["perf/comm_s"])
     assert any("rank 1 is a straggler" in w for w in results[0]["warnings"])
     assert all("perf/mfu" not in row for row in rows) and "perf/model_flops_per_step" in rows[0]
     assert sum("MFU is omitted" in w for w in results[0]["warnings"]) == 1  # warned once
@@ -137,6 +145,12 @@ def test_every_strategy_counts_its_replicas(kind: str, world: int, batch: int, r
         else:
             assert "perf/hardware_flops_per_step" not in row
         assert per_token > 0
+        # Communication by mesh dimension: the dimensions this layout communicates over, and no other.
+        dims = {"tp": {"tp"}, "zero3": {"dp"}, "3d": {"tp", "pp"}, "mesh_ac": {"dp"}}[kind]
+        seen = {k[len("perf/comm_"):-2] for k in row if k.startswith("perf/comm_") and k != "perf/comm_s"}
+        assert seen == dims, seen
+        assert all(row[f"perf/comm_{d}_s"] > 0 for d in dims)
+        assert 0 < row["perf/comm_s"] < row["perf/step_s"]
 
 
 def test_recompute_flops_of_full_checkpointing_are_a_third_of_the_block_flops() -> None:
@@ -146,3 +160,14 @@ def test_recompute_flops_of_full_checkpointing_are_a_third_of_the_block_flops() 
     # A third of the blocks' 6N + 12LHQT (the head, outside the blocks, is not recomputed).
     blocks_model = flops.gpt_flops_per_token(cfg, 128) - 6 * cfg.n_embd * cfg.vocab_size
     assert flops.gpt_recompute_flops_per_token(cfg, 128, 4) == pytest.approx(blocks_model / 3)
+
+
+def test_comm_timer_counts_blocking_waits_once_by_dimension() -> None:
+    results = run_distributed(targets.comm_timer_calls, 2, timeout=120)
+    for r in results:
+        assert r["patched"] and r["restored"]
+        # all_reduce + broadcast_object_list (its inner broadcast is nested: not counted again)
+        assert r["calls"] == {"dp": 2, "other": 1}, r["calls"]
+        assert r["seconds"]["other"] >= 0.05
+    assert results[0]["seconds"]["dp"] >= 0.15  # rank 0 waited for the late rank 1
+    assert results[1]["seconds"]["dp"] < 0.1

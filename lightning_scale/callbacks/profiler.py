@@ -21,6 +21,19 @@ rank 0; all times in seconds, per optimizer step):
                                rank's busy time (its forward / backward actions, from the
                                runtime's timeline); ``perf/bubble_fraction`` = that / schedule time
 ``perf/bubble_theory_s``       pipeline only: schedule time x (p-1)/(v m + p-1) (theory)
+``perf/comm_s``                CPU / gloo only, logged steps: seconds this rank was blocked in
+                               communication during the step (all phases; it is *part of* the
+                               phases above, not another phase), from
+                               :class:`~lightning_scale.core.comm_timer.CommTimer`
+``perf/comm_<dim>_s``          the same per mesh dimension: ``dp`` (data-parallel gradient
+                               reduction, ZeRO all-gathers and reduce-scatters), ``tp`` (tensor /
+                               sequence-parallel collectives inside forward and backward), ``pp``
+                               (pipeline send/recv waits and the loss broadcast: part of
+                               ``perf/bubble_s``), ``other``. Lightning's own ``ddp`` all-reduce runs
+                               inside DDP's C++ reducer, overlapped with the backward: not seen
+``perf/compute_s``             forward + backward + grad_sync + optimizer - ``perf/comm_s``
+                               (logged steps, with ``perf/comm_s``; under pipeline parallelism
+                               it still contains the bubble's idle time not spent in a p2p wait)
 ``perf/samples_per_s``         global samples per optimizer step / ``perf/step_s_max``
 ``perf/tokens_per_s``          global tokens (samples x sequence length) / ``perf/step_s_max``
 ``perf/tokens_per_s_per_device``  the same / world size
@@ -57,6 +70,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
 from lightning_scale.core import flops as flops_mod
+from lightning_scale.core.comm_timer import CommTimer
 from lightning_scale.core.peak_flops import peak_flops, precision_key
 
 PHASES = ("data", "forward", "backward", "grad_sync", "optimizer", "other")
@@ -99,12 +113,14 @@ class ScaleProfiler(Callback):
         trace_steps: ``(first, last)`` optimizer steps to record with ``torch.profiler`` on
             ``trace_ranks``; Chrome traces go to ``trace_dir`` (default ``<log_dir>/traces``).
         print_summary: a rich table of medians at the end of fit (rank 0).
+        comm: time communication on logged steps (``perf/comm_*``; CPU only: on CUDA, host timers
+            do not measure NCCL transfers, so the figures are omitted with a warning).
     """
 
     def __init__(self, log_every_n_steps: int = 10, flops_per_sample: float | None = None,
                  peak_tflops: float | None = None, straggler_threshold: float = 0.2,
                  trace_steps: tuple[int, int] | None = None, trace_ranks: tuple[int, ...] = (0,),
-                 trace_dir: str | None = None, print_summary: bool = True) -> None:
+                 trace_dir: str | None = None, print_summary: bool = True, comm: bool = True) -> None:
         def integer(value: Any) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
 
@@ -136,7 +152,11 @@ class ScaleProfiler(Callback):
         self.trace_steps = trace_steps
         self.trace_ranks = tuple(trace_ranks)
         self.trace_dir = trace_dir
+        if not isinstance(comm, bool):
+            raise ValueError(f"comm must be True or False; got {comm!r}")
         self.print_summary = print_summary
+        self.comm = comm
+        self._comm_timer: CommTimer | None = None  # set in on_train_start when communication is timed
         self.history: list[dict[str, float]] = []  # logged rows (every rank keeps its own)
         self._reset_step()
         self._last_end: float | None = None
@@ -202,6 +222,32 @@ class ScaleProfiler(Callback):
         self._last_end = None
         if self.trace_steps is not None:
             self._trace_folder = Path(self.trace_dir) if self.trace_dir else Path(trainer.log_dir or ".") / "traces"
+        self._comm_timer = self._setup_comm_timer(trainer) if self.comm else None
+
+    @staticmethod
+    def _setup_comm_timer(trainer) -> CommTimer | None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        from lightning.pytorch.strategies import DDPStrategy
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        if isinstance(trainer.strategy, DDPStrategy):
+            rank_zero_warn("ScaleProfiler: perf/comm_* are omitted under Lightning's DDP: its all-reduce runs inside "
+                           "DDP's C++ reducer, overlapped with the backward (the exposed tail is in perf/backward_s). "
+                           "The suite's strategies report it (plain data parallelism: strategy=MeshStrategy()).")
+            return None
+        if trainer.strategy.root_device.type != "cpu":
+            warnings.warn("ScaleProfiler: perf/comm_* are omitted on CUDA: host timers do not measure asynchronous "
+                          "NCCL transfers (use trace_steps= for a torch.profiler trace of the kernels)", stacklevel=2)
+            return None
+        timer = CommTimer.get()
+        timer.install()
+        groups = getattr(trainer.strategy, "communication_groups", None)
+        if groups is not None:  # the suite's strategies: a process group per mesh dimension, and more
+            timer.name_groups(groups())
+        else:  # Lightning's FSDP, ModelParallelStrategy, ...: the world is the data-parallel group
+            timer.name_groups([], world="dp")
+        return timer
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._last_end = None  # validation between steps is not the next step's data wait
@@ -213,6 +259,8 @@ class ScaleProfiler(Callback):
         if self._step_start is None:
             self._step_start = self._last_end if self._last_end is not None else now
             self._maybe_start_trace(trainer)
+            if self._sampled and self._comm_timer is not None:
+                self._comm_timer.start()
         if hasattr(trainer.strategy, "record_timeline_requested"):  # the pipeline strategy
             trainer.strategy.record_timeline_requested = self._sampled
         if self._last_end is not None:
@@ -290,6 +338,7 @@ class ScaleProfiler(Callback):
         return torch.stack(out).cpu()
 
     def _finish_step(self, trainer, step: float) -> None:
+        comm = self._comm_timer.stop() if self._comm_timer is not None and self._comm_timer.active else None
         self._maybe_stop_trace(trainer)
         global_step = trainer.global_step
         if global_step % self.log_every_n_steps != 0:
@@ -323,6 +372,11 @@ class ScaleProfiler(Callback):
         if self._busy is not None and self._t["forward"] > 0:
             row["perf/bubble_s"] = max(0.0, self._t["forward"] - self._busy)
             row["perf/bubble_fraction"] = row["perf/bubble_s"] / self._t["forward"]
+        if comm is not None:
+            row["perf/comm_s"] = sum(comm.values())
+            row.update({f"perf/comm_{name}_s": seconds for name, seconds in sorted(comm.items())})
+            busy = self._t["forward"] + self._t["backward"] + self._t["grad_sync"] + self._t["optimizer"]
+            row["perf/compute_s"] = max(0.0, busy - row["perf/comm_s"])
         spread = (max(forwards) - min(forwards)) / max(statistics.median(forwards), 1e-12)
         if spread > self.straggler_threshold and trainer.is_global_zero:
             warnings.warn(f"ScaleProfiler: step {global_step}: rank {int(row['perf/slowest_rank'])} is a straggler: "
@@ -409,6 +463,10 @@ class ScaleProfiler(Callback):
             self._maybe_stop_trace(trainer)
         if hasattr(trainer.strategy, "record_timeline_requested"):
             trainer.strategy.record_timeline_requested = False
+        if self._comm_timer is not None:  # restore torch.distributed's functions
+            self._comm_timer.stop()
+            self._comm_timer.uninstall()
+            self._comm_timer = None
         if not (self.print_summary and trainer.is_global_zero and self.history):
             return
         from rich.console import Console

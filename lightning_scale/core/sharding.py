@@ -62,9 +62,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_scale.core.comm_timer import section as comm_section
+
+
 # torch 2.13 renamed the flat-tensor collectives (the old names warn); same arguments.
-_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+def _reduce_scatter_flat(output: torch.Tensor, input: torch.Tensor, **kwargs: Any) -> Any:
+    """``reduce_scatter_single`` (torch 2.13's name) or its older name ``reduce_scatter_tensor``,
+    looked up at call time (so :class:`~lightning_scale.core.comm_timer.CommTimer`'s patch is seen)."""
+    return (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(output, input, **kwargs)
+
+
+def _all_gather_flat(output: torch.Tensor, input: torch.Tensor, **kwargs: Any) -> Any:
+    """``all_gather_single`` or its older name ``all_gather_into_tensor``, looked up at call time."""
+    return (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(output, input, **kwargs)
+
 
 STAGES = (1, 2, 3)
 SCALAR_STATE_KEYS = frozenset({"step"})  # optimizer state entries that are one value per parameter
@@ -344,7 +355,8 @@ class ZeroOptimizer:
         assert bucket.shard_grad is not None
         for work, out in bucket.pending:
             if work is not None:
-                work.wait()
+                with comm_section("dp"):  # the asynchronous reduce-scatter's exposed tail
+                    work.wait()
             bucket.shard_grad.add_(out.to(bucket.shard_grad.device, bucket.shard_grad.dtype,
                                           non_blocking=self._pin))
         bucket.pending.clear()

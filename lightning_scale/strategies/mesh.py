@@ -40,7 +40,7 @@ from torch.optim import Optimizer
 from lightning_scale.core import checkpoint as ckpt
 from lightning_scale.core.activation_checkpointing import ACConfig, apply_activation_checkpointing, as_ac_config
 from lightning_scale.core.grads import allreduce_gradients, clip_grad_norm_, reduce_partial_gradients
-from lightning_scale.core.mesh import ParallelDims, build_device_mesh
+from lightning_scale.core.mesh import MESH_DIM_NAMES, ParallelDims, build_device_mesh
 from lightning_scale.strategies.loader_state import (
     resume_loaders_mid_epoch,
     saved_data_parallel_degree,
@@ -235,6 +235,13 @@ class MeshStrategy(ParallelStrategy):
 
     def coordinate(self, dim: str) -> int:
         return 0 if self.device_mesh is None else self.device_mesh[dim].get_local_rank()
+
+    def communication_groups(self) -> list[tuple[str, dist.ProcessGroup]]:
+        """(mesh dimension, process group) of every group this rank communicates on: one per
+        mesh dimension, plus any the subclass creates (ScaleProfiler names communication time by them)."""
+        if self.device_mesh is None:
+            return []
+        return [(dim, self.group(dim)) for dim in MESH_DIM_NAMES]
 
     @property
     def is_distributed(self) -> bool:

@@ -272,6 +272,10 @@ class PipelineStrategy(MeshStrategy):
                         self._tied_groups.append((group, local_name))
         rank_zero_info(f"PipelineStrategy: {self.pipeline_config.schedule}, m={self.runtime.microbatches}\n{plan.describe()}")
 
+    def communication_groups(self) -> list[tuple[str, dist.ProcessGroup]]:
+        """The mesh's groups, plus the tied-parameter groups, which join pipeline stages: ``pp``."""
+        return [*super().communication_groups(), *(("pp", group) for group, _ in self._tied_groups)]
+
     def optimizer_state_aliases(self) -> dict[str, str]:
         """A tied parameter (GPT head = token embedding) split over stages: every copy reads its
         optimizer state under the group's first name, which every layout saves (an unsplit
