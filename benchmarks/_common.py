@@ -184,18 +184,6 @@ def start(args: argparse.Namespace) -> tuple[Any, Path, dict]:
     return out, path, environment(load_before, waited)
 
 
-def rank_setup() -> None:
-    """First thing in a rank function: move the objects of the preloaded libraries out of the
-    garbage collector's view (``gc.freeze``). Every rank is forked with the fork server's whole
-    heap (torch, lightning, ...); without this, each full collection (Python's own, and the two
-    ``gc.collect`` calls of MemoryAccountant's activation read on multi-rank runs) walks all of
-    it, which took seconds per run on this machine. Objects created afterwards are collected as
-    usual."""
-    import gc
-
-    gc.freeze()
-
-
 def stats(values: list[float]) -> dict:
     """Median, min, max and count of a figure's repeats."""
     import statistics

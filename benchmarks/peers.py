@@ -244,12 +244,10 @@ def peer_worker(variant: str, preset: str, layers: int | None, batch: int, seq: 
     from torch.utils.data import DataLoader, TensorDataset
 
     from benchmarks._common import Window
-    from benchmarks._common import rank_setup as common_rank_setup
     from lightning_scale.callbacks import MemoryAccountant
     from lightning_scale.core.optim import OptimConfig
     from lightning_scale.models import GPTConfig
 
-    common_rank_setup()
     world, dp, _, _ = VARIANTS[variant]
     cfg = GPTConfig.from_preset(preset)
     cfg = GPTConfig(**{**cfg.to_dict(), "block_size": max(cfg.block_size, seq), "dropout": 0.0,

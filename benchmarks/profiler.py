@@ -68,12 +68,11 @@ def bench_worker(variant: str, preset: str, batch: int, seq: int, warmup: int, s
     from lightning.pytorch.callbacks import Callback
     from torch.utils.data import DataLoader, TensorDataset
 
-    from benchmarks._common import Window, rank_setup
+    from benchmarks._common import Window
     from lightning_scale.core.optim import OptimConfig
     from lightning_scale.models import GPTConfig
     from lightning_scale.tasks import LanguageModelingTask
 
-    rank_setup()
     cfg = GPTConfig.from_preset(preset, block_size=max(seq, GPTConfig.from_preset(preset).block_size))
     out: dict = {"step_s": [], "step_index": []}
     window = Window()

@@ -157,7 +157,7 @@ def test_recipe_trains_end_to_end(recipe: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_gpt_recipe_validation_loss_falls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The main job's evidence, shortened: 60 steps of the GPT recipe on the real corpus.
+    """The main job's evidence, shortened: 45 steps of the GPT recipe on the real corpus.
 
     Takes ~1-1.5 min on 2 cores, so it is excluded from the default run (README: ``-m "not
     slow"``); ``python -m pytest -q -m slow`` or ``.ci/run`` runs it.
@@ -165,7 +165,7 @@ def test_gpt_recipe_validation_loss_falls(tmp_path: Path, monkeypatch: pytest.Mo
     # Only this test's summary line is printed on success (``-rP``), not the ranks' logs; a
     # failing rank's output is still quoted in the harness's error.
     monkeypatch.setattr(HARNESS_SETTINGS, "forward_output", False)
-    steps, every = 60, 20
+    steps, every = 45, 15
     run = _fit(
         RECIPES_DIR / "gpt" / "nano-cpu.yaml",
         tmp_path / "run",
@@ -180,7 +180,7 @@ def test_gpt_recipe_validation_loss_falls(tmp_path: Path, monkeypatch: pytest.Mo
     first, last = val[0][1], val[-1][1]
     print(f"GPT recipe, {steps} steps on 2 ranks in {run.seconds:.1f} s: val/loss {[round(v, 3) for _, v in val]}")
     assert last < first, f"validation loss did not fall: {val}"
-    # A byte-level model starts at ln(256) = 5.55 nats; after 60 steps it must have learned
+    # A byte-level model starts at ln(256) = 5.55 nats; after 45 steps it must have learned
     # something well beyond the unigram statistics of the first few steps.
     assert last < 0.8 * math.log(256), val
 

@@ -23,13 +23,13 @@ def test_tp2_parity(sequence_parallel: bool) -> None:
     kwargs = dict(tensor=True, tensor_parallel_size=2, sequence_parallel=sequence_parallel)
     # The sample at the end of fit: every rank samples (a TP forward is a collective); none under
     # SP (lengths 3, 4, 5 ... do not divide by tp).
-    sample = 0 if sequence_parallel else 12
+    sample = 0 if sequence_parallel else 4  # each new length re-plans DTensor's sharding: keep it short
     results = run_distributed(targets.fit, 2, kwargs, STEPS, 8, clip=0.05, sample_tokens=sample,
                               validate=sequence_parallel, init_process_group=False, timeout=300)
     ref = targets.reference(STEPS, 8, replicas=1, microbatches=1, clip=0.05)
     _assert_parity(results, ref)
     if sample:
-        assert_sample_matches_full_model(results, targets.CFG)
+        assert_sample_matches_full_model(results, targets.CFG, tokens=sample)
     else:
         assert all(r["sample"] is None for r in results)
         assert_val_metrics(results, ref["state"])  # validation with sequence-parallel regions

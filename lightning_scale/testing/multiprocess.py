@@ -45,6 +45,7 @@ import atexit
 import contextlib
 import datetime
 import faulthandler
+import gc
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.forkserver
@@ -326,6 +327,9 @@ class _Report:
 
 def _rank_main(spec: _RankSpec, conn: multiprocessing.connection.Connection) -> None:
     """Entry point of a rank process: isolate, configure, run the target, report, exit."""
+    # The fork server's preloaded heap (torch, lightning, ...) lives as long as the rank: move it
+    # out of the garbage collector's view, so that full collections walk only the rank's objects.
+    gc.freeze()
     _become_group_leader()
     _capture_output(spec.output_path)
     _watch_parent()
