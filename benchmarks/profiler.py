@@ -5,10 +5,13 @@ Usage (from the repository root)::
 
     python benchmarks/profiler.py            # GPT nano, 5 variants, 3 repeats
     python benchmarks/profiler.py --quick    # smoke configuration, < 1 minute
+    python benchmarks/profiler.py --strategy tensor_parallel --variants default every_step
 
 Each run is a ``Trainer.fit`` of the suite's ``LanguageModelingTask`` (GPT ``--preset``, random
 tokens, batch ``--batch`` x ``--seq`` per rank) on 2 gloo processes with 1 thread each,
-strategy ``ddp``. Variants: ``off`` (no callback), ``default`` (``ScaleProfiler()``: logs and
+strategy ``--strategy``: ``ddp`` (Lightning's), ``mesh`` (the suite's data parallelism, where
+ScaleProfiler also times communication) or ``tensor_parallel`` (TP=2, communication inside
+forward and backward). Variants: ``off`` (no callback), ``default`` (``ScaleProfiler()``: logs and
 all-gathers every 10 steps), ``every_step`` (``ScaleProfiler(log_every_n_steps=1)``), ``memory``
 (``MemoryAccountant`` sampling the first timed step, no table / plot) and ``cost``
 (``CostReporter(rate_per_gpu_hour=1.0)``, no table / plot). The step time is measured by a
@@ -42,6 +45,7 @@ from benchmarks import _common as common  # noqa: E402
 WORLD = 2
 TARGET = 0.03
 VARIANTS = ["off", "default", "every_step", "memory", "cost"]
+STRATEGIES = ["ddp", "mesh", "tensor_parallel"]
 FULL_DEFAULTS = dict(preset="nano", batch=8, seq=128, steps=20, warmup=3, repeats=3,
                      json="benchmarks/results/profiler.json", retries=3)
 QUICK_DEFAULTS = dict(preset="tiny", batch=4, seq=32, steps=10, warmup=2, repeats=1,
@@ -63,7 +67,15 @@ def _callback(variant: str, warmup: int) -> Any:
     return None
 
 
-def bench_worker(variant: str, preset: str, batch: int, seq: int, warmup: int, steps: int) -> dict:
+def _strategy(name: str) -> Any:
+    from lightning_scale.strategies import MeshStrategy, TensorParallelStrategy
+
+    return {"ddp": lambda: "ddp", "mesh": MeshStrategy,
+            "tensor_parallel": lambda: TensorParallelStrategy(tensor_parallel_size=WORLD)}[name]()
+
+
+def bench_worker(variant: str, preset: str, batch: int, seq: int, warmup: int, steps: int,
+                 strategy: str = "ddp") -> dict:
     import lightning as L
     from lightning.pytorch.callbacks import Callback
     from torch.utils.data import DataLoader, TensorDataset
@@ -102,7 +114,7 @@ def bench_worker(variant: str, preset: str, batch: int, seq: int, warmup: int, s
     x = torch.randint(0, cfg.vocab_size, (WORLD * batch * (warmup + steps + 1), seq), generator=g)
     data = DataLoader(TensorDataset(x, torch.roll(x, -1, 1)), batch_size=batch, drop_last=True)
     with tempfile.TemporaryDirectory() as run_dir:  # CostReporter writes cost_report.json to the run directory
-        trainer = L.Trainer(accelerator="cpu", devices=WORLD, strategy="ddp", max_steps=warmup + steps + 1, logger=False,
+        trainer = L.Trainer(accelerator="cpu", devices=WORLD, strategy=_strategy(strategy), max_steps=warmup + steps + 1, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                             limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks, default_root_dir=run_dir)
         trainer.fit(task, data)
@@ -114,6 +126,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", help="GPT preset (default nano)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, help="what to run (default: all; off always runs)")
+    p.add_argument("--strategy", choices=STRATEGIES, default="ddp", help="Trainer strategy (default ddp)")
     common.add_run_arguments(p, FULL_DEFAULTS, "sequences per rank per step", "tiny preset, 1 repeat")
     common.add_load_arguments(p)
     args = p.parse_args(argv)
@@ -153,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             label = f"[{rep}] {variant}"
             meas = common.measure(args, console, label, lambda: mp_harness.run_distributed(
                 bench_worker, WORLD, variant, args.preset, args.batch, args.seq, args.warmup, args.steps,
-                init_process_group=False, timeout=args.timeout))
+                args.strategy, init_process_group=False, timeout=args.timeout))
             res = meas.pop("results")
             step, one_off = _run_figures(res)
             runs.append({"variant": variant, "repeat": rep, "step_s": step, "one_off_s": one_off, **meas,
@@ -178,9 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         cells.append([variant, f"{1e3 * s['median']:.1f} ({1e3 * s['min']:.1f}-{1e3 * s['max']:.1f})",
                       f"{overhead:+.1%}", "-" if one_off is None else f"{1e3 * one_off['median']:+.0f}",
                       "-" if met is None else f"<= {TARGET:.0%}: " + ("met" if met else "NOT met")])
-    title = (f"Callback overhead: GPT {args.preset}, ddp x {WORLD}, batch {args.batch} x {args.seq} per rank "
+    title = (f"Callback overhead: GPT {args.preset}, {args.strategy} x {WORLD}, batch {args.batch} x {args.seq} per rank "
              f"(median of {args.repeats})")
-    caption = (f"GPT {args.preset}, ddp on {WORLD} ranks (1 thread each), batch {args.batch} x {args.seq} per rank, "
+    caption = (f"GPT {args.preset}, {args.strategy} on {WORLD} ranks (1 thread each), batch {args.batch} x {args.seq} per rank, "
                f"{args.steps} timed steps; median of {args.repeats} runs (min-max). default / every_step: ScaleProfiler; "
                f"memory: MemoryAccountant (steady steps; one-off = its sampled step's extra time); cost: CostReporter.")
     common.write_outputs(console, json_path, title, HEADERS, cells, caption,
