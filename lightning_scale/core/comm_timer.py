@@ -25,8 +25,7 @@ Not measured: asynchronous calls' ``Work.wait()`` made by third-party code (a C+
 cannot be wrapped), e.g. FSDP2 with explicit prefetching, or the all-reduce of Lightning's
 ``ddp``, which DDP's C++ reducer launches and waits (overlapped with the backward; its exposed
 tail lands in the backward phase). On CUDA with NCCL the host returns before the transfer ends,
-so host timers do not measure communication: :meth:`CommTimer.start` refuses CUDA tensors'
-timing (the caller omits the figures).
+so host timers do not measure communication: ScaleProfiler does not use this class there.
 
 Overhead while installed and inactive: one attribute check per patched call. While active: two
 ``time.perf_counter`` calls per communication call.
@@ -146,23 +145,13 @@ class CommTimer:
         return timed
 
     def _timed(self, name: str, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        depth = getattr(self._local, "depth", 0)
-        if depth:
-            return fn(*args, **kwargs)  # nested: the outermost call counts
-        self._local.depth = 1
-        start = time.perf_counter()
-        try:
+        with self.section(name):
             return fn(*args, **kwargs)
-        finally:
-            elapsed = time.perf_counter() - start
-            self._local.depth = 0
-            with self._lock:
-                self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
-                self.calls[name] = self.calls.get(name, 0) + 1
 
     @contextlib.contextmanager
     def section(self, name: str) -> Iterator[None]:
-        """Count the enclosed block as communication of ``name`` (while active)."""
+        """Count the enclosed block as communication of ``name`` (while active; inside another
+        counted call it is not counted again: the outermost call counts)."""
         if not self.active or getattr(self._local, "depth", 0):
             yield
             return
