@@ -456,6 +456,15 @@ class ScaleProfiler(Callback):
         self.top_ops = [(e.key, e.self_cpu_time_total / 1e3, e.count)
                         for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]]
 
+    def _release_comm_timer(self) -> None:
+        if self._comm_timer is not None:  # restore torch.distributed's functions
+            self._comm_timer.stop()
+            self._comm_timer.uninstall()
+            self._comm_timer = None
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._release_comm_timer()
+
     # -- summary -------------------------------------------------------------------------------
     def on_train_end(self, trainer, pl_module) -> None:
         if self._profiler is not None:  # training ended inside the trace window: keep what was recorded
@@ -463,10 +472,7 @@ class ScaleProfiler(Callback):
             self._maybe_stop_trace(trainer)
         if hasattr(trainer.strategy, "record_timeline_requested"):
             trainer.strategy.record_timeline_requested = False
-        if self._comm_timer is not None:  # restore torch.distributed's functions
-            self._comm_timer.stop()
-            self._comm_timer.uninstall()
-            self._comm_timer = None
+        self._release_comm_timer()
         if not (self.print_summary and trainer.is_global_zero and self.history):
             return
         from rich.console import Console
