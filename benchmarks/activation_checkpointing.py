@@ -45,6 +45,11 @@ if str(REPO) not in sys.path:  # `python benchmarks/activation_checkpointing.py`
 from benchmarks import _common as common  # noqa: E402
 
 POLICIES = ["none", "full", "every_2", "selective", "offload"]
+# Diagnostic rows (not policies of the suite; only with --policies): "sac_machinery" wraps each
+# block in torch's selective-checkpoint contexts with every op saved, so nothing is recomputed
+# and nothing is freed: its overhead is the cost of the contexts themselves (a TorchDispatchMode
+# on every op of the forward, and the cache), which "selective" pays on top of its recompute.
+DIAGNOSTICS = ["sac_machinery"]
 TARGETS = {"full": (0.80, 0.40), "selective": (0.50, 0.15)}  # policy: (min saving, max overhead)
 FULL_DEFAULTS = dict(presets=["nano", "micro"], policies=POLICIES, batch=8, seq=128, steps=4, warmup=1, repeats=3,
                      json="benchmarks/results/activation_checkpointing.json", retries=3)
@@ -62,9 +67,12 @@ def ac_worker(preset: str, policy: str, batch: int, seq: int, warmup: int, steps
     torch.manual_seed(0)
     cfg = GPTConfig.from_preset(preset, block_size=max(seq, GPTConfig.from_preset(preset).block_size))
     model = GPT(cfg)
-    config = as_ac_config(policy)
-    if config is not None:
-        apply_activation_checkpointing(model, config)
+    if policy == "sac_machinery":
+        _wrap_blocks_saving_every_op(model)
+    else:
+        config = as_ac_config(policy)
+        if config is not None:
+            apply_activation_checkpointing(model, config)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(1234)
     data = [(torch.randint(0, cfg.vocab_size, (batch, seq), generator=g),
@@ -99,10 +107,27 @@ def ac_worker(preset: str, policy: str, batch: int, seq: int, warmup: int, steps
             "params": sum(p.numel() for p in model.parameters()), "config": cfg.to_dict()}
 
 
+def _wrap_blocks_saving_every_op(model: torch.nn.Module) -> None:
+    """The ``sac_machinery`` diagnostic: each block under selective-checkpoint contexts whose
+    policy saves every op's output."""
+    from functools import partial
+
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    def save_all(ctx, op, *args, **kwargs):  # noqa: ANN001, ANN202 - torch's policy signature
+        return CheckpointPolicy.MUST_SAVE
+
+    context_fn = partial(create_selective_checkpoint_contexts, save_all)
+    for block in model.blocks.values():
+        forward = block.forward
+        block.forward = partial(checkpoint, forward, use_reentrant=False, context_fn=context_fn)
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", help="GPT presets (default nano micro)")
-    p.add_argument("--policies", nargs="+", help=f"policies (default {' '.join(POLICIES)}); 'none' is the baseline and always runs")
+    p.add_argument("--policies", nargs="+", help=f"policies (default {' '.join(POLICIES)}); 'none' is the baseline and always runs; "
+                                           f"diagnostic rows: {' '.join(DIAGNOSTICS)}")
     common.add_run_arguments(p, FULL_DEFAULTS, "sequences per step", "tiny preset, 1 repeat; < 1 min")
     common.add_load_arguments(p)
     args = p.parse_args(argv)
@@ -114,6 +139,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         if name not in GPT_PRESETS:
             p.error(f"--presets {name}: choose from {sorted(GPT_PRESETS)}")
     for policy in args.policies:
+        if policy in DIAGNOSTICS:
+            continue
         try:
             as_ac_config(policy)
         except ValueError as err:
