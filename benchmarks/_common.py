@@ -162,22 +162,14 @@ def measure(args: argparse.Namespace, console: Any, label: str, launch: Callable
             "attempts_foreign_cores": [a[0] for a in attempts]}
 
 
-#: Imported once by the harness's fork server (on top of torch and lightning), so that no rank
-#: process imports them again: the suite's strategies, callbacks, task and planner, fairscale.
-PRELOAD = ["lightning_scale.strategies", "lightning_scale.callbacks", "lightning_scale.tasks", "lightning_scale.core.planner",
-           "lightning_scale.core.activation_checkpointing", "fairscale.nn", "fairscale.optim"]
-
-
 def start(args: argparse.Namespace) -> tuple[Any, Path, dict]:
     """What every benchmark's ``main`` does first: a console, quiet harness output, the output
-    path, the idle guard, the harness's forkserver and the environment record. Returns (console, json path, environment)."""
+    path, the idle guard, the harness's fork server (its default preload includes the suite's
+    modules) and the environment record. Returns (console, json path, environment)."""
     from lightning_scale.testing import multiprocess as mp_harness
 
     out = console()
     mp_harness.SETTINGS.forward_output = False
-    for name in PRELOAD:  # read when the fork server starts (the first benchmark of a process)
-        if name not in mp_harness.SETTINGS.preload:
-            mp_harness.SETTINGS.preload.append(name)
     path = output_path(args.json)
     load_before, waited = wait_for_idle(args, out)
     mp_harness.warm_up()  # start the forkserver before anything is timed

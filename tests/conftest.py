@@ -40,24 +40,11 @@ if _REPO_ROOT not in sys.path:
 @pytest.fixture(scope="session")
 def run_distributed() -> Callable[..., list[Any]]:
     """:func:`lightning_scale.testing.run_distributed`, after starting the fork server once
-    (its preload of torch + lightning takes several seconds, paid once per session)."""
+    (its preload of torch, lightning and the suite's modules takes several seconds, paid once per session)."""
     from lightning_scale.testing import run_distributed as run, warm_up
 
     warm_up()
     return run
-
-
-def pytest_configure(config) -> None:
-    """Before any test (and so before the fork server starts, whichever test starts it): modules
-    nearly every rank imports are imported once in the fork server instead of once per rank
-    (~0.5 s of CPU per rank on a 2-core machine). None of them starts a thread pool at import."""
-    from lightning_scale.testing import SETTINGS
-
-    for name in ("lightning_scale", "lightning_scale.strategies", "lightning_scale.callbacks", "lightning_scale.tasks",
-                 "lightning_scale.data", "torch.distributed.checkpoint", "torch.distributed.pipelining",
-                 "torch.distributed.fsdp", "torch.distributed.tensor.parallel", "torchmetrics", "fairscale"):
-        if name not in SETTINGS.preload:
-            SETTINGS.preload.append(name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -337,6 +337,8 @@ TABLE: list[Bad] = [
         r"trace_steps must be \(first, last\)"),
     Bad("profiler negative peak", lambda t: _profiler(peak_tflops=-1), ValueError,
         r"peak_tflops must be a number > 0 .* or None to look it up"),
+    Bad("profiler comm a string", lambda t: _profiler(comm="yes"), ValueError,
+        r"comm must be True or False \(time communication on logged steps\)"),
     Bad("memory sample_step=-1", lambda t: _memory(sample_step=-1), ValueError,
         r"sample_step must be an int >= 0 \(the optimizer step to measure"),
     Bad("nonfinite check_every_n_steps=0", lambda t: _guard(check_every_n_steps=0), ValueError,

@@ -145,6 +145,8 @@ class ScaleProfiler(Callback):
         if peak_tflops is not None and not positive(peak_tflops):
             raise ValueError(f"peak_tflops must be a number > 0 (dense peak TFLOP/s of one device, e.g. 989 for an H100 "
                              f"SXM in bf16) or None to look it up; got {peak_tflops!r}")
+        if not isinstance(comm, bool):
+            raise ValueError(f"comm must be True or False (time communication on logged steps); got {comm!r}")
         self.log_every_n_steps = log_every_n_steps
         self.flops_per_sample = flops_per_sample
         self.peak_tflops = peak_tflops
@@ -152,8 +154,6 @@ class ScaleProfiler(Callback):
         self.trace_steps = trace_steps
         self.trace_ranks = tuple(trace_ranks)
         self.trace_dir = trace_dir
-        if not isinstance(comm, bool):
-            raise ValueError(f"comm must be True or False; got {comm!r}")
         self.print_summary = print_summary
         self.comm = comm
         self._comm_timer: CommTimer | None = None  # set in on_train_start when communication is timed
@@ -237,8 +237,8 @@ class ScaleProfiler(Callback):
                            "The suite's strategies report it (plain data parallelism: strategy=MeshStrategy()).")
             return None
         if trainer.strategy.root_device.type != "cpu":
-            warnings.warn("ScaleProfiler: perf/comm_* are omitted on CUDA: host timers do not measure asynchronous "
-                          "NCCL transfers (use trace_steps= for a torch.profiler trace of the kernels)", stacklevel=2)
+            rank_zero_warn("ScaleProfiler: perf/comm_* are omitted on CUDA: host timers do not measure asynchronous "
+                           "NCCL transfers (use trace_steps= for a torch.profiler trace of the kernels)")
             return None
         timer = CommTimer.get()
         timer.install()

@@ -181,7 +181,7 @@ class CommTimer:
         self.active = True
 
     def stop(self) -> dict[str, float]:
-        """Stop timing; returns {name: seconds} since :meth:`start`."""
+        """Stop timing; returns {name: seconds} since :meth:`start` (call counts stay in ``calls``)."""
         self.active = False
         return dict(self.seconds)
 
