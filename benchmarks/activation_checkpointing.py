@@ -2,14 +2,15 @@
 
 Usage (from the repository root)::
 
-    python benchmarks/activation_checkpointing.py            # GPT nano and micro, 3 repeats
+    python benchmarks/activation_checkpointing.py            # GPT nano, micro and milli, 3 repeats
     python benchmarks/activation_checkpointing.py --quick    # smoke configuration, < 1 minute
     python benchmarks/activation_checkpointing.py --presets micro --policies none full selective --repeats 5
 
 One process with 1 thread (started by ``lightning_scale.testing.multiprocess.run_distributed``,
-like every benchmark of the suite) per (preset, policy, repeat): a GPT preset with the policy
-applied by :func:`lightning_scale.core.activation_checkpointing.apply_activation_checkpointing`,
-batch ``--batch`` x ``--seq`` random tokens, fp32, AdamW.
+like every benchmark of the suite) per (preset, repeat) holds one copy of the GPT preset per
+policy (same initial weights), each with its policy applied by
+:func:`lightning_scale.core.activation_checkpointing.apply_activation_checkpointing`; batch
+``--batch`` x ``--seq`` random tokens, fp32, AdamW.
 
 * **Activation bytes**: one extra forward under
   :class:`lightning_scale.core.activation_memory.HeldActivationMeter`: the bytes of the storages
@@ -20,10 +21,13 @@ batch ``--batch`` x ``--seq`` random tokens, fp32, AdamW.
   device, so the table reports the bytes autograd keeps outside the offload hooks
   (``SavedTensorMeter``) as "on device".
 * **Step time**: ``time.perf_counter`` around whole steps (zero_grad, forward, cross-entropy,
-  backward, AdamW step), mean of ``--steps`` steps after ``--warmup``; each figure is the median
-  over ``--repeats`` fresh processes (min-max in the JSON). Repeats loop over the whole matrix.
+  backward, AdamW step). After ``--warmup`` rounds, ``--steps`` timed rounds; a round runs one
+  step of every policy on the same batch, the order rotated each round. The overhead of a policy
+  is the median over all rounds of its step over ``none``'s step in the same round: the two ran
+  seconds apart, so a change of machine load (this VM's neighbours vary by tens of percent
+  within minutes) hits both. The script also checks that every policy computed the same losses.
 
-Ratios are to ``none`` of the same preset and repeat set. Targets (issue 6): full saves >= 80% of
+Ratios are to ``none`` of the same preset and round. Targets (issue 6): full saves >= 80% of
 activation bytes at <= 40% step-time overhead; selective saves >= 50% at <= 15% overhead.
 """
 
@@ -51,21 +55,62 @@ POLICIES = ["none", "full", "every_2", "selective", "offload"]
 # on every op of the forward, and the cache), which "selective" pays on top of its recompute.
 DIAGNOSTICS = ["sac_machinery"]
 TARGETS = {"full": (0.80, 0.40), "selective": (0.50, 0.15)}  # policy: (min saving, max overhead)
-FULL_DEFAULTS = dict(presets=["nano", "micro"], policies=POLICIES, batch=8, seq=128, steps=4, warmup=1, repeats=3,
+FULL_DEFAULTS = dict(presets=["nano", "micro", "milli"], policies=POLICIES, batch=8, seq=128, steps=6, warmup=1, repeats=3,
                      json="benchmarks/results/activation_checkpointing.json", retries=3)
 QUICK_DEFAULTS = dict(presets=["tiny"], policies=POLICIES, batch=4, seq=32, steps=2, warmup=1, repeats=1,
                       json="benchmarks/results/activation_checkpointing_quick.json", retries=0)
 
 
-def ac_worker(preset: str, policy: str, batch: int, seq: int, warmup: int, steps: int) -> dict:
-    """One process: measure the policy's activation bytes, then time training steps."""
+def ac_worker(preset: str, policies: list[str], batch: int, seq: int, warmup: int, steps: int) -> dict:
+    """One process, every policy: measure each policy's activation bytes, then time training
+    steps in rounds, one step of every policy per round (order rotated each round)."""
     from benchmarks._common import Window
-    from lightning_scale.core.activation_checkpointing import apply_activation_checkpointing, as_ac_config
     from lightning_scale.core.activation_memory import HeldActivationMeter, SavedTensorMeter
-    from lightning_scale.models import GPT, GPTConfig
+    from lightning_scale.models import GPTConfig
+
+    cfg = GPTConfig.from_preset(preset, block_size=max(seq, GPTConfig.from_preset(preset).block_size))
+    g = torch.Generator().manual_seed(1234)
+    data = [(torch.randint(0, cfg.vocab_size, (batch, seq), generator=g),
+             torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)) for _ in range(warmup + steps + 1)]
+    models, opts, out = {}, {}, {}
+    for policy in policies:
+        model = _build(cfg, policy)  # same seed: the same initial weights under every policy
+        x, _ = data[-1]
+        exclude = [*model.parameters(), *model.buffers(), x]
+        with HeldActivationMeter(exclude) as held, SavedTensorMeter(exclude) as saved:
+            logits = model(x)
+        out[policy] = {"held_bytes": held.held([logits]), "saved_on_device_bytes": saved.total,
+                       "params": sum(p.numel() for p in model.parameters()), "round_s": [], "losses": []}
+        del logits
+        models[policy], opts[policy] = model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(policy: str, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        model, opt = models[policy], opts[policy]
+        t = time.perf_counter()
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        opt.step()
+        return time.perf_counter() - t, float(loss)
+
+    window = Window()
+    for i, (xb, yb) in enumerate(data[: warmup + steps]):
+        if i == warmup:
+            window.start()
+        k = i % len(policies)
+        for policy in policies[k:] + policies[:k]:  # rotate: no policy always runs first
+            seconds, loss = step(policy, xb, yb)
+            if i >= warmup:
+                out[policy]["round_s"].append(seconds)
+                out[policy]["losses"].append(loss)
+    return {"window": window.stop(), "policies": out, "config": cfg.to_dict()}
+
+
+def _build(cfg, policy: str) -> torch.nn.Module:  # noqa: ANN001 - GPTConfig
+    from lightning_scale.core.activation_checkpointing import apply_activation_checkpointing, as_ac_config
+    from lightning_scale.models import GPT
 
     torch.manual_seed(0)
-    cfg = GPTConfig.from_preset(preset, block_size=max(seq, GPTConfig.from_preset(preset).block_size))
     model = GPT(cfg)
     if policy == "sac_machinery":
         _wrap_blocks_saving_every_op(model)
@@ -73,38 +118,7 @@ def ac_worker(preset: str, policy: str, batch: int, seq: int, warmup: int, steps
         config = as_ac_config(policy)
         if config is not None:
             apply_activation_checkpointing(model, config)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    g = torch.Generator().manual_seed(1234)
-    data = [(torch.randint(0, cfg.vocab_size, (batch, seq), generator=g),
-             torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)) for _ in range(warmup + steps + 1)]
-
-    x, _ = data[-1]
-    exclude = [*model.parameters(), *model.buffers(), x]
-    with HeldActivationMeter(exclude) as held, SavedTensorMeter(exclude) as saved:
-        logits = model(x)
-    held_bytes = held.held([logits])
-    on_device = saved.total
-    del logits
-
-    def step(x: torch.Tensor, y: torch.Tensor) -> float:
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        loss.backward()
-        opt.step()
-        return float(loss)
-
-    step_s = []
-    window = Window()
-    for i, (xb, yb) in enumerate(data[: warmup + steps]):
-        if i == warmup:
-            window.start()
-        t = time.perf_counter()
-        step(xb, yb)
-        if i >= warmup:
-            step_s.append(time.perf_counter() - t)
-    w = window.stop()
-    return {"window": w, "step_s": step_s, "held_bytes": held_bytes, "saved_on_device_bytes": on_device,
-            "params": sum(p.numel() for p in model.parameters()), "config": cfg.to_dict()}
+    return model
 
 
 def _wrap_blocks_saving_every_op(model: torch.nn.Module) -> None:
@@ -125,7 +139,7 @@ def _wrap_blocks_saving_every_op(model: torch.nn.Module) -> None:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", nargs="+", help="GPT presets (default nano micro)")
+    p.add_argument("--presets", nargs="+", help="GPT presets (default nano micro milli)")
     p.add_argument("--policies", nargs="+", help=f"policies (default {' '.join(POLICIES)}); 'none' is the baseline and always runs; "
                                            f"diagnostic rows: {' '.join(DIAGNOSTICS)}")
     common.add_run_arguments(p, FULL_DEFAULTS, "sequences per step", "tiny preset, 1 repeat; < 1 min")
@@ -158,29 +172,37 @@ def _minus_one(ratio: dict | None) -> dict | None:
 
 
 def _summarise(args: argparse.Namespace, runs: list[dict]) -> list[dict]:
+    """Per (preset, policy): step time (median over repeats of the median round), and the
+    overhead: each round's step over the same round's ``none`` step, pooled over repeats
+    (median; the quartiles and each repeat's median are in the JSON)."""
     rows = []
     for preset in args.presets:
         of = {pol: [r for r in runs if r["preset"] == preset and r["policy"] == pol] for pol in args.policies}
-        base_t = common.stats([r["step_s"] for r in of["none"]])["median"]
         base_b = sum(of["none"][0]["held_bytes"].values())
+        base_rounds = {r["repeat"]: r["round_s"] for r in of["none"]}
         for pol in args.policies:
             t = common.stats([r["step_s"] for r in of[pol]])
+            ratios = [[a / b for a, b in zip(r["round_s"], base_rounds[r["repeat"]])] for r in of[pol]]
+            pooled = sorted(x for rep in ratios for x in rep)
+            overhead = statistics.median(pooled) - 1
             held = of[pol][0]["held_bytes"]  # deterministic: the same in every repeat
             total = sum(held.values())
             on_device = of[pol][0]["saved_on_device_bytes"] if pol == "offload" else total
-            saving, overhead = 1 - on_device / base_b, t["median"] / base_t - 1
+            saving = 1 - on_device / base_b
             target = TARGETS.get(pol)
             rows.append({
                 "preset": preset, "policy": pol, "params": of[pol][0]["params"], "held_bytes": held,
                 "activation_bytes_on_device": on_device, "saving": saving, "step_s": t, "overhead": overhead,
-                "overhead_stats": _minus_one(common.paired_ratio(of[pol], of["none"])),
+                "overhead_stats": _minus_one(common.stats([statistics.median(rep) for rep in ratios])),
+                "overhead_quartiles": [pooled[len(pooled) // 4] - 1, pooled[(3 * len(pooled)) // 4] - 1],
+                "rounds": len(pooled),
                 "target": target, "target_met": None if target is None else (saving >= target[0] and overhead <= target[1]),
                 "polluted_runs": sum(r["polluted"] for r in of[pol]),
             })
     return rows
 
 
-HEADERS = ["preset", "policy", "activation MiB (on device)", "saved vs none", "step ms", "overhead vs none", "target"]
+HEADERS = ["preset", "policy", "activation MiB (on device)", "saved vs none", "step ms", "overhead vs none (quartiles)", "target"]
 
 
 def _cells(row: dict) -> list[str]:
@@ -191,12 +213,15 @@ def _cells(row: dict) -> list[str]:
         mib += f" (+{sum(row['held_bytes'].values()) / 2**20:.2f} CPU copies)"
     target = "-" if row["target"] is None else (
         f">= {row['target'][0]:.0%} at <= {row['target'][1]:.0%}: " + ("met" if row["target_met"] else "NOT met"))
-    return [row["preset"], row["policy"], mib, f"{row['saving']:.0%}", ms, f"{row['overhead']:+.0%}", target]
+    q1, q3 = row["overhead_quartiles"]
+    over = f"{row['overhead']:+.0%}" + (f" ({q1:+.0%} to {q3:+.0%})" if row["policy"] != "none" and row["rounds"] > 1 else "")
+    return [row["preset"], row["policy"], mib, f"{row['saving']:.0%}", ms, over, target]
 
 
 def _caption(args: argparse.Namespace) -> str:
-    return (f"GPT presets, batch {args.batch} x {args.seq} tokens, fp32, AdamW; 1 process, 1 thread; "
-            f"median of {args.repeats} runs (min-max).")
+    return (f"GPT presets, batch {args.batch} x {args.seq} tokens, fp32, AdamW; 1 thread; every policy in one "
+            f"process per repeat, one step each per round; step ms: median of {args.repeats} repeats (min-max); "
+            f"overhead: median (quartiles) of the {args.steps * args.repeats} rounds' step / none's step.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,23 +235,27 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict] = []
     for rep in range(args.repeats):
         for preset in args.presets:
+            t0 = time.perf_counter()
+            label = f"[{rep}] {preset}"
+            meas = common.measure(args, console, label, lambda: mp_harness.run_distributed(
+                ac_worker, 1, preset, args.policies, args.batch, args.seq, args.warmup, args.steps, timeout=args.timeout))
+            res = meas.pop("results")[0]
+            losses = {pol: r["losses"] for pol, r in res["policies"].items()}
             for policy in args.policies:
-                t0 = time.perf_counter()
-                label = f"[{rep}] {preset} {policy}"
-                meas = common.measure(args, console, label, lambda: mp_harness.run_distributed(
-                    ac_worker, 1, preset, policy, args.batch, args.seq, args.warmup, args.steps, timeout=args.timeout))
-                res = meas.pop("results")[0]
-                entry = {"preset": preset, "policy": policy, "repeat": rep, **meas,
-                         "step_s": statistics.mean(res["step_s"]), "held_bytes": res["held_bytes"],
-                         "saved_on_device_bytes": res["saved_on_device_bytes"], "params": res["params"],
-                         "model_config": res["config"]}
-                runs.append(entry)
-                console.print(f"  {label:<24} {1e3 * entry['step_s']:8.0f} ms/step  "
-                              f"{sum(res['held_bytes'].values()) / 2**20:7.2f} MiB held "
-                              f"(others {meas['foreign_cores']:.2f} cores; {time.perf_counter() - t0:.0f} s)")
+                r = res["policies"][policy]
+                runs.append({"preset": preset, "policy": policy, "repeat": rep, **meas,
+                             "step_s": statistics.median(r["round_s"]), "round_s": r["round_s"], "losses": r["losses"],
+                             "held_bytes": r["held_bytes"], "saved_on_device_bytes": r["saved_on_device_bytes"],
+                             "params": r["params"], "model_config": res["config"]})
+                console.print(f"  {label} {policy:<16} {1e3 * runs[-1]['step_s']:8.0f} ms/step  "
+                              f"{sum(r['held_bytes'].values()) / 2**20:7.2f} MiB held")
+            # Checkpointing changes memory and time, never the math: the same losses under every policy.
+            worst = max(abs(a - b) for pol in args.policies for a, b in zip(losses[pol], losses["none"]))
+            console.print(f"  {label}: others used {meas['foreign_cores']:.2f} cores; largest loss difference "
+                          f"to none {worst:.1e}; {time.perf_counter() - t0:.0f} s")
     env["wall_s"] = time.perf_counter() - t_start
     env["load_after"] = common.loadavg()
-    env["reruns"] = sum(len(r["attempts_foreign_cores"]) - 1 for r in runs)
+    env["reruns"] = sum(len(r["attempts_foreign_cores"]) - 1 for r in runs if r["policy"] == "none")  # one per process
     rows = _summarise(args, runs)
 
     common.write_outputs(

@@ -67,9 +67,11 @@ from lightning_scale.core.pipeline import (  # noqa: E402
     MULTI_STAGE_SCHEDULES,
     PipelineConfig,
     PipelineRuntime,
+    TimelineEvent,
     plan_pipeline,
     theoretical_bubble,
 )
+from lightning_scale.core.timeline import replay_span  # noqa: E402
 from lightning_scale.models import GPT, GPTConfig  # noqa: E402
 
 STAGES = 2  # p: pipeline ranks (the machine has 2 cores; 1 thread per rank)
@@ -320,6 +322,18 @@ def _summarise(args: argparse.Namespace, runs: list[dict]) -> list[dict]:
                 row["single_compute_s"] = _stats(base_compute[(preset, m)])
                 row["busy_sum_over_single"] = (statistics.median(sum(bs) for bs in busy)
                                                / row["single_compute_s"]["median"])
+                # The last timed step replayed with free communication (core.timeline.replay_span):
+                # measured span / replayed span - 1 = time lost between actions (p2p, waits, the
+                # schedule's own work); replayed span / ideal - 1 = imbalance and the bubble.
+                spans, replays, ideals = [], [], []
+                for r in mine:
+                    events = [TimelineEvent(**e) for rk in r["result"] for e in rk["last_step_events"]]
+                    spans.append(max(e.end for e in events) - min(e.start for e in events))
+                    replays.append(replay_span(events))
+                    ideals.append(sum(e.end - e.start for e in events) / STAGES / (1 - row["theory_bubble"]))
+                row["span_s"], row["replay_s"], row["ideal_s"] = _stats(spans), _stats(replays), _stats(ideals)
+                row["between_actions"] = statistics.median(s / q - 1 for s, q in zip(spans, replays))
+                row["replay_over_ideal"] = statistics.median(q / i - 1 for q, i in zip(replays, ideals))
                 row["speedup"] = row["single_s"]["median"] / row["pipeline_s"]["median"]
                 row["speedup_per_repeat"] = [s / q for s, q in zip(b, pipe)] if len(b) == len(pipe) else None
                 row["efficiency"] = row["speedup"] / row["theory_speedup"]
@@ -364,19 +378,21 @@ def _target_mark(row: dict) -> str:
 
 
 HEADERS = ["schedule", "m", "1-proc ms (accum m)", "pipeline ms", "speedup", "theory speedup", "efficiency %",
-           "measured bubble %", "theory bubble %", "busy sum / 1-proc", f"m={TARGET_M} target (>= {TARGET_EFFICIENCY:.0%})"]
+           "measured bubble %", "theory bubble %", "busy sum / 1-proc", "replay / ideal", "span / replay",
+           f"m={TARGET_M} target (>= {TARGET_EFFICIENCY:.0%})"]
 
 
 def _cells(row: dict) -> list[str]:
     label = row["schedule"] + (f" (v={row['v']})" if row["v"] > 1 else "")
     if "skipped" in row:
         return [label, str(row["m"]), "-", "skipped", "-", f"{row['theory_speedup']:.2f}", "-", "-",
-                f"{100 * row['theory_bubble']:.1f}", "-", ""]
+                f"{100 * row['theory_bubble']:.1f}", "-", "-", "-", ""]
     return [
         label, str(row["m"]), _fmt_ms(row["single_s"], row["single_polluted_repeats"]),
         _fmt_ms(row["pipeline_s"], row["pipeline_polluted_repeats"]), f"{row['speedup']:.2f}",
         f"{row['theory_speedup']:.2f}", f"{100 * row['efficiency']:.0f}", f"{100 * row['bubble']['median']:.1f}",
-        f"{100 * row['theory_bubble']:.1f}", f"{row['busy_sum_over_single']:.2f}", _target_mark(row),
+        f"{100 * row['theory_bubble']:.1f}", f"{row['busy_sum_over_single']:.2f}",
+        f"{1 + row['replay_over_ideal']:.2f}", f"{1 + row['between_actions']:.2f}", _target_mark(row),
     ]
 
 
@@ -394,7 +410,11 @@ def _markdown(args: argparse.Namespace, rows: list[dict], env: dict) -> str:
         f"Runs during which other processes used more than {args.max_foreign} cores were re-run (up to "
         f"{args.retries} times, {env.get('reruns', 0)} re-runs in all); `*` marks a figure that still includes a "
         f"polluted run. busy sum / 1-proc = the two ranks' forward/backward compute time added up, over the "
-        f"1-process step time.",
+        f"1-process forward/backward time (> 1: the same work ran slower split over 2 concurrent processes). "
+        f"Last timed step of each run, replayed with free communication (each rank's actions in their "
+        f"measured order and durations): replay / ideal = the replay over (m + p - 1) / m x busy / p "
+        f"(> 1: unequal stage or microbatch times); span / replay = the measured schedule over the replay "
+        f"(> 1: time lost between actions to p2p transfers and the schedule's own work).",
         "",
     ]
     for preset in args.presets:
@@ -446,7 +466,6 @@ def _print_tables(console: Any, args: argparse.Namespace, rows: list[dict], ceil
 
 def _plot(args: argparse.Namespace, runs: list[dict], out_dir: Path, prefix: str) -> list[str]:
     """One timeline PNG per schedule at m = 8 (else the largest m) for the largest preset."""
-    from lightning_scale.core.pipeline import TimelineEvent
     from lightning_scale.core.timeline import plot_timeline
 
     sizes = {p: sum(x.numel() for x in GPT(_model_config(p, _seq_for(p, args))).parameters()) for p in args.presets}
@@ -561,7 +580,10 @@ def main(argv: list[str] | None = None) -> int:
                                     indent=1, default=str))
     target_rows = [r for r in rows if r["m"] == TARGET_M and "skipped" not in r]
     for r in target_rows:
-        console.print(f"m={TARGET_M} {r['preset']:<6} {r['schedule']:<16} efficiency {r['efficiency']:.0%} -> {_target_mark(r)}")
+        console.print(f"m={TARGET_M} {r['preset']:<6} {r['schedule']:<16} efficiency {r['efficiency']:.0%} -> {_target_mark(r)} "
+                      f"(where it went: compute x{r['busy_sum_over_single']:.2f} split over 2 processes, "
+                      f"replay / ideal {1 + r['replay_over_ideal']:.2f}, span / replay {1 + r['between_actions']:.2f}, "
+                      f"step / schedule {r['pipeline_s']['median'] / r['schedule_s']['median']:.2f})")
     console.print(f"wall time {wall:.0f} s; load before {load_before} after {env['load_after']}")
     console.print(f"wrote {json_path}, {md_path}" + (f", {len(plots)} timelines in {json_path.parent}" if plots else ""))
     return 0

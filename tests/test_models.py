@@ -46,7 +46,7 @@ def test_gpt2_124m_instantiated_count_equals_the_published_count() -> None:
     assert n_params(model) == 124_439_808
 
 
-@pytest.mark.parametrize("name", ["tiny", "nano", "micro"])
+@pytest.mark.parametrize("name", ["tiny", "nano", "micro", "milli"])
 def test_small_gpt_presets_match_the_closed_form(name: str) -> None:
     cfg = GPT_PRESETS[name]
     assert n_params(GPT(cfg)) == gpt_param_count(cfg)

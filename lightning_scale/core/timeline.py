@@ -25,6 +25,56 @@ def bubble_fraction(events: Sequence[Any], num_ranks: int) -> float:
     return max(0.0, 1.0 - busy / (num_ranks * (end - start)))
 
 
+def _input_of(e: Any, last_stage: int) -> tuple[str, int, int] | None:
+    """The action on another stage whose output ``e`` consumes: the previous stage's forward of
+    the same microbatch, or the next stage's (input-)gradient. ``W`` (weight gradient) and the
+    last stage's backward need only earlier actions of their own rank."""
+    if e.kind == "F" and e.stage > 0:
+        return ("F", e.stage - 1, e.microbatch)
+    if e.kind == "B" and e.stage < last_stage:
+        return ("B", e.stage + 1, e.microbatch)
+    return None
+
+
+def replay_span(events: Sequence[Any]) -> float:
+    """Seconds the measured step would take if communication took no time.
+
+    Each rank runs its actions in the measured order with the measured durations; an action
+    starts when its rank is free and its input (see :func:`_input_of`) has been computed.
+    ``measured span / replay_span - 1`` is the time lost between actions (p2p transfers, waits
+    for them, the schedule's own work); what separates the replay from the ideal
+    ``(m + p - 1) / m x work / p`` is unequal action durations (stage imbalance) and the bubble.
+    Raises ``ValueError`` if the order cannot be replayed (not one step of a pipeline schedule).
+    """
+    if not events:
+        return 0.0
+    last_stage = max(e.stage for e in events)
+    queues: dict[int, list[Any]] = {}
+    for e in sorted(events, key=lambda e: e.start):
+        queues.setdefault(e.rank, []).append(e)
+    done: dict[tuple[str, int, int], float] = {}  # (kind, stage, microbatch) -> replayed end
+    free = dict.fromkeys(queues, 0.0)  # rank -> replayed time its previous action ended
+    position = dict.fromkeys(queues, 0)
+    left = len(events)
+    while left:
+        moved = False
+        for rank, queue in queues.items():
+            while position[rank] < len(queue):
+                e = queue[position[rank]]
+                needs = _input_of(e, last_stage)
+                if needs is not None and needs not in done:
+                    break  # another rank must compute the input first
+                start = max(free[rank], done[needs] if needs is not None else 0.0)
+                free[rank] = done[(e.kind, e.stage, e.microbatch)] = start + (e.end - e.start)
+                position[rank] += 1
+                left -= 1
+                moved = True
+        if not moved:
+            waiting = {r: q[position[r]] for r, q in queues.items() if position[r] < len(q)}
+            raise ValueError(f"the timeline cannot be replayed: every rank waits for an input never computed ({waiting})")
+    return max(free.values())
+
+
 def plot_timeline(events: Sequence[Any], path: str | Path, *, title: str = "", num_ranks: int | None = None) -> Path:
     """Save a PNG Gantt chart of ``events`` to ``path`` and return the path."""
     import matplotlib

@@ -82,6 +82,9 @@ GPT_PRESETS: dict[str, GPTConfig] = {
     "nano": GPTConfig(),
     # A larger CPU-sized preset for benchmarks (~4.8M parameters).
     "micro": GPTConfig(vocab_size=256, block_size=256, n_layer=6, n_head=8, n_embd=256),
+    # The widest CPU preset (~12.7M parameters, hidden 512): per-op framework costs (Python
+    # dispatch) are a smaller share of its step than of nano's or micro's, as on real models.
+    "milli": GPTConfig(vocab_size=256, block_size=256, n_layer=4, n_head=8, n_embd=512),
     "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768, **_GPT2),
     "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024, **_GPT2),
     "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280, **_GPT2),
