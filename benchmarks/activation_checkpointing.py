@@ -5,6 +5,7 @@ Usage (from the repository root)::
     python benchmarks/activation_checkpointing.py            # GPT nano, micro and milli, 3 repeats
     python benchmarks/activation_checkpointing.py --quick    # smoke configuration, < 1 minute
     python benchmarks/activation_checkpointing.py --presets micro --policies none full selective --repeats 5
+    python benchmarks/activation_checkpointing.py --modes compiled   # every block compiled (torch.compile)
 
 One process with 1 thread (started by ``lightning_scale.testing.multiprocess.run_distributed``,
 like every benchmark of the suite) per (preset, repeat) holds one copy of the GPT preset per
@@ -20,6 +21,13 @@ policy (same initial weights), each with its policy applied by
   ``offload`` the figure is split by device; on this CPU-only machine "cpu" is also the compute
   device, so the table reports the bytes autograd keeps outside the offload hooks
   (``SavedTensorMeter``) as "on device".
+* **Modes** (``--modes``): ``eager`` and ``compiled``. Compiled, every block of every model is
+  compiled (``none``: ``Module.compile()``; the policies: ``ACConfig(compile=True)``), and the
+  first ``--warmup`` rounds include the compilation. Bytes are then read with
+  :class:`lightning_scale.core.activation_memory.AllocationMeter` (the allocator's own events,
+  which see compiled kernels) minus the logits; it also counts the CPU RNG state that each
+  checkpoint keeps (5 KiB), which the eager meter does not see. ``offload`` and the diagnostic
+  row run eager only (``compile=True`` does not combine with offload).
 * **Step time**: ``time.perf_counter`` around whole steps (zero_grad, forward, cross-entropy,
   backward, AdamW step). After ``--warmup`` rounds, ``--steps`` timed rounds; a round runs one
   step of every policy on the same batch, the order rotated each round. The overhead of a policy
@@ -55,17 +63,20 @@ POLICIES = ["none", "full", "every_2", "selective", "offload"]
 # on every op of the forward, and the cache), which "selective" pays on top of its recompute.
 DIAGNOSTICS = ["sac_machinery"]
 TARGETS = {"full": (0.80, 0.40), "selective": (0.50, 0.15)}  # policy: (min saving, max overhead)
-FULL_DEFAULTS = dict(presets=["nano", "micro", "milli"], policies=POLICIES, batch=8, seq=128, steps=6, warmup=1, repeats=3,
-                     json="benchmarks/results/activation_checkpointing.json", retries=3)
-QUICK_DEFAULTS = dict(presets=["tiny"], policies=POLICIES, batch=4, seq=32, steps=2, warmup=1, repeats=1,
+MODES = ["eager", "compiled"]
+EAGER_ONLY = ["offload", *DIAGNOSTICS]  # compile=True does not combine with offload
+FULL_DEFAULTS = dict(presets=["nano", "micro", "milli"], policies=POLICIES, modes=MODES, batch=8, seq=128, steps=6, warmup=1,
+                     repeats=3, json="benchmarks/results/activation_checkpointing.json", retries=3)
+QUICK_DEFAULTS = dict(presets=["tiny"], policies=POLICIES, modes=MODES, batch=4, seq=32, steps=2, warmup=1, repeats=1,
                       json="benchmarks/results/activation_checkpointing_quick.json", retries=0)
 
 
-def ac_worker(preset: str, policies: list[str], batch: int, seq: int, warmup: int, steps: int) -> dict:
+def ac_worker(preset: str, policies: list[str], batch: int, seq: int, warmup: int, steps: int, compiled: bool = False) -> dict:
     """One process, every policy: measure each policy's activation bytes, then time training
-    steps in rounds, one step of every policy per round (order rotated each round)."""
+    steps in rounds, one step of every policy per round (order rotated each round).
+    ``compiled``: every block compiled (the bytes are then measured after one compiling step)."""
     from benchmarks._common import Window
-    from lightning_scale.core.activation_memory import HeldActivationMeter, SavedTensorMeter
+    from lightning_scale.core.activation_memory import AllocationMeter, HeldActivationMeter, SavedTensorMeter
     from lightning_scale.models import GPTConfig
 
     cfg = GPTConfig.from_preset(preset, block_size=max(seq, GPTConfig.from_preset(preset).block_size))
@@ -74,12 +85,21 @@ def ac_worker(preset: str, policies: list[str], batch: int, seq: int, warmup: in
              torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)) for _ in range(warmup + steps + 1)]
     models, opts, out = {}, {}, {}
     for policy in policies:
-        model = _build(cfg, policy)  # same seed: the same initial weights under every policy
+        model = _build(cfg, policy, compiled)  # same seed: the same initial weights under every policy
         x, _ = data[-1]
-        exclude = [*model.parameters(), *model.buffers(), x]
-        with HeldActivationMeter(exclude) as held, SavedTensorMeter(exclude) as saved:
-            logits = model(x)
-        out[policy] = {"held_bytes": held.held([logits]), "saved_on_device_bytes": saved.total,
+        if compiled:
+            model(x).sum().backward()  # compile forward and backward outside the meter
+            model.zero_grad(set_to_none=True)
+            with AllocationMeter() as meter:
+                logits = model(x)
+            held_bytes = {"cpu": meter.total - logits.untyped_storage().nbytes()}
+            saved_on_device = sum(held_bytes.values())
+        else:
+            exclude = [*model.parameters(), *model.buffers(), x]
+            with HeldActivationMeter(exclude) as held, SavedTensorMeter(exclude) as saved:
+                logits = model(x)
+            held_bytes, saved_on_device = held.held([logits]), saved.total
+        out[policy] = {"held_bytes": held_bytes, "saved_on_device_bytes": saved_on_device,
                        "params": sum(p.numel() for p in model.parameters()), "round_s": [], "losses": []}
         del logits
         models[policy], opts[policy] = model, torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -106,7 +126,9 @@ def ac_worker(preset: str, policies: list[str], batch: int, seq: int, warmup: in
     return {"window": window.stop(), "policies": out, "config": cfg.to_dict()}
 
 
-def _build(cfg, policy: str) -> torch.nn.Module:  # noqa: ANN001 - GPTConfig
+def _build(cfg, policy: str, compiled: bool = False) -> torch.nn.Module:  # noqa: ANN001 - GPTConfig
+    import dataclasses
+
     from lightning_scale.core.activation_checkpointing import apply_activation_checkpointing, as_ac_config
     from lightning_scale.models import GPT
 
@@ -114,10 +136,13 @@ def _build(cfg, policy: str) -> torch.nn.Module:  # noqa: ANN001 - GPTConfig
     model = GPT(cfg)
     if policy == "sac_machinery":
         _wrap_blocks_saving_every_op(model)
-    else:
-        config = as_ac_config(policy)
-        if config is not None:
-            apply_activation_checkpointing(model, config)
+        return model
+    config = as_ac_config(policy)
+    if config is not None:
+        apply_activation_checkpointing(model, dataclasses.replace(config, compile=compiled))
+    elif compiled:  # the baseline: the same blocks compiled, nothing checkpointed
+        for block in model.blocks.values():
+            block.compile()
     return model
 
 
@@ -142,6 +167,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--presets", nargs="+", help="GPT presets (default nano micro milli)")
     p.add_argument("--policies", nargs="+", help=f"policies (default {' '.join(POLICIES)}); 'none' is the baseline and always runs; "
                                            f"diagnostic rows: {' '.join(DIAGNOSTICS)}")
+    p.add_argument("--modes", nargs="+", choices=MODES, help="eager and/or compiled (default both); compiled runs "
+                                                                "every policy but " + " and ".join(EAGER_ONLY))
     common.add_run_arguments(p, FULL_DEFAULTS, "sequences per step", "tiny preset, 1 repeat; < 1 min")
     common.add_load_arguments(p)
     args = p.parse_args(argv)
@@ -176,11 +203,12 @@ def _summarise(args: argparse.Namespace, runs: list[dict]) -> list[dict]:
     overhead: each round's step over the same round's ``none`` step, pooled over repeats
     (median; the quartiles and each repeat's median are in the JSON)."""
     rows = []
-    for preset in args.presets:
-        of = {pol: [r for r in runs if r["preset"] == preset and r["policy"] == pol] for pol in args.policies}
+    for mode, preset in [(m, p) for m in args.modes for p in args.presets]:
+        policies = _policies(args, mode)
+        of = {pol: [r for r in runs if (r["mode"], r["preset"], r["policy"]) == (mode, preset, pol)] for pol in policies}
         base_b = sum(of["none"][0]["held_bytes"].values())
         base_rounds = {r["repeat"]: r["round_s"] for r in of["none"]}
-        for pol in args.policies:
+        for pol in policies:
             t = common.stats([r["step_s"] for r in of[pol]])
             ratios = [[a / b for a, b in zip(r["round_s"], base_rounds[r["repeat"]])] for r in of[pol]]
             pooled = sorted(x for rep in ratios for x in rep)
@@ -191,7 +219,7 @@ def _summarise(args: argparse.Namespace, runs: list[dict]) -> list[dict]:
             saving = 1 - on_device / base_b
             target = TARGETS.get(pol)
             rows.append({
-                "preset": preset, "policy": pol, "params": of[pol][0]["params"], "held_bytes": held,
+                "mode": mode, "preset": preset, "policy": pol, "params": of[pol][0]["params"], "held_bytes": held,
                 "activation_bytes_on_device": on_device, "saving": saving, "step_s": t, "overhead": overhead,
                 "overhead_stats": _minus_one(common.stats([statistics.median(rep) for rep in ratios])),
                 "overhead_quartiles": [pooled[len(pooled) // 4] - 1, pooled[(3 * len(pooled)) // 4] - 1],
@@ -202,7 +230,11 @@ def _summarise(args: argparse.Namespace, runs: list[dict]) -> list[dict]:
     return rows
 
 
-HEADERS = ["preset", "policy", "activation MiB (on device)", "saved vs none", "step ms", "overhead vs none (quartiles)", "target"]
+def _policies(args: argparse.Namespace, mode: str) -> list[str]:
+    return [p for p in args.policies if mode == "eager" or p not in EAGER_ONLY]
+
+
+HEADERS = ["mode", "preset", "policy", "activation MiB (on device)", "saved vs none", "step ms", "overhead vs none (quartiles)", "target"]
 
 
 def _cells(row: dict) -> list[str]:
@@ -215,13 +247,14 @@ def _cells(row: dict) -> list[str]:
         f">= {row['target'][0]:.0%} at <= {row['target'][1]:.0%}: " + ("met" if row["target_met"] else "NOT met"))
     q1, q3 = row["overhead_quartiles"]
     over = f"{row['overhead']:+.0%}" + (f" ({q1:+.0%} to {q3:+.0%})" if row["policy"] != "none" and row["rounds"] > 1 else "")
-    return [row["preset"], row["policy"], mib, f"{row['saving']:.0%}", ms, over, target]
+    return [row["mode"], row["preset"], row["policy"], mib, f"{row['saving']:.0%}", ms, over, target]
 
 
 def _caption(args: argparse.Namespace) -> str:
     return (f"GPT presets, batch {args.batch} x {args.seq} tokens, fp32, AdamW; 1 thread; every policy in one "
             f"process per repeat, one step each per round; step ms: median of {args.repeats} repeats (min-max); "
-            f"overhead: median (quartiles) of the {args.steps * args.repeats} rounds' step / none's step.")
+            f"overhead: median (quartiles) of the {args.steps * args.repeats} rounds' step / none's step of the same "
+            f"mode; compiled: every block compiled under every policy (none included), bytes from the allocator's events.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,23 +267,25 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     runs: list[dict] = []
     for rep in range(args.repeats):
-        for preset in args.presets:
+        for mode, preset in [(m, p) for m in args.modes for p in args.presets]:
             t0 = time.perf_counter()
-            label = f"[{rep}] {preset}"
+            label = f"[{rep}] {mode} {preset}"
+            policies = _policies(args, mode)
             meas = common.measure(args, console, label, lambda: mp_harness.run_distributed(
-                ac_worker, 1, preset, args.policies, args.batch, args.seq, args.warmup, args.steps, timeout=args.timeout))
+                ac_worker, 1, preset, policies, args.batch, args.seq, args.warmup, args.steps, mode == "compiled",
+                timeout=args.timeout))
             res = meas.pop("results")[0]
             losses = {pol: r["losses"] for pol, r in res["policies"].items()}
-            for policy in args.policies:
+            for policy in policies:
                 r = res["policies"][policy]
-                runs.append({"preset": preset, "policy": policy, "repeat": rep, **meas,
+                runs.append({"mode": mode, "preset": preset, "policy": policy, "repeat": rep, **meas,
                              "step_s": statistics.median(r["round_s"]), "round_s": r["round_s"], "losses": r["losses"],
                              "held_bytes": r["held_bytes"], "saved_on_device_bytes": r["saved_on_device_bytes"],
                              "params": r["params"], "model_config": res["config"]})
                 console.print(f"  {label} {policy:<16} {1e3 * runs[-1]['step_s']:8.0f} ms/step  "
                               f"{sum(r['held_bytes'].values()) / 2**20:7.2f} MiB held")
             # Checkpointing changes memory and time, never the math: the same losses under every policy.
-            worst = max(abs(a - b) for pol in args.policies for a, b in zip(losses[pol], losses["none"]))
+            worst = max(abs(a - b) for pol in policies for a, b in zip(losses[pol], losses["none"]))
             console.print(f"  {label}: others used {meas['foreign_cores']:.2f} cores; largest loss difference "
                           f"to none {worst:.1e}; {time.perf_counter() - t0:.0f} s")
     env["wall_s"] = time.perf_counter() - t_start

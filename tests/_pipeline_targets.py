@@ -150,8 +150,11 @@ def fit(strategy_kwargs: dict, steps: int, batch_size: int, accumulate: int = 1,
         trainer.limit_val_batches = 1.0  # fit ran without validation (limit 0)
         val_metrics = trainer.validate(task, dataloaders=DataLoader(val_data(), batch_size=VAL_BATCH), verbose=False)[0]
 
+    from torch._dynamo.utils import counters
+
     return {"losses": rec.losses, "lrs": rec.lrs, "adam": rec.adam, "state": state, "global_step": trainer.global_step,
             "held": held, "checkpointed": checkpointed_modules(task.model), "state_bytes": state_bytes,
+            "compiled_graphs": counters["stats"]["unique_graphs"],  # graphs torch.compile built on this rank
             "predicted": predicted, "sample": getattr(task, "last_sample", None),
             "sample_losses": getattr(strategy, "_test_probe", None), "val": val_metrics}
 

@@ -20,7 +20,7 @@ from lightning_scale.core.activation_checkpointing import (
     checkpointed_modules,
     remove_activation_checkpointing,
 )
-from lightning_scale.core.activation_memory import HeldActivationMeter, SavedTensorMeter
+from lightning_scale.core.activation_memory import AllocationMeter, HeldActivationMeter, SavedTensorMeter
 from lightning_scale.models import GPT, GPTConfig
 from lightning_scale.testing import RankFailedError, run_distributed
 
@@ -150,6 +150,70 @@ def test_saved_bytes_drop_as_each_policy_predicts() -> None:
     assert off["inner"] == [0] * N_LAYER and off["outer"] == outside
 
 
+def _allocated(net: GPT, x: torch.Tensor) -> int:
+    """Bytes a training forward leaves allocated, from the allocator's events, minus the logits."""
+    with AllocationMeter() as meter:
+        out = net(x)
+    return meter.total - out.untyped_storage().nbytes()
+
+
+def test_allocation_meter_counts_what_the_held_meter_counts() -> None:
+    net = _net(0.1)
+    x = torch.randint(0, 128, (BATCH, SEQ))
+    with HeldActivationMeter([*net.parameters(), *net.buffers(), x]) as held:
+        out = net(x)
+    assert _allocated(net, x) == sum(held.held([out]).values()) > 10 * BATCH * SEQ * HIDDEN * 4
+
+
+def test_compiled_checkpointing_is_exact_and_keeps_the_eager_bytes() -> None:
+    """compile=True, with dropout: bitwise the gradients of the same blocks compiled without AC
+    (compiled kernels draw their own dropout masks, so eager is not the reference); after the
+    forward the allocator holds for full no more than eager full (the block inputs; eager also
+    keeps each checkpoint's CPU RNG state, compiled dropout seeds itself), and for selective
+    more than full and at most half of the compiled blocks without AC (compiled dropout keeps
+    its masks more compactly than eager, so compiled none is the reference)."""
+    from torch._dynamo.utils import counters
+
+    x = torch.randint(0, 128, (BATCH, SEQ))
+    net, eager, eager_held = _net(0.1), {}, {}
+    eager["none"] = _allocated(net, x)
+    for policy in ("full", "selective"):
+        apply_activation_checkpointing(net, as_ac_config(policy))
+        eager[policy] = _allocated(net, x)
+        with HeldActivationMeter([*net.parameters(), x]) as held:
+            out = net(x)
+        eager_held[policy] = sum(held.held([out]).values())
+        del out
+    assert eager["full"] < eager["selective"] <= 0.5 * eager["none"]
+
+    reference = _net(0.1)
+    for block in reference.blocks.values():
+        block.compile()
+    loss_ref, ref = _grads(reference, x)
+    compiled = {"none": _allocated(reference, x)}
+    graphs = counters["stats"]["unique_graphs"]
+    for policy in ("full", "selective"):
+        net = _net(0.1)
+        apply_activation_checkpointing(net, ACConfig(policy=policy, compile=True))
+        loss, grads = _grads(net, x)
+        assert torch.equal(loss, loss_ref) and torch.equal(grads, ref), policy
+        compiled[policy] = _allocated(net, x)
+        # The suite's dispatch-mode meters run compiled blocks eagerly, and leave them compiled.
+        from lightning_scale.core.flops import measure_training_flops
+
+        with HeldActivationMeter([*net.parameters(), x]) as held:
+            out = net(x)
+        assert sum(held.held([out]).values()) == eager_held[policy]  # the eager twin's bytes
+        del out
+        assert measure_training_flops(net, x, lambda logits: logits.float().pow(2).mean()) > 0
+        assert _allocated(net, x) == compiled[policy] != eager[policy]  # compiled again (else eager's bytes)
+        remove_activation_checkpointing(net)
+        assert all(b._compiled_call_impl is None and "forward" not in b.__dict__ for b in net.blocks.values())
+    assert counters["stats"]["unique_graphs"] >= graphs + 2  # each policy ran as its own compiled graph
+    assert compiled["full"] <= eager["full"], (compiled, eager)
+    assert compiled["full"] < compiled["selective"] <= 0.5 * compiled["none"], compiled
+
+
 def test_config_errors_name_the_fix() -> None:
     with pytest.raises(ValueError, match="one of"):
         ACConfig(policy="some")
@@ -161,8 +225,15 @@ def test_config_errors_name_the_fix() -> None:
         ACConfig(policy="full", classes=("MLP",))
     with pytest.raises(ValueError, match="combines with policy='none'"):
         ACConfig(policy="full", offload=True)
+    with pytest.raises(ValueError, match="does not combine with offload=True"):
+        ACConfig(policy="every_k", offload=True, compile=True)
+    with pytest.raises(ValueError, match="pick a policy"):
+        ACConfig(policy="none", compile=True)
+    with pytest.raises(ValueError, match="compile must be True or False"):
+        ACConfig(policy="full", compile=1)
     with pytest.raises(ValueError, match="every_<k>"):
         as_ac_config("sometimes")
+    assert as_ac_config({"policy": "selective", "compile": True}) == ACConfig(policy="selective", compile=True)
     assert as_ac_config("none") is None and as_ac_config(None) is None
     assert as_ac_config("every_3") == ACConfig(policy="every_k", every=3)
     with pytest.raises(ValueError, match="no module of GPT has a class in"):
@@ -172,6 +243,7 @@ def test_config_errors_name_the_fix() -> None:
 
 
 # -- every strategy with AC on matches the single-process reference (AC off) ----------------------
+COMPILED = {"policy": "selective", "compile": True}
 STRATEGIES = {
     "ddp_ac": (2, dict(mesh=True, activation_checkpointing="full"), 4, dict(replicas=2, microbatches=1)),
     "pipeline_1f1b_selective": (2, dict(stages=2, schedule="1f1b", microbatches=4, activation_checkpointing="selective"),
@@ -183,6 +255,12 @@ STRATEGIES = {
                          dict(replicas=2, microbatches=1)),
     "zero3_selective": (2, dict(zero=True, stage=3, activation_checkpointing="selective"), 4,
                         dict(replicas=2, microbatches=1)),
+    # compile=True: compiled blocks against the eager single-process reference (fp32, the same tolerances).
+    "ddp_ac_selective_compiled": (2, dict(mesh=True, activation_checkpointing=COMPILED), 4, dict(replicas=2, microbatches=1)),
+    "pipeline_1f1b_selective_compiled": (2, dict(stages=2, schedule="1f1b", microbatches=4,
+                                                 activation_checkpointing=COMPILED), 8, dict(replicas=1, microbatches=4)),
+    "tp_sp_selective_compiled": (2, dict(tensor=True, tensor_parallel_size=2, sequence_parallel=True,
+                                         activation_checkpointing=COMPILED), 8, dict(replicas=1, microbatches=1)),
 }
 
 
@@ -194,6 +272,8 @@ def test_strategy_with_activation_checkpointing_matches_the_reference(name: str)
     # AC is bitwise exact, so parity alone would pass without it: every rank must have applied it.
     for rank, r in enumerate(results):
         assert r["checkpointed"] and all(k.startswith("blocks.") for k in r["checkpointed"]), (rank, r["checkpointed"])
+        # ... and, with compile=True, must have run its blocks as compiled graphs.
+        assert (r["compiled_graphs"] > 0) == name.endswith("_compiled"), (rank, r["compiled_graphs"])
 
 
 def test_unknown_class_fails_on_every_rank_with_the_fix() -> None:
@@ -208,6 +288,8 @@ def test_selective_under_a_split_backward_schedule_names_the_fix() -> None:
 
     with pytest.raises(ValueError, match="use activation_checkpointing='full'"):
         PipelineStrategy(schedule="zbv_zero_bubble", virtual_stages=2, activation_checkpointing="selective")
+    with pytest.raises(ValueError, match="drop compile"):  # a compiled block's backward runs once
+        PipelineStrategy(schedule="zbv_zero_bubble", virtual_stages=2, activation_checkpointing={"policy": "full", "compile": True})
     PipelineStrategy(schedule="zbv_zero_bubble", virtual_stages=2, activation_checkpointing="full")  # works (tested in parity)
 
 

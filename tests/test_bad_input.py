@@ -214,6 +214,9 @@ TABLE: list[Bad] = [
     Bad("pipeline selective AC with a two-pass backward", lambda t: _pipeline(
         schedule="interleaved_zero_bubble", activation_checkpointing="selective"), ValueError,
         r"use activation_checkpointing='full'"),
+    Bad("pipeline compiled AC with a two-pass backward", lambda t: _pipeline(
+        schedule="zbv_zero_bubble", virtual_stages=2, activation_checkpointing={"policy": "full", "compile": True}),
+        ValueError, r"drop compile \(eager checkpointing works with it\) or use schedule='1f1b'"),
     Bad("pipeline timeout in seconds", lambda t: _pipeline(timeout=30), ValueError,
         r"timeout must be a datetime\.timedelta, e\.g\. timedelta\(minutes=10\)"),
     Bad("pipeline stage_forward not importable", lambda t: _pipeline(stage_forward="no.such.fn"), ValueError,
@@ -246,6 +249,13 @@ TABLE: list[Bad] = [
     # data parallel (ddp_ac = MeshStrategy)
     Bad("ddp_ac unknown activation checkpointing", lambda t: _mesh(activation_checkpointing="sometimes"), ValueError,
         r"'sometimes' is not a policy; use 'full', 'selective', 'every_<k>'"),
+    Bad("ddp_ac compiled AC with offload", lambda t: _mesh(activation_checkpointing={
+        "policy": "every_k", "offload": True, "compile": True}), ValueError,
+        r"compile=True does not combine with offload=True .* drop one of them"),
+    Bad("ddp_ac compile without a policy", lambda t: _mesh(activation_checkpointing={"policy": "none", "compile": True}),
+        ValueError, r"pick a policy \('full', 'selective', 'every_k', 'classes'\) or compile the model yourself"),
+    Bad("ddp_ac compile='yes'", lambda t: _mesh(activation_checkpointing={"policy": "full", "compile": "yes"}),
+        ValueError, r"ACConfig\.compile must be True or False"),
     Bad("ddp_ac unknown backend", lambda t: _mesh(process_group_backend="nccl2"), ValueError,
         r"not a torch\.distributed backend; use one of \[.*'gloo'.*\] .* or None"),
     Bad("ddp_ac trust_checkpoint='yes'", lambda t: _mesh(trust_checkpoint="yes"), ValueError,

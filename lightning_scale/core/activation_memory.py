@@ -11,9 +11,14 @@ Two meters, both exact on any device (no allocator statistics needed, so they wo
   ``TorchDispatchMode``) and, after the forward, counts those still alive: whatever keeps them
   (autograd, a checkpoint's inputs, a selective-checkpoint cache, CPU copies of offloaded
   tensors). Minus the outputs the caller names, that is the activation memory of the step.
+* :class:`AllocationMeter` reads the allocator's own events (``torch.profiler`` with
+  ``profile_memory=True``): the bytes allocated inside the block and not freed by its end. It
+  also sees compiled code, which the other two do not: Inductor's kernels allocate outside the
+  dispatcher, and Dynamo runs a frame eagerly while a ``TorchDispatchMode`` is active, so
+  :class:`HeldActivationMeter` measures a compiled block's eager twin.
 
-Both take the tensors to leave out (parameters, buffers, inputs); DTensors are counted by
-their local shard.
+The first two take the tensors to leave out (parameters, buffers, inputs); DTensors are counted
+by their local shard.
 """
 
 from __future__ import annotations
@@ -93,6 +98,21 @@ class HeldActivationMeter(TorchDispatchMode):
         super().__init__()
         self._skip = _exclusions(exclude)
         self._created: dict[int, tuple[StorageWeakRef, str, int]] = {}
+        self._stance: Any = None
+
+    def __enter__(self) -> HeldActivationMeter:
+        # Dynamo does not trace under a dispatch mode: a compiled module runs eagerly inside the
+        # meter (so the meter sees the eager execution of the same code). Left to Dynamo, torch
+        # 2.13 then keeps that code eager for good, also after the meter (pytorch/pytorch#190286,
+        # fixed after 2.13); asking for eager explicitly leaves the compiled code in place.
+        self._stance = torch.compiler.set_stance("force_eager")
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            self._stance.__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
@@ -138,3 +158,44 @@ class HeldActivationMeter(TorchDispatchMode):
                 continue
             out[device] = out.get(device, 0) + nbytes
         return out
+
+
+class AllocationMeter:
+    """Context manager: net bytes allocated inside the block, ``{device type: bytes}``, from
+    ``torch.profiler``'s memory events (every allocation and free of the CPU and, when CUDA is
+    available, the CUDA caching allocator).
+
+    Net means allocations minus frees in the block: what the block's results and whatever keeps
+    them (autograd's saved tensors, a checkpoint's cache) still hold when it ends, minus any older
+    storage it freed. Around a training forward that is the activations plus the outputs (subtract
+    those yourself). Eager or compiled, the same count; the profiler adds its own time, so do not
+    time a step inside it.
+    """
+
+    def __init__(self) -> None:
+        self.bytes_by_device: dict[str, int] = {}
+        self._profile = None
+
+    def __enter__(self) -> AllocationMeter:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        self._profile = profile(activities=activities, profile_memory=True)
+        self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        assert self._profile is not None
+        self._profile.__exit__(*exc)
+        # Per-op self figures partition the events: top-level allocations (outside any op) are
+        # reported under the "[memory]" key, so the sum over all keys is the net total.
+        averages = self._profile.key_averages()
+        out = {"cpu": sum(e.self_cpu_memory_usage for e in averages)}
+        if torch.cuda.is_available():
+            out["cuda"] = sum(e.self_device_memory_usage for e in averages)
+        self.bytes_by_device = out
+        self._profile = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.bytes_by_device.values())

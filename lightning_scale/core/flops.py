@@ -117,7 +117,9 @@ def measure_training_flops(model: nn.Module, batch: Any, loss_fn: Callable[[Any]
 
     saved = {p: p.grad for p in model.parameters()}
     counter = FlopCounterMode(display=False, custom_mapping=_sdpa_mapping())
-    with counter:
+    # Compiled modules run eagerly under the counter; asked for explicitly, so that torch 2.13
+    # does not keep them eager afterwards (see activation_memory.HeldActivationMeter).
+    with torch.compiler.set_stance("force_eager"), counter:
         out = model(batch) if not isinstance(batch, (tuple, list)) else model(*batch)
         loss_fn(out).backward()
     for p, grad in saved.items():

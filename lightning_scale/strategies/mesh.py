@@ -18,6 +18,7 @@ Subclasses (:class:`~lightning_scale.strategies.PipelineStrategy`, ...) transfor
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
@@ -292,7 +293,7 @@ class MeshStrategy(ParallelStrategy):
         if config is None:
             return
         if container is not None and config.container is None and config.policy != "classes":
-            config = ACConfig(policy=config.policy, every=config.every, offload=config.offload, container=container)
+            config = dataclasses.replace(config, container=container)
         applied = apply_activation_checkpointing(network, config)
         kinds = sorted(set(applied.values()))
         rank_zero_info(f"{type(self).__name__}: activation checkpointing {config.policy} on {len(applied)} modules ({', '.join(kinds)})")

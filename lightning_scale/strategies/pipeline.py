@@ -181,6 +181,14 @@ class PipelineStrategy(MeshStrategy):
                 f"two passes; use activation_checkpointing='full' (or 'every_<k>') with it, or schedule='1f1b' / "
                 f"'interleaved_1f1b'"
             )
+        if ac is not None and ac.compile and schedule in SPLIT_BACKWARD_SCHEDULES:
+            # A compiled block's backward donates its saved buffers: it runs once, and these
+            # schedules run it in two passes (autograd.grad with retain_graph, then weights).
+            raise ValueError(
+                f"activation_checkpointing with compile=True cannot run under schedule={schedule!r}, whose backward "
+                f"runs in two passes through each block; drop compile (eager checkpointing works with it) or use "
+                f"schedule='1f1b' / 'interleaved_1f1b'"
+            )
         self.module_name = module_name
         self.loss_name = loss_name
         self.stage_forward = _resolve_callable(stage_forward) if stage_forward is not None else None
