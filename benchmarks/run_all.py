@@ -71,7 +71,7 @@ STANDARD_ARGS: dict[str, list[str]] = {
     "pipeline": ["--presets", "nano", "--microbatches", "2", "8"],  # the 4 schedules, 3 repeats
     "tensor_parallel": ["--hidden", "256", "1024"],  # 3 repeats; the target is read at the largest run
     "zero": ["--presets", "nano"],  # the 10 variants, 3 repeats
-    "activation_checkpointing": ["--presets", "nano"],  # the 5 policies, 3 repeats
+    "activation_checkpointing": ["--presets", "nano"],  # the 5 policies eager, 4 compiled, 3 repeats
     "profiler": [],  # GPT nano, the 5 variants, 3 repeats
 }
 PASSED_ON = ["repeats", "retries", "retry_wait", "max_foreign", "max_load", "timeout"]
@@ -195,17 +195,18 @@ def summarise_zero(data: dict) -> tuple[list[str], list[list[str]], list[dict], 
 
 
 def summarise_activation_checkpointing(data: dict) -> tuple[list[str], list[list[str]], list[dict], list[dict]]:
-    headers = ["preset", "policy", "activation MiB (on device)", "saving vs none", "step-time overhead"]
+    headers = ["mode", "preset", "policy", "activation MiB (on device)", "saving vs none", "step-time overhead"]
     rows, cells, targets = [], [], []
     for r in data["summary"]:
         over = r.get("overhead_stats") or {k: r["overhead"] for k in ("median", "min", "max")} | {"n": 1}
-        rows.append({"preset": r["preset"], "policy": r["policy"], "activation_bytes_on_device": r["activation_bytes_on_device"],
-                     "saving": r["saving"], "overhead": over})
-        cells.append([r["preset"], r["policy"], f"{r['activation_bytes_on_device'] / 2**20:.2f}", f"{r['saving']:.0%}",
+        mode = r.get("mode", "eager")
+        rows.append({"mode": mode, "preset": r["preset"], "policy": r["policy"],
+                     "activation_bytes_on_device": r["activation_bytes_on_device"], "saving": r["saving"], "overhead": over})
+        cells.append([mode, r["preset"], r["policy"], f"{r['activation_bytes_on_device'] / 2**20:.2f}", f"{r['saving']:.0%}",
                       _pct(over)])
         if r["target"] is not None:
             saving, max_over = r["target"]
-            name = f"AC {r['preset']} {r['policy']}: saves >= {saving:.0%} at <= {max_over:.0%} overhead"
+            name = f"AC {mode} {r['preset']} {r['policy']}: saves >= {saving:.0%} at <= {max_over:.0%} overhead"
             measured = f"saves {r['saving']:.0%}, overhead {_pct(over)}"
             if r["saving"] < saving:  # bytes are exact: not met whatever the timing says
                 targets.append(_target(name, measured, False))
