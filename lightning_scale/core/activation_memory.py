@@ -1,6 +1,7 @@
 """Measuring activation memory: the bytes a forward leaves behind for the backward. Torch only.
 
-Two meters, both exact on any device (no allocator statistics needed, so they work on CPU):
+Three meters. The first two are exact on any device and need no allocator statistics, so they
+work on CPU; the third reads the allocator's events:
 
 * :class:`SavedTensorMeter` counts what autograd saves through ``saved_tensors_hooks`` during a
   forward (``torch.autograd.graph``), by device, each storage once, parameters excluded. It sees
@@ -168,8 +169,8 @@ class AllocationMeter:
     Net means allocations minus frees in the block: what the block's results and whatever keeps
     them (autograd's saved tensors, a checkpoint's cache) still hold when it ends, minus any older
     storage it freed. Around a training forward that is the activations plus the outputs (subtract
-    those yourself). Eager or compiled, the same count; the profiler adds its own time, so do not
-    time a step inside it.
+    those yourself). It counts eager and compiled code alike. The profiler adds time of its own, so
+    do not time a step inside it.
     """
 
     def __init__(self) -> None:
