@@ -8,7 +8,7 @@ Usage (from the repository root)::
     python benchmarks/activation_checkpointing.py --modes compiled   # every block compiled (torch.compile)
 
 One process with 1 thread (started by ``lightning_scale.testing.multiprocess.run_distributed``,
-like every benchmark of the suite) per (preset, repeat) holds one copy of the GPT preset per
+like every benchmark of the suite) per (mode, preset, repeat) holds one copy of the GPT preset per
 policy (same initial weights), each with its policy applied by
 :func:`lightning_scale.core.activation_checkpointing.apply_activation_checkpointing`; batch
 ``--batch`` x ``--seq`` random tokens, fp32, AdamW.

@@ -165,13 +165,12 @@ def test_allocation_meter_counts_what_the_held_meter_counts() -> None:
     assert _allocated(net, x) == sum(held.held([out]).values()) > 10 * BATCH * SEQ * HIDDEN * 4
 
 
-def test_compiled_checkpointing_is_exact_and_keeps_the_eager_bytes() -> None:
+def test_compiled_checkpointing_is_exact_and_keeps_no_more_than_eager() -> None:
     """compile=True, with dropout: bitwise the gradients of the same blocks compiled without AC
     (compiled kernels draw their own dropout masks, so eager is not the reference); after the
-    forward the allocator holds for full no more than eager full (the block inputs; eager also
-    keeps each checkpoint's CPU RNG state, compiled dropout seeds itself), and for selective
-    more than full and at most half of the compiled blocks without AC (compiled dropout keeps
-    its masks more compactly than eager, so compiled none is the reference)."""
+    forward the allocator holds for full no more than eager full, and for selective more than
+    full and at most half of the compiled blocks without AC (with dropout, compiled none keeps
+    less than eager none, so compiled none is the reference)."""
     from torch._dynamo.utils import counters
 
     x = torch.randint(0, 128, (BATCH, SEQ))
