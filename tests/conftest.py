@@ -37,6 +37,16 @@ if _REPO_ROOT not in sys.path:
 # ---------------------------------------------------------------------------------------------
 # Multi-process harness
 # ---------------------------------------------------------------------------------------------
+# Every multi-rank test runs under the CPU doubles of GPU behaviour (lightning_scale.core.device
+# .gpu_semantics): host<->device copies made through the transfer helper hold garbage until
+# waited on, and a host-resident tensor sent to a group that would be NCCL-only on a GPU fails
+# the test. Compiled code opts out per call (gpu_semantics=False): the audit's dispatch mode
+# keeps Dynamo eager.
+from lightning_scale.testing import SETTINGS as _HARNESS  # noqa: E402
+
+_HARNESS.gpu_semantics = True
+
+
 @pytest.fixture(scope="session")
 def run_distributed() -> Callable[..., list[Any]]:
     """:func:`lightning_scale.testing.run_distributed`, after starting the fork server once

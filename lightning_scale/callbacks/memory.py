@@ -74,6 +74,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
+from lightning_scale.core import device as dev
 from lightning_scale.core.activation_memory import HeldActivationMeter
 from lightning_scale.core.memory import CATEGORIES, model_state_breakdown
 
@@ -202,7 +203,7 @@ class MemoryAccountant(Callback):
         self.png_path = self.oom_path = None
         self._run_dir = Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir)
         device = trainer.strategy.root_device
-        if device.type == "cuda":
+        if dev.is_cuda(device):
             torch.cuda.reset_peak_memory_stats(device)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -288,7 +289,7 @@ class MemoryAccountant(Callback):
                 warnings.warn(f"MemoryAccountant: training ended before optimizer step {self.sample_step} finished; "
                               f"nothing was measured (lower sample_step)", stacklevel=2)
             return
-        if trainer.strategy.root_device.type == "cuda":  # the run's peak, not the sampled step's
+        if dev.is_cuda(trainer.strategy.root_device):  # the run's peak, not the sampled step's
             self.record.update(self._cuda_peaks(trainer.strategy.root_device))
             self.record["peak"] = self.record["cuda_max_allocated"]
             self.records = self._gather(self.record)
@@ -340,7 +341,7 @@ class MemoryAccountant(Callback):
         record["by_device"]["activations"] = dict(activations) if activations is not None else None
         record["activations_note"] = self._activations_note
         device = trainer.strategy.root_device
-        if device.type == "cuda":
+        if dev.is_cuda(device):
             record.update(self._cuda_peaks(device))
             record["peak"] = record["cuda_max_allocated"]
             record["peak_kind"] = "cuda max_memory_allocated (root device)"
@@ -499,7 +500,7 @@ class MemoryAccountant(Callback):
         except Exception as err:  # noqa: BLE001
             report["model_states_now"] = f"not counted: {type(err).__name__}: {err}"
         device = trainer.strategy.root_device
-        if device.type == "cuda":
+        if dev.is_cuda(device):
             report["cuda"] = {**self._cuda_peaks(device), "allocated": int(torch.cuda.memory_allocated(device)),
                               "reserved": int(torch.cuda.memory_reserved(device)),
                               "memory_summary": torch.cuda.memory_summary(device)}

@@ -19,8 +19,9 @@ policy          what each transformer block keeps for backward (per layer, Korth
 ==============  ============================================================================
 
 ``offload=True`` moves what the non-checkpointed blocks save to CPU memory during forward and
-back in backward (``torch.autograd.graph.save_on_cpu``; pinned when CUDA exists); it combines
-with ``none`` and ``every_k``.
+back in backward (saved-tensor hooks like ``torch.autograd.graph.save_on_cpu``, whose copies go
+through :mod:`lightning_scale.core.device`'s transfer helper: pinned and ``non_blocking`` when the
+tensors are on CUDA, each waited on before it is read); it combines with ``none`` and ``every_k``.
 
 ``compile=True`` compiles each block (each chosen module for ``classes``) with ``torch.compile``
 after its checkpoint wrapper is installed. In eager mode torch's selective checkpoint contexts
@@ -30,7 +31,7 @@ a fixed cost per op that the benchmark measured at +21% of the step on GPT nano 
 forward and backward, and the recompute runs as compiled kernels. What the policy marks as saved is
 saved; of the rest the partitioner may keep less than eager does (the benchmark's compiled
 selective: 61% saved against 55% eager). It combines with every policy except ``none`` and ``offload`` (whose
-``save_on_cpu`` hooks this suite has not verified under compilation).
+offload hooks this suite has not verified under compilation).
 
 How it is applied: each chosen module's ``forward`` is replaced, on the instance, by one that
 runs the original under ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``. Module
@@ -54,6 +55,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from lightning_scale.core import device as dev
 
 POLICIES = ("none", "full", "every_k", "classes", "selective")
 _ATTR = "_lightning_scale_ac"  # set on a module whose forward this module replaced
@@ -141,7 +144,7 @@ class ACConfig:
         if not isinstance(self.compile, bool):
             raise ValueError(f"ACConfig.compile must be True or False; got {self.compile!r}")
         if self.compile and self.offload:
-            raise ValueError("compile=True does not combine with offload=True (save_on_cpu's hooks are not verified under "
+            raise ValueError("compile=True does not combine with offload=True (the offload hooks are not verified under "
                              "torch.compile here); drop one of them")
         if self.compile and self.policy == "none":
             raise ValueError("compile=True compiles the checkpointed blocks, and policy='none' checkpoints none; pick a "
@@ -195,13 +198,34 @@ def _checkpointed_forward(forward: Callable[..., Any], selective: bool) -> Calla
     return run
 
 
-def _offloaded_forward(forward: Callable[..., Any]) -> Callable[..., Any]:
-    pin = torch.cuda.is_available()
+def _pack_to_host(t: torch.Tensor) -> Any:
+    """Saved-tensor pack hook of the offload policy: a host copy (pinned when ``t`` is on CUDA,
+    started ``non_blocking`` there) through the transfer helper."""
+    if t.layout != torch.strided or t.is_nested:
+        return t  # kept as it is: only dense tensors are offloaded
+    host, transfer = dev.to_host(t, like=t.device)
+    return t.device, host, transfer
 
+
+def _unpack_to_device(packed: Any) -> torch.Tensor:
+    """Unpack hook: wait for the host copy to land, copy back to the device, wait for that."""
+    if isinstance(packed, torch.Tensor):
+        return packed
+    device, host, transfer = packed
+    transfer.wait()
+    out, back = dev.to_device(host, device)
+    back.wait()
+    return out
+
+
+def _offloaded_forward(forward: Callable[..., Any]) -> Callable[..., Any]:
+    # torch.autograd.graph.save_on_cpu does the same with its own copies; these hooks route them
+    # through lightning_scale.core.device so that pinning follows the tensors' device (not the
+    # machine) and the deferred-copy double of the tests sees them.
     def run(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        with torch.autograd.graph.save_on_cpu(pin_memory=pin):
+        with torch.autograd.graph.saved_tensors_hooks(_pack_to_host, _unpack_to_device):
             return forward(*args, **kwargs)
 
     return run

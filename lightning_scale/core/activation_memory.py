@@ -32,6 +32,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from lightning_scale.core import device as dev
+
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
@@ -163,8 +165,8 @@ class HeldActivationMeter(TorchDispatchMode):
 
 class AllocationMeter:
     """Context manager: net bytes allocated inside the block, ``{device type: bytes}``, from
-    ``torch.profiler``'s memory events (every allocation and free of the CPU and, when CUDA is
-    available, the CUDA caching allocator).
+    ``torch.profiler``'s memory events (every allocation and free of the CPU and, when ``device``
+    (the run's root device) is CUDA, the CUDA caching allocator).
 
     Net means allocations minus frees in the block: what the block's results and whatever keeps
     them (autograd's saved tensors, a checkpoint's cache) still hold when it ends, minus any older
@@ -173,14 +175,15 @@ class AllocationMeter:
     do not time a step inside it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self.device = device  # the run's root device: CUDA events are recorded only for a CUDA run
         self.bytes_by_device: dict[str, int] = {}
         self._profile = None
 
     def __enter__(self) -> AllocationMeter:
         from torch.profiler import ProfilerActivity, profile
 
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.is_cuda(self.device) else [])
         self._profile = profile(activities=activities, profile_memory=True)
         self._profile.__enter__()
         return self
@@ -192,7 +195,7 @@ class AllocationMeter:
         # reported under the "[memory]" key, so the sum over all keys is the net total.
         averages = self._profile.key_averages()
         out = {"cpu": sum(e.self_cpu_memory_usage for e in averages)}
-        if torch.cuda.is_available():
+        if dev.is_cuda(self.device):
             out["cuda"] = sum(e.self_device_memory_usage for e in averages)
         self.bytes_by_device = out
         self._profile = None

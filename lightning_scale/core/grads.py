@@ -22,6 +22,18 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 
+from lightning_scale.core import device as dev
+
+
+def _on_device(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    """``t`` on the collective's ``device`` (None: where it is). A norm of offloaded (host)
+    gradients is a host scalar; NCCL takes device tensors only."""
+    if device is None:
+        return t
+    out, transfer = dev.to_device(t, device)
+    transfer.wait()
+    return out
+
 
 def _group_size(group: dist.ProcessGroup | None) -> int:
     if group is None or not dist.is_initialized():
@@ -88,6 +100,7 @@ def global_grad_norm(
     params: Iterable[torch.nn.Parameter],
     groups: Sequence[dist.ProcessGroup | None] = (),
     norm_type: float = 2.0,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """The norm of all gradients of a model split over ranks.
 
@@ -98,6 +111,10 @@ def global_grad_norm(
     With DTensor gradients (tensor parallelism) each DTensor is reduced over its own device mesh
     (see :func:`dtensor_grad_norm_contribution`), and plain-tensor gradients beside them are taken
     as replicated over those meshes (counted once). Do not put the TP group in ``groups``.
+
+    ``device``: the run's root device. The partial norms are reduced there (gradients offloaded
+    to the host give host scalars, which an NCCL group does not take), and the norm is returned
+    there; also where a rank without gradients makes its zero. None: the gradients' device.
     """
     params = [p for p in params if p.grad is not None]
     if any(isinstance(p.grad, DTensor) for p in params):
@@ -107,16 +124,16 @@ def global_grad_norm(
     plain = [g for g in grads if not isinstance(g, DTensor)]
     inf = math.isinf(norm_type)
     if plain:
-        device = plain[0].device
         if inf:
             local = torch.stack([g.detach().abs().max().float() for g in plain]).max()
         else:
             local = torch.stack([g.detach().float().norm(norm_type) ** norm_type for g in plain]).sum()
     else:
-        device = dtensors[0].to_local().device if dtensors else torch.device("cpu")
-        local = torch.zeros((), device=device)
+        device_here = dtensors[0].to_local().device if dtensors else (device or dev.HOST)
+        local = torch.zeros((), device=device_here)
+    local = _on_device(local, device)
     if dtensors:  # each DTensor reduced over its own mesh; plain gradients counted as replicated
-        part = dtensor_grad_norm_contribution(dtensors, norm_type).to(device)
+        part = _on_device(dtensor_grad_norm_contribution(dtensors, norm_type, device), local.device)
         local = torch.maximum(local, part) if inf else local + part
     for group in groups:
         if _group_size(group) > 1:
@@ -130,19 +147,30 @@ def clip_grad_norm_(
     max_norm: float,
     groups: Sequence[dist.ProcessGroup | None] = (),
     norm_type: float = 2.0,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """Scale every local gradient so the global norm is at most ``max_norm``; returns the norm.
 
     ``norm_params`` is the de-duplicated subset used to compute the norm (see
     :func:`global_grad_norm`); ``local_params`` are all gradients to scale on this rank.
     Same coefficient as ``torch.nn.utils.clip_grad_norm_``: ``max_norm / (norm + 1e-6)``, capped at 1.
+    ``device``: the run's root device (see :func:`global_grad_norm`).
     """
-    total = global_grad_norm(norm_params, groups, norm_type)
+    total = global_grad_norm(norm_params, groups, norm_type, device)
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    coefs: dict[tuple, torch.Tensor] = {}  # the coefficient on each gradient device and dtype, copied once
     for p in local_params:
         if p.grad is not None:
             grad = _local_view(p.grad)  # the gradient itself for a plain tensor; a DTensor's shard
-            grad.mul_(coef.to(grad.device, grad.dtype))
+            key = (grad.device, grad.dtype)
+            if key not in coefs:
+                if grad.device == coef.device:
+                    coefs[key] = coef.to(grad.dtype)
+                else:  # offloaded gradients: the coefficient to the host, landed before it is used
+                    host, transfer = dev.to_host(coef, grad.dtype, like=coef.device)
+                    transfer.wait()
+                    coefs[key] = host
+            grad.mul_(coefs[key])
     return total
 
 
@@ -171,7 +199,8 @@ def reduce_partial_gradients(params: Iterable[torch.nn.Parameter]) -> None:
             p.grad = g.redistribute(g.device_mesh, target)
 
 
-def dtensor_grad_norm_contribution(grads: Sequence[DTensor], norm_type: float = 2.0) -> torch.Tensor:
+def dtensor_grad_norm_contribution(grads: Sequence[DTensor], norm_type: float = 2.0,
+                                   device: torch.device | None = None) -> torch.Tensor:
     """``sum |g|^p`` (max |g| for inf) of DTensor gradients over their meshes, as a local fp32 scalar.
 
     Sharded mesh dimensions are summed (each rank holds a different piece); on a replicated
@@ -179,6 +208,8 @@ def dtensor_grad_norm_contribution(grads: Sequence[DTensor], norm_type: float = 
     once, exactly (no division by the replica count). The result is the same on every rank of the
     meshes. ``Partial`` gradients must be reduced first (:func:`reduce_partial_gradients`).
     Collective over every mesh that holds a gradient: call on all of its ranks with the same list.
+    ``device``: where the partial sums are reduced (the root device; FSDP2's offloaded gradients
+    are host tensors); None: the gradients' device.
     """
     inf = math.isinf(norm_type)
     by_mesh: dict[tuple, list[DTensor]] = {}
@@ -202,8 +233,9 @@ def dtensor_grad_norm_contribution(grads: Sequence[DTensor], norm_type: float = 
                     acc = torch.maximum(acc, local.abs().max())
             elif not any(pl.is_replicate() and coords[i] != 0 for i, pl in enumerate(g.placements)):
                 acc = acc + local.norm(norm_type) ** norm_type  # else another rank counts this replica
+        acc = _on_device(acc, device)
         for dim in range(mesh.ndim):  # sum (max) over the whole mesh, one dimension at a time
             if mesh.size(dim) > 1:
                 dist.all_reduce(acc, op=op, group=mesh.get_group(dim))
         total = acc if total is None else (torch.maximum(total, acc.to(total.device)) if inf else total + acc.to(total.device))
-    return total if total is not None else torch.zeros((), dtype=torch.float32)
+    return total if total is not None else torch.zeros((), dtype=torch.float32, device=device)

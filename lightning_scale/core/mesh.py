@@ -119,12 +119,18 @@ def build_device_mesh(
 
 
 def _options_with_timeout(backend: str, timeout: timedelta):
-    """Process-group options of ``backend`` ("gloo" or "nccl") carrying ``timeout``; None for others."""
+    """Process-group options of ``backend`` carrying ``timeout``; None for backends without options.
+
+    ``"gloo"``: gloo's options. ``"nccl"`` and mixed strings with NCCL (``"cuda:nccl,cpu:gloo"``):
+    NCCL's options; torch's group creation gives their timeout to the gloo side of a mixed group
+    too (a mixed string never equals ``"nccl"``: compare with ``backend_has_nccl``)."""
     import torch.distributed as dist
+
+    from lightning_scale.core.device import backend_has_nccl
 
     if backend == "gloo":
         options = dist.ProcessGroupGloo._Options()
-    elif backend == "nccl" and dist.is_nccl_available():
+    elif backend_has_nccl(backend) and dist.is_nccl_available():
         options = dist.ProcessGroupNCCL.Options()
     else:
         return None

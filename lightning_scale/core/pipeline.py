@@ -22,7 +22,6 @@ Shapes: a batch of B samples is cut into m microbatches of B/m along dim 0.
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -30,6 +29,8 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from lightning_scale.core.device import DeviceClock
 
 ScheduleName = Literal["gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble", "zbv_zero_bubble"]
 
@@ -495,7 +496,11 @@ class PipelineRuntime:
             stage_modules = [view_of(self.local_module, self.plan, [s]) for s in self.stage_indices]
         self.stage_modules = stage_modules
         self._loss_scale = 1.0  # 1 / (m x accumulation) while training, so grads match the full batch
-        self._t0 = time.perf_counter()
+        # Timeline marks on the device's stream (CUDA events on a GPU: kernels, not launches), read
+        # into seconds once the step is over (one synchronisation per recorded step, none otherwise).
+        self._clock = DeviceClock(self.device)
+        self._t0 = self._clock.mark()
+        self._raw_timeline: list[tuple[int, str, int, Any, Any]] = []  # (stage, kind, microbatch, start, end marks)
         self._predicting = False
         # torch's stages fix the tensor shapes they send at their first step, so one set of stages
         # and a schedule is kept per input-shape signature (e.g. training batches, a smaller last
@@ -599,13 +604,19 @@ class PipelineRuntime:
         microbatch loss on every rank of the pipeline (broadcast from the last stage).
         """
         self._loss_scale = 1.0 / (self.microbatches * grad_divisor)
-        self._t0 = time.perf_counter()
         self.timeline.clear()
+        self._raw_timeline.clear()
         self._select(inputs, target)
         args = inputs if self.has_first_stage else ()
         tgt = target if self.has_last_stage else None
         losses: list[torch.Tensor] = []  # filled by the schedule on the last stage, one per microbatch
+        self._t0 = self._clock.mark()
         self.schedule.step(*args, target=tgt, losses=losses, return_outputs=False)
+        if self._raw_timeline:
+            self.timeline = [TimelineEvent(self.pp_rank, stage, kind, mb, self._clock.seconds(self._t0, start),
+                                           self._clock.seconds(self._t0, end))
+                             for stage, kind, mb, start, end in self._raw_timeline]
+            self._raw_timeline.clear()
         return self._broadcast_mean_loss(losses)
 
     def eval_step(self, inputs: tuple, target: Any, batch_size: int) -> tuple[Any, torch.Tensor]:
@@ -686,12 +697,11 @@ class PipelineRuntime:
             def timed(chunk_id: int, *args: Any, **kwargs: Any) -> Any:
                 if not runtime.record_timeline:
                     return original(chunk_id, *args, **kwargs)
-                start = time.perf_counter() - runtime._t0
+                start = runtime._clock.mark()
                 try:
                     return original(chunk_id, *args, **kwargs)
                 finally:
-                    end = time.perf_counter() - runtime._t0
-                    runtime.timeline.append(TimelineEvent(runtime.pp_rank, stage.stage_index, kind, chunk_id, start, end))
+                    runtime._raw_timeline.append((stage.stage_index, kind, chunk_id, start, runtime._clock.mark()))
 
             setattr(stage, name, timed)
 

@@ -39,12 +39,17 @@ How :class:`ZeroOptimizer` does stages 1 and 2 for an optimizer the user already
   all ranks hold the new parameters: reduce-scatter + all-gather is the same traffic as DDP's
   all-reduce.
 * **Offload** (``offload_optimizer=True``; ZeRO-Offload, Ren et al., arXiv 2101.06840): the
-  chunk parameters are fp32 copies on CPU (pinned when CUDA exists), the reduced gradient chunk is
-  copied to a CPU buffer, the optimizer steps on CPU (``fused=True`` for Adam/AdamW, torch's
-  fast CPU kernel, unless the user chose otherwise) and the updated chunk is copied back before
-  the all-gather. On a CUDA device the copies are ``non_blocking`` into pinned memory; on this
-  project's CPU-only machines they are plain copies (the code path is the same, the overlap is
-  not exercised).
+  chunk parameters are fp32 copies on CPU (pinned when the parameters are on CUDA), the reduced
+  gradient chunk is copied to a CPU buffer, the optimizer steps on CPU (``fused=True`` for
+  Adam/AdamW, torch's fast CPU kernel, unless the user chose otherwise) and the updated chunk is
+  copied back before the all-gather. Every host<->device copy goes through
+  :mod:`lightning_scale.core.device`'s transfer helper and is waited on before its destination is
+  read: on CUDA the copies are ``non_blocking`` (pinned memory) and a handle waits on a CUDA event;
+  on CPU they are plain copies, and the tests run them under the helper's deferred-copy double
+  (the destination holds garbage until waited on). The host buffers are registered as
+  host-resident, so the collective audit fails a test that sends one to an NCCL-only group; the
+  strategy runs offload on the mixed backend ``"cuda:nccl,cpu:gloo"`` (the optimizer state
+  all-gather of a checkpoint carries host tensors).
 
 Gradients are averaged (sum / N) over the data-parallel group, like DDP. The norm for clipping is
 over the chunks (each element of the model lives in exactly one rank's chunk), summed over the
@@ -62,6 +67,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_scale.core import device as dev
 from lightning_scale.core.comm_timer import section as comm_section
 
 
@@ -274,8 +280,7 @@ class ZeroOptimizer:
             raise ValueError(f"ZeroOptimizer needs all parameters on one device; found {sorted(map(str, devices))}")
         self.device = devices.pop() if devices else torch.device("cpu")
         self.specs = plan_buckets(groups, self.world, int(config.bucket_mb * 2**20))
-        self.offload_device = torch.device("cpu")
-        self._pin = config.offload_optimizer and torch.cuda.is_available()
+        self.offload_device = dev.HOST
         self.buckets = [self._build(spec, [by_name[s.name] for s in spec.slots]) for spec in self.specs]
         self._hooks: list[Any] = []
         if config.stage == 2:
@@ -302,9 +307,11 @@ class ZeroOptimizer:
         lo, hi = spec.chunk_range(self.rank, self.world)
         separate = self.config.offload_optimizer or spec.dtype != torch.float32
         if separate:
-            device = self.offload_device if self.config.offload_optimizer else self.device
-            master_data = torch.empty(hi - lo, dtype=torch.float32, device=device, pin_memory=self._pin)
-            master_data.copy_(flat[lo:hi])
+            if self.config.offload_optimizer:  # pinned when self.device is CUDA; host-resident
+                master_data = dev.host_empty(hi - lo, torch.float32, self.device)
+            else:
+                master_data = torch.empty(hi - lo, dtype=torch.float32, device=self.device)
+            dev.copy_(master_data, flat[lo:hi]).wait()
         else:
             master_data = flat[lo:hi]  # a view: the step writes the model's memory
         bucket = _Bucket(spec, params, flat, nn.Parameter(master_data, requires_grad=True))
@@ -313,8 +320,10 @@ class ZeroOptimizer:
             self._point_grads(bucket)
         if separate:
             # The reduced gradient chunk in the master's dtype / device (on CPU with offload).
-            bucket.shard_grad = torch.zeros(hi - lo, dtype=torch.float32, device=master_data.device,
-                                            pin_memory=self._pin)
+            if self.config.offload_optimizer:
+                bucket.shard_grad = dev.host_empty(hi - lo, torch.float32, self.device, zero=True)
+            else:
+                bucket.shard_grad = torch.zeros(hi - lo, dtype=torch.float32, device=self.device)
         elif self.config.stage == 2:
             bucket.shard_grad = torch.zeros(hi - lo, dtype=spec.dtype, device=self.device)
         return bucket
@@ -351,21 +360,31 @@ class ZeroOptimizer:
         bucket.staging = None  # freed once the reduction no longer needs it (the work holds it)
         bucket.ready = 0
 
-    def _drain(self, bucket: _Bucket) -> None:
+    def _drain(self, bucket: _Bucket) -> list[tuple[torch.Tensor, dev.Transfer]]:
+        """Wait for the bucket's reductions; start copying each reduced chunk to ``shard_grad``'s
+        device and dtype. Returns (staged chunk, its transfer): wait on it before adding."""
         assert bucket.shard_grad is not None
+        staged = []
         for work, out in bucket.pending:
             if work is not None:
                 with comm_section("dp"):  # the asynchronous reduce-scatter's exposed tail
                     work.wait()
-            bucket.shard_grad.add_(out.to(bucket.shard_grad.device, bucket.shard_grad.dtype,
-                                          non_blocking=self._pin))
+            if dev.is_host_resident(bucket.shard_grad):  # offload: device -> pinned host copy
+                staged.append(dev.to_host(out, bucket.shard_grad.dtype, like=self.device))
+            elif out.dtype != bucket.shard_grad.dtype:
+                staged.append((out.to(bucket.shard_grad.dtype), dev.DONE))
+            else:
+                staged.append((out, dev.DONE))
         bucket.pending.clear()
+        return staged
 
     # -- the step -------------------------------------------------------------------------------
     def reduce_gradients(self) -> None:
         """After the last backward of a step: sum gradients over the group, keep this rank's chunk
         (divided by N), and hand it to the optimizer as the chunk parameters' ``.grad``."""
         chunks: list[torch.Tensor] = []
+        transfers: list[dev.Transfer] = []  # host<->device copies to land before the chunks are read
+        adds: list[tuple[torch.Tensor, list[tuple[torch.Tensor, dev.Transfer]]]] = []  # stage 2
         for b in self.buckets:
             if self.config.stage == 1:
                 assert b.grads is not None
@@ -382,17 +401,20 @@ class ZeroOptimizer:
                     b.grads[lo:hi].copy_(out)
                 chunk = b.grads[lo:hi]
                 if b.shard_grad is not None:  # separate master (offload / low precision)
-                    b.shard_grad.copy_(chunk, non_blocking=self._pin)
+                    transfers.append(dev.copy_(b.shard_grad, chunk))
                     chunk = b.shard_grad
             else:
                 if b.ready:  # parameters that got no gradient this backward: reduce what arrived
                     self._launch(b)
-                self._drain(b)
+                adds.append((b.shard_grad, self._drain(b)))
                 chunk = b.shard_grad
             assert chunk is not None
             chunks.append(chunk)
-        if self._pin:
-            torch.cuda.current_stream().synchronize()  # the non-blocking D2H copies must land first (once)
+        dev.wait_all(transfers)
+        for shard_grad, staged in adds:  # stage 2: add each reduced chunk once it has landed
+            for data, transfer in staged:
+                transfer.wait()
+                shard_grad.add_(data)
         for b, chunk in zip(self.buckets, chunks):
             if self.world > 1:
                 chunk.div_(self.world)
@@ -401,10 +423,16 @@ class ZeroOptimizer:
     def after_step(self) -> None:
         """After ``optimizer.step()``: every rank's updated chunk into every bucket; clear gradients."""
         with torch.no_grad():
+            # Updated chunks back into the buckets (host -> device with offload), landed before
+            # the all-gathers read them and before the next step writes the masters again.
+            dev.wait_all([dev.copy_(b.flat[slice(*b.spec.chunk_range(self.rank, self.world))], b.master.detach())
+                          for b in self.buckets
+                          if b.master.data_ptr() != b.flat[slice(*b.spec.chunk_range(self.rank, self.world))].data_ptr()])
+            if self.config.offload_optimizer:  # the optimizer's state lives beside the masters, on the host
+                dev.register_host(*(v for b in self.buckets for v in self.optimizer.state.get(b.master, {}).values()
+                                    if torch.is_tensor(v)))
             for b in self.buckets:
                 lo, hi = b.spec.chunk_range(self.rank, self.world)
-                if b.master.data_ptr() != b.flat[lo:hi].data_ptr():
-                    b.flat[lo:hi].copy_(b.master.detach(), non_blocking=self._pin)
                 if self.world > 1:
                     _all_gather_flat(b.flat, b.flat[lo:hi], group=self.group)
                 if b.grads is not None:
@@ -489,7 +517,12 @@ class ZeroOptimizer:
         (Adam's ``step``) are taken from each bucket's first parameter; every other entry must have
         its parameter's shape. ``param_groups.<param>.<option>`` entries, if present, are applied to
         the optimizer's groups (an LR scheduler then overwrites ``lr``, as usual).
+
+        The chunk states go in through ``Optimizer.load_state_dict``, so torch places each value
+        as the optimizer needs it (Adam's ``step`` on the host, or on the parameter's device for a
+        fused/capturable optimizer; moments on the master's device and dtype).
         """
+        chunk_states: dict[int, dict[str, Any]] = {}
         for b in self.buckets:
             first = b.spec.slots[0].name
             prefix = f"state.{first}."
@@ -504,7 +537,7 @@ class ZeroOptimizer:
             for key in keys:
                 if key in SCALAR_STATE_KEYS:
                     v = flat[prefix + key]
-                    state[key] = v.detach().clone().cpu() if torch.is_tensor(v) else v
+                    state[key] = v.detach().clone() if torch.is_tensor(v) else v
                     continue
                 chunk = torch.zeros_like(b.master.detach())
                 for slot in b.spec.slots:
@@ -521,13 +554,20 @@ class ZeroOptimizer:
                     chunk[start : start + ov[1] - ov[0]].copy_(value.reshape(-1)[ov[0] : ov[1]])
                 state[key] = chunk
             if state:
-                self.optimizer.state[b.master] = state
+                chunk_states[id(b.master)] = state
             for g in self.optimizer.param_groups:
                 if any(m is b.master for m in g["params"]):
                     for k in list(g):
                         saved = flat.get(f"param_groups.{first}.{k}")
                         if k != "params" and saved is not None:
                             g[k] = saved
+        if chunk_states:
+            full = self.optimizer.state_dict()  # torch's indexing of the chunk parameters
+            index = {id(p): i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
+            full["state"] = {index[k]: v for k, v in chunk_states.items()}
+            self.optimizer.load_state_dict(full)
+            if self.config.offload_optimizer:
+                dev.register_host(*(v for st in self.optimizer.state.values() for v in st.values() if torch.is_tensor(v)))
 
     # -- accounting -----------------------------------------------------------------------------
     def held_tensors(self) -> dict[str, list[torch.Tensor]]:
@@ -548,12 +588,12 @@ def fully_shard_blocks(network: nn.Module, container: str | None, roots: Sequenc
     pipeline rank's stage modules), which hold the remaining parameters. Returns the block count.
 
     ``offload_params``: FSDP2 ``CPUOffloadPolicy`` (sharded parameters, gradients and the
-    optimizer step on CPU); pinned memory only where CUDA exists (pinning needs an accelerator)."""
+    optimizer step on CPU); pinned memory when the mesh is on CUDA (pinning needs an accelerator)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     from lightning_scale.core.pipeline import find_block_container
 
-    policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload_params else OffloadPolicy()
+    policy = CPUOffloadPolicy(pin_memory=dev.pin_host_memory(mesh.device_type)) if offload_params else OffloadPolicy()
     holder = network.get_submodule(find_block_container(network, container))
     blocks = [b for b in holder._modules.values() if b is not None]
     for block in blocks:

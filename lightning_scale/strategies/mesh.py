@@ -2,7 +2,9 @@
 
 It owns what is common to pipeline, tensor and data parallelism:
 
-* process-group start-up (nccl on CUDA, gloo on CPU) and one DeviceMesh ``("pp", "dp", "tp")``
+* process-group start-up (gloo on CPU; nccl on CUDA, or the mixed ``"cuda:nccl,cpu:gloo"`` when
+  the subclass communicates host tensors, see :meth:`MeshStrategy.communicates_host_tensors`;
+  :func:`lightning_scale.core.device.default_backend`) and one DeviceMesh ``("pp", "dp", "tp")``
   whose product is validated against the world size before any collective;
 * data sharding by the data-parallel rank only (``distributed_sampler_kwargs``);
 * gradient averaging over the ``dp`` group at the optimizer step (after the last accumulation
@@ -29,7 +31,6 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.distributed import _distributed_is_initialized, _init_dist_connection
-from lightning.fabric.utilities.distributed import _get_default_process_group_backend_for_device
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
@@ -39,6 +40,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_scale.core import checkpoint as ckpt
+from lightning_scale.core import device as dev
 from lightning_scale.core.activation_checkpointing import ACConfig, apply_activation_checkpointing, as_ac_config
 from lightning_scale.core.grads import allreduce_gradients, clip_grad_norm_, reduce_partial_gradients
 from lightning_scale.core.mesh import MESH_DIM_NAMES, ParallelDims, build_device_mesh
@@ -213,9 +215,11 @@ class MeshStrategy(ParallelStrategy):
         # Validate the layout on every rank before the first collective.
         self.resolved_dims = self.dims.resolve(self.world_size)
         self.validate_layout(self.resolved_dims)
-        self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
-            self.root_device
-        )
+        host = self.communicates_host_tensors()
+        self._process_group_backend = self._process_group_backend or dev.default_backend(self.root_device, host)
+        # What these groups would be on a GPU (the CPU collective audit checks host tensors against it).
+        explicit = self._process_group_backend if dev.backend_has_nccl(self._process_group_backend) else None
+        dev.set_gpu_backend(explicit or dev.default_backend(dev.CUDA, host))
         kwargs: dict[str, Any] = {"timeout": self._timeout}
         if self.root_device.type != "cpu":
             kwargs["device_id"] = self.root_device
@@ -226,6 +230,15 @@ class MeshStrategy(ParallelStrategy):
 
     def validate_layout(self, dims: ParallelDims) -> None:
         """Subclass hook: raise a clear error for an impossible layout (no collectives here)."""
+
+    def communicates_host_tensors(self) -> bool:
+        """Subclass hook: whether some collectives carry host tensors (CPU offload). On CUDA the
+        default backend is then ``"cuda:nccl,cpu:gloo"`` instead of ``"nccl"``."""
+        return False
+
+    def declare_host_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Subclass hook, before the gradient norm: register gradients that live on the host by
+        design (:func:`lightning_scale.core.device.register_host`), e.g. FSDP2's offloaded ones."""
 
     # -- mesh helpers ------------------------------------------------------------------------------
     def group(self, dim: str) -> dist.ProcessGroup | None:
@@ -338,7 +351,9 @@ class MeshStrategy(ParallelStrategy):
             in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
             local = [p for group in optimizer.param_groups for p in group["params"]]
             norm_params = [p for p in strategy.norm_parameters() if id(p) in in_optimizer]
-            strategy.last_grad_norm = clip_grad_norm_(local, norm_params, float(clip_val), strategy.model_parallel_groups())
+            strategy.declare_host_gradients(norm_params)
+            strategy.last_grad_norm = clip_grad_norm_(local, norm_params, float(clip_val), strategy.model_parallel_groups(),
+                                                      device=strategy.root_device)
 
         self.precision_plugin.clip_grad_by_norm = clip_grad_by_norm  # type: ignore[method-assign]
 
@@ -346,7 +361,7 @@ class MeshStrategy(ParallelStrategy):
     def barrier(self, name: str | None = None) -> None:
         if not _distributed_is_initialized():
             return
-        if dist.get_backend() == "nccl":
+        if dev.is_cuda(self.root_device) and dev.backend_has_nccl(dist.get_backend()):
             dist.barrier(device_ids=[self.root_device.index])
         else:
             dist.barrier()

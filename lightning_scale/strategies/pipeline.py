@@ -29,6 +29,7 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
+from lightning_scale.core import device as dev
 from lightning_scale.core.grads import allreduce_gradients
 from lightning_scale.core.mesh import ParallelDims
 from lightning_scale.core.pipeline import NEEDS_M_GE_P, SPLIT_BACKWARD_SCHEDULES, V_SCHEDULES, PipelineConfig, PipelineRuntime, ScheduleName, plan_pipeline
@@ -337,18 +338,23 @@ class PipelineStrategy(MeshStrategy):
         first, last = _outer_modules(network, container)
         timed = {id(b): i for i, b in enumerate(blocks)}
         outer = {id(network.get_submodule(p)): "first" for p in first} | {id(network.get_submodule(p)): "last" for p in last}
-        seconds = torch.zeros(len(blocks) + 2, dtype=torch.float64)
-        starts: dict[int, float] = {}
+        # Marks on the device's stream (CUDA events on a GPU: kernels, not launches), read after the runs.
+        clock = dev.DeviceClock(self.root_device)
+        marks: list[tuple[int, Any, Any]] = []  # (slot, start mark, end mark)
+        starts: dict[int, Any] = {}
+        recording = [False]
 
         def pre(mod: nn.Module, *_: Any) -> None:
-            starts[id(mod)] = time.perf_counter()
+            if recording[0]:
+                starts[id(mod)] = clock.mark()
 
         def post(mod: nn.Module, *_: Any) -> None:
-            dt = time.perf_counter() - starts[id(mod)]
+            if not recording[0]:
+                return
             idx = timed.get(id(mod))
             if idx is None:
                 idx = len(blocks) if outer[id(mod)] == "first" else len(blocks) + 1
-            seconds[idx] += 3 * dt  # forward + backward ~ 3 x forward (backward does 2 matmuls per forward matmul)
+            marks.append((idx, starts[id(mod)], clock.mark()))
 
         handles = []
         for mod_id_owner in [*blocks, *[network.get_submodule(p) for p in first + last]]:
@@ -359,12 +365,17 @@ class PipelineStrategy(MeshStrategy):
         try:
             with torch.no_grad():
                 network(*example)  # warm-up
-                seconds.zero_()
+                recording[0] = True
                 for _ in range(3):
                     network(*example)
         finally:
             for h in handles:
                 h.remove()
+        host = [0.0] * (len(blocks) + 2)
+        for idx, start, end in marks:  # forward + backward ~ 3 x forward (backward does 2 matmuls per forward matmul)
+            host[idx] += 3 * clock.seconds(start, end)
+        # On the root device: NCCL takes device tensors only.
+        seconds = torch.tensor(host, dtype=torch.float64, device=self.root_device)
         dist.all_reduce(seconds, op=dist.ReduceOp.SUM)
         seconds /= dist.get_world_size()
         values = seconds.tolist()

@@ -36,6 +36,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from lightning_scale.core import checkpoint as ckpt
+from lightning_scale.core import device as dev
 from lightning_scale.core.grads import allreduce_gradients
 from lightning_scale.core.mesh import ParallelDims
 from lightning_scale.core.sharding import ZeroConfig, ZeroOptimizer, fully_shard_blocks
@@ -88,7 +89,23 @@ class ZeroStrategy(MeshStrategy):
         self._sharded: nn.Module | None = None
         self._oss: list[Any] = []  # fairscale backend: the OSS optimizers
 
+    def communicates_host_tensors(self) -> bool:
+        # Offload: the optimizer-state all-gather of a checkpoint carries host tensors, so a CUDA run
+        # uses "cuda:nccl,cpu:gloo" (as torchtitan does when offloading).
+        return self.zero.offload_optimizer or self.zero.offload_params
+
+    def declare_host_gradients(self, params: list[nn.Parameter]) -> None:
+        if self.zero.stage == 3 and self.zero.offload_params:  # FSDP2 CPUOffloadPolicy: gradients on the host
+            dev.register_host(*(p.grad for p in params if p.grad is not None))
+
     # -- model ----------------------------------------------------------------------------------
+    def model_to_device(self) -> None:
+        # A second setup (validate/test after fit) must not move FSDP2's offloaded shards back to
+        # the GPU: the sharded network and the rest of the module were placed by the first one.
+        if self._sharded is not None and self._sharded is self.network():
+            return
+        super().model_to_device()
+
     def parallelize(self) -> None:
         network = self.network()
         if network is self._sharded:

@@ -152,6 +152,8 @@ class HarnessSettings:
     """Upper bound, in seconds, to wait for hung ranks to write their stacks before SIGKILL."""
     output_tail_lines: int = 50
     """Lines of a failing rank's captured stdout/stderr quoted in the error."""
+    gpu_semantics: bool = False
+    """Default of :func:`run_distributed`'s ``gpu_semantics`` (the test suite's conftest turns it on)."""
     forward_output: bool = True
     """After a successful call, copy the ranks' captured output to this process's stdout
     (pytest captures it and shows it only if the test then fails)."""
@@ -325,6 +327,7 @@ class _RankSpec:
     timeout_s: float
     output_path: str
     stack_path: str
+    gpu_semantics: bool = False
 
 
 @dataclass
@@ -420,11 +423,18 @@ def _sync_lightning_rank(rank: int) -> None:
 def _run_target(spec: _RankSpec) -> _Report:
     """Unpickle and run the target, wrapping any exception into a report."""
     try:
+        from lightning_scale.core import device
+
         fn, args, kwargs = pickle.loads(spec.payload)
         if spec.init_process_group:
             pg_timeout = datetime.timedelta(seconds=spec.timeout_s + _PG_TIMEOUT_MARGIN_S)
-            dist.init_process_group(spec.backend, timeout=pg_timeout)
-        return _Report(ok=True, value=fn(*args, **kwargs))
+            # A rank that will use CUDA sets its device from LOCAL_RANK before its group starts.
+            local = device.set_local_device(spec.rank) if device.backend_has_nccl(spec.backend) else None
+            dist.init_process_group(spec.backend, timeout=pg_timeout, device_id=local)
+        doubles = device.gpu_semantics() if spec.gpu_semantics else contextlib.nullcontext()
+        with doubles:
+            value = fn(*args, **kwargs)
+        return _Report(ok=True, value=value)
     except BaseException as exc:  # noqa: BLE001 - everything, incl. SystemExit, is a failure
         return _Report(
             ok=False,
@@ -517,6 +527,7 @@ def run_distributed(
     backend: str = "gloo",
     init_process_group: bool = True,
     env: Mapping[str, str | None] | None = None,
+    gpu_semantics: bool | None = None,
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` fresh rank processes; return their results.
@@ -536,6 +547,11 @@ def run_distributed(
             the variables below) before ``fn``; if False ``fn`` does it (e.g. a Lightning
             ``Trainer``, which sees ``LOCAL_RANK`` etc. and joins as an externally launched
             process). Any group still initialised when ``fn`` returns is destroyed.
+        gpu_semantics: run ``fn`` under :func:`lightning_scale.core.device.gpu_semantics`: the
+            CPU doubles of GPU behaviour (deferred host<->device copies, which hold garbage until
+            waited on, and the collective audit, which fails a host-resident tensor sent to a
+            group that would be NCCL on a GPU). Not for compiled code (the audit's dispatch mode
+            keeps Dynamo eager). None: ``SETTINGS.gpu_semantics``.
         env: extra environment variables of every rank, applied after the harness's own
             (``None`` unsets one). Thread-pool variables of libraries the fork server
             preloaded (e.g. ``OMP_NUM_THREADS``) are read at import and so do not apply.
@@ -562,11 +578,13 @@ def run_distributed(
     if timeout <= 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
     payload = _pickle_payload(fn, args, kwargs)
+    if gpu_semantics is None:
+        gpu_semantics = SETTINGS.gpu_semantics
     # Retry only when MASTER_PORT was grabbed by another process between our pick and rank 0's
     # bind (it fails at process-group set-up); the next attempt gets fresh ranks and a new port.
     for attempt in range(_PORT_RETRIES + 1):
         try:
-            return _run_once(fn, payload, world_size, timeout, backend, init_process_group, env or {})
+            return _run_once(fn, payload, world_size, timeout, backend, init_process_group, env or {}, gpu_semantics)
         except RankFailedError as err:
             if attempt == _PORT_RETRIES or not _is_port_clash(err):
                 raise
@@ -618,6 +636,7 @@ def _run_once(
     backend: str,
     init_process_group: bool,
     env: Mapping[str, str | None],
+    gpu_semantics: bool = False,
 ) -> list[Any]:
     """One attempt of :func:`run_distributed` with a fresh port and fresh processes."""
     ctx = _get_context()
@@ -631,6 +650,7 @@ def _run_once(
                 env=_rank_env(rank, world_size, port, env),
                 backend=backend,
                 init_process_group=init_process_group,
+                gpu_semantics=gpu_semantics,
                 timeout_s=timeout,
                 output_path=str(Path(tmp) / f"rank{rank}.out"),
                 stack_path=str(Path(tmp) / f"rank{rank}.stack"),
