@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd", "sgd_momentum"])
     h = p.add_argument_group("hardware")
     h.add_argument("--gpus", type=int)
-    h.add_argument("--gpu", help="A100-80GB, A100-40GB, H100, H200, L4, L40S, A10G, T4, V100-32GB, MI300X")
+    h.add_argument("--gpu", help="A100-80GB, A100-40GB, H100, H100 NVL, H200, GH200-96GB, GH200-144GB, "
+                   "B200-180GB, B200-192GB, L4, L40S, A10G, T4, V100-32GB, MI300X")
     h.add_argument("--gpu-memory-gb", type=float, help="device memory in GB (1e9 bytes) instead of --gpu")
     h.add_argument("--gpus-per-node", type=int, default=8)
     h.add_argument("--reserve", type=float, default=0.10, help="fraction of memory kept free (context, fragmentation)")

@@ -56,7 +56,8 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils._pytree import tree_map
 
 from lightning_scale.core.cost import Projection, dollars, project_across
-from lightning_scale.core.peak_flops import lookup, precision_key
+from lightning_scale.core import device as dev
+from lightning_scale.core.peak_flops import known_devices, lookup, precision_key
 from lightning_scale.core.prices import PriceTable, load_price_table
 
 PNG_NAME = "cost_projection.png"
@@ -68,8 +69,9 @@ class CostReporter(Callback):
 
     Args:
         rate_per_gpu_hour: USD per device-hour; overrides the table (needed on CPU).
-        gpu: the table's GPU name (e.g. ``"A100"``, ``"H100 SXM"``) when not detected (or to price
-            a CPU rehearsal as if on that GPU).
+        gpu: the table's GPU name (e.g. ``"A100"``, ``"H100 SXM"``) when not detected (a device name
+            the peak-FLOPs table lacks: the warning names it and lists the table's names), or to
+            price a CPU rehearsal as if on that GPU.
         gpu_memory_gb: which memory size of ``gpu`` (e.g. 40 or 80 for the A100).
         cloud: take the rate of this cloud's cheapest offer (default: median over the clouds).
         spot: use spot prices.
@@ -160,12 +162,17 @@ class CostReporter(Callback):
             return
         gpu, memory = self.gpu, self.gpu_memory_gb
         device = trainer.strategy.root_device
-        if gpu is None and device.type == "cuda":
+        if gpu is None and dev.is_cuda(device):
             name = torch.cuda.get_device_name(device)
             row = lookup(name)
             if row is None:
-                warnings.warn(f"CostReporter: GPU {name!r} is not in the peak/price tables: dollars are not reported. "
-                              f"Give CostReporter(rate_per_gpu_hour=...) or gpu=<table name>.", stacklevel=2)
+                if trainer.is_global_zero:
+                    known = sorted(set(known_devices()) | {g for g, _ in self.table.gpus()})
+                    warnings.warn(f"CostReporter: dollars are not reported: torch.cuda.get_device_name() reports "
+                                  f"{name!r}, which is not in the peak-FLOPs table (exact names only). Name the GPU "
+                                  f"with CostReporter(gpu=<name>) (and gpu_memory_gb= where it comes in several "
+                                  f"sizes), one of {known}, or give CostReporter(rate_per_gpu_hour=<USD per "
+                                  f"device-hour>); for the projection's MFU, ScaleProfiler(device=<name>).", stacklevel=2)
                 return
             gpu = row.device
             total_gb = torch.cuda.get_device_properties(device).total_memory / 1e9
@@ -348,7 +355,8 @@ class CostReporter(Callback):
             mfu, source = None, ""
         if flops is None or mfu is None or total_steps is None:
             missing = ("model FLOPs per step (give flops_per_step=, or add ScaleProfiler)" if flops is None else
-                       "an MFU (none measured on this device: give assumed_mfu=, e.g. 0.4)" if mfu is None else
+                       f"an MFU (none measured on this device: give assumed_mfu=, e.g. 0.4"
+                       f"{self._unknown_device_note(trainer)})" if mfu is None else
                        "the run's length (max_steps or max_epochs)")
             if trainer.is_global_zero:
                 warnings.warn(f"CostReporter: the projection across GPUs is omitted: it needs {missing}.", stacklevel=2)
@@ -360,6 +368,22 @@ class CostReporter(Callback):
         why = (f"{flops * total_steps:.3e} model FLOPs ({total_steps} steps x {flops:.3e}) on {n} GPUs at {source}; "
                f"dense {dtype} peaks; {'spot' if self.spot else 'on-demand'} prices of {self.table.date}")
         return rows, skipped, why
+
+    @staticmethod
+    def _unknown_device_note(trainer) -> str:
+        """Why a CUDA run measured no MFU when its device name is not in the peak-FLOPs table ("" otherwise)."""
+        from lightning_scale.callbacks.profiler import ScaleProfiler
+
+        device = trainer.strategy.root_device
+        if not dev.is_cuda(device) or any(isinstance(cb, ScaleProfiler) and (cb.device or cb.peak_tflops)
+                                        for cb in trainer.callbacks):
+            return ""
+        name = torch.cuda.get_device_name(device)
+        if lookup(name) is not None:
+            return ""
+        return (f"; or name the device for ScaleProfiler's MFU: torch.cuda.get_device_name() reports {name!r}, which "
+                f"is not in the peak-FLOPs table (exact names only): ScaleProfiler(device=<name>), one of "
+                f"{list(known_devices())}")
 
     def _fits_function(self, trainer, pl_module, n: int):
         from lightning_scale.callbacks._run_layout import plan_inputs

@@ -69,9 +69,10 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
+from lightning_scale.core import device as dev
 from lightning_scale.core import flops as flops_mod
 from lightning_scale.core.comm_timer import CommTimer
-from lightning_scale.core.peak_flops import peak_flops, precision_key
+from lightning_scale.core.peak_flops import known_devices, lookup, peak_flops, precision_key
 
 PHASES = ("data", "forward", "backward", "grad_sync", "optimizer", "other")
 
@@ -108,7 +109,12 @@ class ScaleProfiler(Callback):
             analytic for the suite's GPT / ViT, else measured once with FlopCounterMode on the
             LightningModule's ``example_input_array`` before the model is split, else omitted.
         peak_tflops: dense peak TFLOP/s per device for MFU; default: the table in
-            :mod:`lightning_scale.core.peak_flops` by exact device name (unknown: no MFU).
+            :mod:`lightning_scale.core.peak_flops` by exact device name (unknown: no MFU, and a
+            warning naming the reported device and these two options).
+        device: the peak-FLOPs table row to take the peak from, by canonical name (e.g.
+            ``"H100 SXM"``, ``"GH200"``; :func:`~lightning_scale.core.peak_flops.known_devices`)
+            or exact reported name, when ``torch.cuda.get_device_name()`` reports a name the table
+            lacks. The dtype column still follows the precision. Not together with ``peak_tflops``.
         straggler_threshold: warn when (max - min) / median of the ranks' forward times exceeds it.
         trace_steps: ``(first, last)`` optimizer steps to record with ``torch.profiler`` on
             ``trace_ranks``; Chrome traces go to ``trace_dir`` (default ``<log_dir>/traces``).
@@ -120,7 +126,8 @@ class ScaleProfiler(Callback):
     def __init__(self, log_every_n_steps: int = 10, flops_per_sample: float | None = None,
                  peak_tflops: float | None = None, straggler_threshold: float = 0.2,
                  trace_steps: tuple[int, int] | None = None, trace_ranks: tuple[int, ...] = (0,),
-                 trace_dir: str | None = None, print_summary: bool = True, comm: bool = True) -> None:
+                 trace_dir: str | None = None, print_summary: bool = True, comm: bool = True,
+                 device: str | None = None) -> None:
         def integer(value: Any) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
 
@@ -145,11 +152,18 @@ class ScaleProfiler(Callback):
         if peak_tflops is not None and not positive(peak_tflops):
             raise ValueError(f"peak_tflops must be a number > 0 (dense peak TFLOP/s of one device, e.g. 989 for an H100 "
                              f"SXM in bf16) or None to look it up; got {peak_tflops!r}")
+        if device is not None and (not isinstance(device, str) or lookup(device) is None):
+            raise ValueError(f"device must be a device of the peak-FLOPs table, one of {list(known_devices())}, or "
+                             f"None to detect it; got {device!r} (or give peak_tflops=)")
+        if device is not None and peak_tflops is not None:
+            raise ValueError(f"give device= (a peak-FLOPs table row) or peak_tflops= (the peak itself), not both; got "
+                             f"device={device!r}, peak_tflops={peak_tflops!r}")
         if not isinstance(comm, bool):
             raise ValueError(f"comm must be True or False (time communication on logged steps); got {comm!r}")
         self.log_every_n_steps = log_every_n_steps
         self.flops_per_sample = flops_per_sample
         self.peak_tflops = peak_tflops
+        self.device = device
         self.straggler_threshold = straggler_threshold
         self.trace_steps = trace_steps
         self.trace_ranks = tuple(trace_ranks)
@@ -210,8 +224,8 @@ class ScaleProfiler(Callback):
     def _now(self, trainer) -> float:
         # On CUDA, phase boundaries wait for this rank's device, but only on logged steps: on the
         # others the timings are not used and a sync would stop kernel launches running ahead.
-        if self._sampled and trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize(trainer.strategy.root_device)
+        if self._sampled:
+            dev.synchronize(trainer.strategy.root_device)
         return time.perf_counter()
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -236,7 +250,7 @@ class ScaleProfiler(Callback):
                            "DDP's C++ reducer, overlapped with the backward (the exposed tail is in perf/backward_s). "
                            "The suite's strategies report it (plain data parallelism: strategy=MeshStrategy()).")
             return None
-        if trainer.strategy.root_device.type != "cpu":
+        if dev.is_cuda(trainer.strategy.root_device):
             rank_zero_warn("ScaleProfiler: perf/comm_* are omitted on CUDA: host timers do not measure asynchronous "
                            "NCCL transfers (use trace_steps= for a torch.profiler trace of the kernels)")
             return None
@@ -326,16 +340,15 @@ class ScaleProfiler(Callback):
         kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
         return int(kwargs.get("num_replicas", trainer.world_size))
 
-    def _gather(self, values: list[float]) -> torch.Tensor:
-        """(world, len(values)) tensor of every rank's values (a collective on every rank)."""
-        local = torch.tensor(values, dtype=torch.float64)
+    def _gather(self, values: list[float], device: torch.device) -> torch.Tensor:
+        """(world, len(values)) tensor of every rank's values (a collective on every rank), on the
+        host. Gathered on the root ``device``: NCCL takes device tensors only."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return local.unsqueeze(0)
-        if dist.get_backend() == "nccl":
-            local = local.cuda()
+            return torch.tensor(values, dtype=torch.float64).unsqueeze(0)
+        local = torch.tensor(values, dtype=torch.float64, device=device)
         out = [torch.empty_like(local) for _ in range(dist.get_world_size())]
         dist.all_gather(out, local)
-        return torch.stack(out).cpu()
+        return torch.stack(out).cpu()  # a blocking read
 
     def _finish_step(self, trainer, step: float) -> None:
         comm = self._comm_timer.stop() if self._comm_timer is not None and self._comm_timer.active else None
@@ -343,7 +356,7 @@ class ScaleProfiler(Callback):
         global_step = trainer.global_step
         if global_step % self.log_every_n_steps != 0:
             return
-        everyone = self._gather([step, self._t["forward"]])  # the same steps on every rank
+        everyone = self._gather([step, self._t["forward"]], trainer.strategy.root_device)  # the same steps on every rank
         steps, forwards = everyone[:, 0].tolist(), everyone[:, 1].tolist()
         step_max = max(steps)
         row: dict[str, float] = {"perf/step_s": step, **{f"perf/{p}_s": v for p, v in self._t.items()}}
@@ -411,15 +424,30 @@ class ScaleProfiler(Callback):
         if self.peak_tflops is not None:
             return self.peak_tflops * 1e12
         device = trainer.strategy.root_device
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} (no peak-FLOPs entry)"
-        allow_tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+        allow_tf32 = dev.is_cuda(device) and torch.backends.cuda.matmul.allow_tf32
         dtype = precision_key(trainer.precision, allow_tf32)
-        peak = peak_flops(name, dtype)
+        name = self.device or (torch.cuda.get_device_name(device) if dev.is_cuda(device) else None)
+        peak = peak_flops(name, dtype) if name is not None else None
         if peak is None and not self._warned_mfu:
             self._warned_mfu = True
-            warnings.warn(f"ScaleProfiler: no peak FLOP/s known for device {name!r} and {dtype}: MFU is omitted. "
-                          f"Give ScaleProfiler(peak_tflops=...) to report it.", stacklevel=2)
+            if trainer.is_global_zero:
+                warnings.warn(self._no_peak_message(name, device.type, dtype), stacklevel=2)
         return peak
+
+    @staticmethod
+    def _no_peak_message(name: str | None, device_type: str, dtype: str) -> str:
+        """Why MFU is omitted, and the option that fixes it."""
+        by_hand = f"ScaleProfiler(peak_tflops=<dense {dtype} TFLOP/s of one device>)"
+        if name is None:
+            return (f"ScaleProfiler: MFU is omitted: a {device_type} device has no peak-FLOPs entry. Give "
+                    f"{by_hand} to report it.")
+        row = lookup(name)
+        if row is not None:
+            return (f"ScaleProfiler: MFU is omitted: the peak-FLOPs table has no {dtype} column for {row.device} "
+                    f"(device {name!r}). Give {by_hand} to report it.")
+        return (f"ScaleProfiler: MFU is omitted: torch.cuda.get_device_name() reports {name!r}, which is not "
+                f"in the peak-FLOPs table (exact names only). Name its row with ScaleProfiler(device=<name>), one "
+                f"of {list(known_devices())}, or give {by_hand}.")
 
     @staticmethod
     def _bubble_fraction(trainer) -> float | None:
@@ -438,7 +466,7 @@ class ScaleProfiler(Callback):
         if trainer.global_step == self.trace_steps[0]:
             from torch.profiler import ProfilerActivity, profile
 
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.is_cuda(trainer.strategy.root_device) else [])
             self._profiler = profile(activities=activities, record_shapes=False)
             self._profiler.__enter__()
 
