@@ -160,6 +160,7 @@ class _HostRegistry:
 
     def __init__(self) -> None:
         self._refs: dict[int, Any] = {}
+        self._limit = 4096
         self._lock = threading.Lock()
 
     def __bool__(self) -> bool:
@@ -184,8 +185,9 @@ class _HostRegistry:
             return
         with self._lock:
             self._refs[storage._cdata] = StorageWeakRef(storage)
-            if len(self._refs) > 4096:  # drop freed storages now and then
+            if len(self._refs) > self._limit:  # drop freed storages now and then (amortised)
                 self._refs = {k: r for k, r in self._refs.items() if not r.expired()}
+                self._limit = max(4096, 2 * len(self._refs))
 
     def discard(self, t: torch.Tensor) -> None:
         storage = self._storage(t)
