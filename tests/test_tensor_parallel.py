@@ -95,3 +95,49 @@ def test_tp2_checkpoint_consolidates_to_full_tensors(tmp_path) -> None:
     assert set(checkpoint["state_dict"]) == set(res[0]["state"])
     for name, value in res[0]["state"].items():
         torch.testing.assert_close(checkpoint["state_dict"][name], value, rtol=0, atol=0)
+
+
+def layout_after_setup(kind: str) -> dict:
+    """Fit 2 steps with a TP strategy on CPU, the optimizer AdamW(foreach=True): which parameters
+    of the network are not DTensors after setup (and after training)."""
+    import os
+
+    import lightning as L
+    from torch.distributed.tensor import DTensor
+    from torch.utils.data import DataLoader
+
+    from lightning_scale.strategies import Parallel3DStrategy, TensorParallelStrategy
+    from lightning_scale.tasks import LanguageModelingTask
+
+    seen: dict = {}
+
+    class Task(LanguageModelingTask):
+        def configure_optimizers(self):
+            # After the strategy's setup (parallelize) and before the first step. foreach=True (torch's
+            # default on CUDA) raises on a parameter list mixing DTensors and plain tensors.
+            seen["plain"] = [n for n, p in self.model.named_parameters() if not isinstance(p, DTensor)]
+            seen["n"] = len(list(self.model.parameters()))
+            return torch.optim.AdamW(self.model.parameters(), lr=1e-3, foreach=True)
+
+    strategy = {"tp": lambda: TensorParallelStrategy(tensor_parallel_size=2),
+                "tp_sp": lambda: TensorParallelStrategy(tensor_parallel_size=2, sequence_parallel=True),
+                "3d": lambda: Parallel3DStrategy(pipeline_parallel_size=2, tensor_parallel_size=2, microbatches=2)}[kind]()
+    trainer = L.Trainer(accelerator="cpu", devices=int(os.environ["WORLD_SIZE"]), strategy=strategy, max_steps=2,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    torch.manual_seed(0)
+    task = Task(model=targets.CFG, optim=targets.OPTIM, sample_tokens=0)
+    trainer.fit(task, train_dataloaders=DataLoader(targets.make_data(32), batch_size=8, drop_last=True))
+    seen["plain_after_fit"] = [n for n, p in task.model.named_parameters() if not isinstance(p, DTensor)]
+    seen["steps"] = trainer.global_step
+    return seen
+
+
+@pytest.mark.parametrize("kind, world", [("tp", 2), ("tp_sp", 2), ("3d", 4)])
+def test_tp_layout_does_not_depend_on_the_device(kind: str, world: int) -> None:
+    # "The layout tested on CPU is the layout a GPU runs": on CUDA every parameter must be a DTensor
+    # (foreach/fused optimizers reject a mix), so after a TP strategy's setup on CPU every parameter
+    # of the network (this rank's stage under 3D) is one too, and AdamW(foreach=True) trains.
+    for rank, res in enumerate(run_distributed(layout_after_setup, world, kind, init_process_group=False, timeout=300)):
+        assert res["n"] > 0 and res["plain"] == [], f"rank {rank}: plain-tensor parameters {res['plain']}"
+        assert res["plain_after_fit"] == [] and res["steps"] == 2, (rank, res)
+

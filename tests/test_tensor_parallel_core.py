@@ -210,19 +210,111 @@ def test_tied_head_and_embedding_must_be_sharded_alike() -> None:
     check_plan(_tiny_gpt(tie_weights=False), {"head": ColwiseParallel(output_layouts=Replicate())}, 2)
 
 
-def test_replicate_rest_refuses_a_module_mixing_its_own_and_sharded_parameters() -> None:
-    class Mixed(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.scale = nn.Parameter(torch.ones(8))  # a direct parameter: the module would be wrapped whole
-            self.proj = nn.Linear(8, 8)
+class _Mixed(nn.Module):
+    """Its own parameter next to a tensor-parallel child: cannot be wrapped whole."""
 
-    model = nn.Sequential(Mixed())
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, 8))
+        self.proj = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x)) * self.gain
+
+
+class _RootOwned(nn.Module):
+    """A root that owns parameters directly (as e.g. a Hugging Face model with a ``logit_scale``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.8, 1.2, 8))
+        self.shift = nn.Parameter(torch.full((8,), 0.1))
+        self.emb = nn.Linear(4, 8)
+        self.up = nn.Linear(8, 16)
+        self.down = nn.Linear(16, 8)
+        self.block = _Mixed()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x) * self.scale
+        h = h + self.down(torch.relu(self.up(h))) + self.shift
+        return self.head(self.block(h))
+
+
+def _root_owned_plan() -> dict:
+    # block.proj: all-gathered output (the LayerNorm after it needs all 8 features).
+    return {"up": ColwiseParallel(), "down": RowwiseParallel(), "block.proj": ColwiseParallel(output_layouts=Replicate())}
+
+
+def root_owned_parameters_train(steps: int = 6) -> dict:
+    """TP=2 with replicate_rest=True on :class:`_RootOwned` vs one process, AdamW(foreach=True)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from lightning_scale.core.mesh import ParallelDims, build_device_mesh
+    from lightning_scale.core.tensor_parallel import apply_tp
+
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(6, 4, generator=g), torch.randint(0, 3, (6,), generator=g)) for _ in range(steps)]
+
+    def train(model: nn.Module) -> list[float]:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=True)  # rejects a DTensor/plain mix
+        losses = []
+        for x, y in batches:
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses
+
+    torch.manual_seed(0)
+    ref = _RootOwned()
+    ref_losses = train(ref)
+    mesh = build_device_mesh(ParallelDims(pp=1, dp=1, tp=dist.get_world_size()), "cpu")
+    torch.manual_seed(0)
+    model = apply_tp(_RootOwned(), mesh["tp"], _root_owned_plan(), replicate_rest=True)
+    losses = train(model)
+    state = {k: (v.full_tensor() if isinstance(v, DTensor) else v) for k, v in model.state_dict().items()}
+    ref_state = ref.state_dict()
+    return {
+        "losses": losses,
+        "ref_losses": ref_losses,
+        "keys_equal": list(state) == list(ref_state),
+        "weight_diff": max((state[k] - ref_state[k]).abs().max().item() for k in ref_state),
+        "plain": [n for n, p in model.named_parameters() if not isinstance(p, DTensor)],
+        "placements": {n: str(p.placements) for n, p in model.named_parameters() if n in ("scale", "block.gain")},
+        "grad_placements": str(model.scale.grad.placements),
+        # After the forward the attribute is the parameter again, not a leftover local view.
+        "attributes_are_parameters": model.scale is model._parameters["scale"] and model.block.gain is model.block._parameters["gain"],
+    }
+
+
+def test_replicate_rest_replicates_own_parameters_of_the_root_and_of_mixed_modules() -> None:
+    from lightning_scale.core.tensor_parallel import _replication_plan
+
+    model = nn.Sequential(_Mixed())
     plan = {"0.proj": ColwiseParallel()}
-    check_plan(model, plan, 2)  # fine without replicate_rest
-    with pytest.raises(ValueError, match=r"replicate_rest=True would wrap '0' whole .* holds tensor-parallel parameters \['0.proj.weight'"):
-        check_plan(model, plan, 2, replicate_rest=True)
-    check_plan(_tiny_gpt(), gpt_tp_plan(True), 2, replicate_rest=True)  # the suite's GPT is fine
+    check_plan(model, plan, 2, replicate_rest=True)  # no longer refused
+    # "0" holds a TP child: only its own gain is replicated; its LayerNorm is wrapped whole.
+    assert _replication_plan(model, plan) == (["0.norm"], ["0"])
+    assert _replication_plan(_RootOwned(), _root_owned_plan()) == (["block.norm", "emb", "head"], ["", "block"])
+    wrapped, own = _replication_plan(_tiny_gpt(), resolve_plan(_tiny_gpt(), gpt_tp_plan(True)))
+    assert own == [] and "tok_emb" in wrapped  # the suite's GPT: whole modules only
+
+
+def test_replicate_rest_trains_a_model_whose_root_owns_parameters() -> None:
+    # The root's and a mixed module's own parameters: Replicate DTensors (same names, so the
+    # same checkpoint keys), local tensors inside their forward; AdamW(foreach=True) runs.
+    for rank, res in enumerate(run_distributed(root_owned_parameters_train, 2, timeout=120)):
+        for step, (a, b) in enumerate(zip(res["losses"], res["ref_losses"])):
+            assert abs(a - b) <= LOSS_RTOL * abs(b), f"rank {rank} step {step}: loss {a} vs reference {b}"
+        assert res["weight_diff"] <= WEIGHT_ATOL, (rank, res["weight_diff"])
+        assert res["keys_equal"] and res["plain"] == [], res
+        assert res["placements"] == {"scale": "(Replicate(),)", "block.gain": "(Replicate(),)"}
+        assert res["grad_placements"] == "(Replicate(),)"
+        assert res["attributes_are_parameters"]
 
 
 def test_patterns_match_what_a_pipeline_stage_view_holds() -> None:

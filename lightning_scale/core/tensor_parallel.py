@@ -51,11 +51,27 @@ output: both weights are (V, D) sharded on dim 0 (``Shard(0)``), so a tied pair 
 ``loss_parallel``, so the training step needs no change). The position embedding (T_max x D)
 and ViT's patch embedding and class head are small and always replicated.
 
-Parameters the plan leaves alone stay plain tensors by default: their inputs and output
-gradients are replicated, so every TP rank computes the same gradient and they need no
-communication. ``apply_tp(..., replicate_rest=True)`` makes them ``Replicate`` DTensors instead,
-so that *every* parameter is a DTensor: ``foreach`` / ``fused`` optimizers (``foreach`` is
-torch's default on CUDA) raise on a parameter list that mixes DTensors and plain tensors.
+Parameters the plan leaves alone: their inputs and output gradients are replicated, so every TP
+rank computes the same gradient and they need no communication. ``apply_tp`` keeps them plain
+tensors by default; ``apply_tp(..., replicate_rest=True)`` makes them ``Replicate`` DTensors, so
+that *every* parameter is a DTensor: ``foreach`` / ``fused`` optimizers (``foreach`` is torch's
+default on CUDA) raise on a parameter list that mixes DTensors and plain tensors. The strategies
+(``strategies.tensor_parallel.parallelize_network``) always pass ``replicate_rest=True``, on
+every device: the layout tested on CPU is the layout a GPU runs. How the rest is replicated:
+
+* a module that owns plain parameters and holds no tensor-parallel ones (embeddings, head,
+  LayerNorms without sequence parallelism) is wrapped whole (``distribute_module``): its
+  parameters and buffers become ``Replicate`` DTensors, its inputs are made ``Replicate``
+  DTensors and its outputs local tensors again, so its neighbours see plain tensors;
+* a module that cannot be wrapped whole, because it is the root model or it also holds
+  tensor-parallel parameters (e.g. a Hugging Face model with a parameter on the root, a block
+  with its own scale next to sharded linears), gets only its *own* plain parameters turned into
+  ``Replicate`` DTensor parameters; for its forward (a pre-hook, undone by an always-called
+  post-hook) each of them is shadowed by its local tensor (``to_local()``, a differentiable
+  view: the gradient lands on the DTensor parameter as a ``Replicate`` DTensor). Its children
+  are handled on their own. Parameter names, and so checkpoints, do not change. Outside a
+  forward call of that module the attribute is the DTensor parameter.
+
 Gradients: the DTensor-aware norm and collectives are in :mod:`lightning_scale.core.grads`.
 """
 
@@ -69,7 +85,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_module
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -456,6 +472,8 @@ def _check_ties(
 # e.g. slice an already-sliced sequence.
 _APPLIED: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
 _REPLICATED = "ReplicateRest:replicated parameters (replicate_rest=True)"
+_REPLICATED_OWN = "ReplicateRest:own parameters replicated, local views in forward (replicate_rest=True)"
+_REPLICATION_KEYS = {_REPLICATED, _REPLICATED_OWN}
 
 
 def _style_key(style: ParallelStyle) -> str:
@@ -482,7 +500,7 @@ def check_plan(
     resolved = resolve_plan(model, plan, strict=strict)
     todo: dict[str, ParallelStyle] = {}
     for path, style in resolved.items():
-        done = _APPLIED.get(model.get_submodule(path), set()) - {_REPLICATED}
+        done = _APPLIED.get(model.get_submodule(path), set()) - _REPLICATION_KEYS
         if not done:
             todo[path] = style
         elif _style_key(style) not in done:
@@ -492,8 +510,6 @@ def check_plan(
             )
     _check_shardable(model, todo, tp)
     _check_ties(model, todo, tied_parameter_groups(model), replicate_rest)
-    if replicate_rest:
-        _replication_roots(model, todo)  # raises if the rest cannot be wrapped
     return todo
 
 
@@ -522,9 +538,12 @@ def apply_tp(
 
     ``replicate_rest=True`` also turns every parameter the plan leaves alone (embeddings, head,
     LayerNorms without sequence parallelism) into a ``Replicate`` DTensor, wrapping its module
-    so it takes and returns plain tensors. Then *all* parameters are DTensors, which
-    ``foreach``/``fused`` optimizers need (they reject a list mixing DTensors and plain
-    tensors; ``foreach`` is torch's default on CUDA). Costs a little DTensor dispatch per call.
+    so it takes and returns plain tensors; parameters owned directly by the root model or by a
+    module that also holds tensor-parallel parameters become ``Replicate`` DTensor parameters
+    that the module's forward sees as local tensors (see the module docstring). Then *all*
+    parameters are DTensors, which ``foreach``/``fused`` optimizers need (they reject a list
+    mixing DTensors and plain tensors; ``foreach`` is torch's default on CUDA). Costs a little
+    DTensor dispatch per call. The TP strategies always use it, on CPU as on CUDA.
     """
     if tp_mesh.ndim != 1:
         raise ValueError(
@@ -538,23 +557,30 @@ def apply_tp(
         parallelize_module(module, tp_mesh, style, src_data_rank=src_data_rank)
         _APPLIED.setdefault(module, set()).add(_style_key(style))
     if replicate_rest:
-        for path in _replication_roots(model, {}):
+        wrapped, own = _replication_plan(model, {})
+        for path in wrapped:
             module = model.get_submodule(path)
             # Params -> Replicate DTensors (broadcast from TP-rank 0); inputs -> Replicate DTensors;
             # outputs -> local tensors, so the module looks unchanged to its neighbours.
             distribute_module(module, tp_mesh, None, _replicated_inputs, _local_outputs)
             _APPLIED.setdefault(module, set()).add(_REPLICATED)
+        for path in own:  # the root, or a module that also holds TP parameters: its own parameters only
+            module = model.get_submodule(path)
+            _replicate_own_parameters(module, tp_mesh, src_data_rank)
+            _APPLIED.setdefault(module, set()).add(_REPLICATED_OWN)
     _retie(model, ties)
     return model
 
 
+def _replication_plan(model: nn.Module, planned: Mapping[str, ParallelStyle]) -> tuple[list[str], list[str]]:
+    """Where the parameters that stay plain tensors after ``planned`` get replicated (pure).
 
-def _replication_roots(model: nn.Module, planned: Mapping[str, ParallelStyle]) -> list[str]:
-    """Topmost modules owning parameters that stay plain tensors after ``planned`` (pure).
-
-    A module with direct plain parameters is wrapped whole (with its children), unless an
-    ancestor is wrapped already. Raises if such a module also holds tensor-parallel parameters
-    (or will after ``planned``), or if it is the root model itself.
+    Returns ``(wrapped, own)``: ``wrapped`` are the topmost modules owning plain parameters
+    directly and holding no tensor-parallel parameters (now or after ``planned``): each is
+    wrapped whole, with its children. ``own`` are the modules owning plain parameters directly
+    that cannot be wrapped whole (the root model, or a module holding tensor-parallel
+    parameters): only their own parameters are replicated; their children are handled on their
+    own (a child below a wrapped module is covered by it).
     """
 
     def sharded(name: str, p: nn.Parameter) -> bool:  # a DTensor now or after ``planned``
@@ -567,21 +593,61 @@ def _replication_roots(model: nn.Module, planned: Mapping[str, ParallelStyle]) -
 
     params = list(model.named_parameters(remove_duplicate=False))
     owners = {name.rpartition(".")[0] for name, p in params if not sharded(name, p)}
-    roots = sorted(o for o in owners if not any(below(o, q) for q in owners))
-    for root in roots:
-        if root == "":
-            raise ValueError(
-                f"{type(model).__name__} has parameters directly on it; replicate_rest=True needs them in a "
-                f"submodule (or use replicate_rest=False)"
-            )
-        inner = [name for name, p in params if below(name, root) and sharded(name, p)]
-        if inner:
-            raise ValueError(
-                f"replicate_rest=True would wrap {root!r} whole (it owns plain parameters directly), but it also "
-                f"holds tensor-parallel parameters {inner[:3]}; move the direct parameters into a submodule or "
-                f"use replicate_rest=False"
-            )
-    return roots
+    wrapped: list[str] = []
+    own: list[str] = []
+    for owner in sorted(owners):  # an ancestor sorts before its descendants
+        if any(below(owner, w) for w in wrapped):
+            continue
+        if owner == "" or any(below(name, owner) and sharded(name, p) for name, p in params):
+            own.append(owner)
+        else:
+            wrapped.append(owner)
+    return wrapped, own
+
+
+# Module -> names of its own parameters replicated by ``_replicate_own_parameters`` (read by its hooks).
+_OWN_REPLICATED: weakref.WeakKeyDictionary[nn.Module, list[str]] = weakref.WeakKeyDictionary()
+# Module -> how many of its forward calls are running (nested calls keep the views bound).
+_OWN_DEPTH: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+
+
+def _replicate_own_parameters(module: nn.Module, mesh: DeviceMesh, src_data_rank: int | None) -> None:
+    """Turn ``module``'s own plain parameters into ``Replicate`` DTensor parameters (same names),
+    seen by its forward as local tensors (a pre-hook binds ``to_local()`` views as instance
+    attributes, which take precedence over ``nn.Module.__getattr__``; an always-called post-hook
+    removes them, also when the forward raises)."""
+    names = [n for n, p in module._parameters.items() if p is not None and not isinstance(p, DTensor)]
+    if not names:
+        return
+    for name in names:
+        p = module._parameters[name]
+        replicated = distribute_tensor(p.detach(), mesh, [Replicate()], src_data_rank=src_data_rank)
+        module._parameters[name] = nn.Parameter(replicated, requires_grad=p.requires_grad)
+    if module not in _OWN_REPLICATED:
+        _OWN_REPLICATED[module] = []
+        module.register_forward_pre_hook(_bind_local_views)
+        module.register_forward_hook(_unbind_local_views, always_call=True)
+    _OWN_REPLICATED[module].extend(n for n in names if n not in _OWN_REPLICATED[module])
+
+
+def _bind_local_views(module: nn.Module, args: Any) -> None:
+    depth = _OWN_DEPTH.get(module, 0)
+    _OWN_DEPTH[module] = depth + 1
+    if depth:
+        return  # a nested call: the outer call's views are bound
+    for name in _OWN_REPLICATED[module]:
+        p = module._parameters.get(name)
+        if isinstance(p, DTensor):
+            module.__dict__[name] = p.to_local()  # differentiable: its gradient lands on p (Replicate)
+
+
+def _unbind_local_views(module: nn.Module, args: Any, output: Any) -> None:
+    depth = _OWN_DEPTH.get(module, 1) - 1
+    _OWN_DEPTH[module] = depth
+    if depth <= 0:
+        _OWN_DEPTH[module] = 0
+        for name in _OWN_REPLICATED[module]:
+            module.__dict__.pop(name, None)
 
 
 def _replicated_inputs(module: nn.Module, inputs: Any, mesh: DeviceMesh) -> Any:

@@ -3,7 +3,9 @@ with data parallelism over the remaining ranks.
 
 The network in ``module_name`` is parallelized in place with
 :func:`lightning_scale.core.tensor_parallel.apply_tp` over the ``tp`` sub-mesh: the built-in plan
-of the suite's GPT / ViT, or a user plan (``{module-path pattern: ParallelStyle}``). The
+of the suite's GPT / ViT, or a user plan (``{module-path pattern: ParallelStyle}``). Every
+parameter of the network becomes a DTensor (those the plan leaves alone ``Replicate``), on every
+device: the layout tested on CPU is the layout a GPU runs (:func:`parallelize_network`). The
 training step is the module's own (every TP rank computes the same loss on the same batch);
 gradients are averaged over ``dp`` once per optimizer step and clipped by the global norm
 computed across TP shards.
@@ -55,9 +57,10 @@ def parallelize_network(
         # Heads, hidden, MLP (and vocab) against tp, named by config field: raised on every rank.
         validate_tp(config, tp, None, sequence_parallel, shard_vocab=shard_vocab)
     plan = dict(plan) if plan is not None else builtin_plan(network, sequence_parallel, shard_vocab)
-    # Every parameter a DTensor on CUDA, where torch's default foreach/fused optimizers reject a
-    # mix of DTensors and plain tensors; plain replicated tensors on CPU (cheaper).
-    apply_tp(network, tp_mesh, plan, replicate_rest=tp_mesh.device_type == "cuda")
+    # One layout on every device: every parameter a DTensor (the ones the plan leaves alone
+    # Replicate), so the layout tested on CPU is the layout a GPU runs. CUDA needs it anyway:
+    # torch's default foreach/fused optimizers reject a mix of DTensors and plain tensors.
+    apply_tp(network, tp_mesh, plan, replicate_rest=True)
     return plan
 
 

@@ -1,0 +1,67 @@
+"""Rank targets for tests/test_zoo.py: fit a zoo module under a strategy given by its registered
+name (as a user passes it to ``Trainer(strategy=...)``), and the single-process reference."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import zoo
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from torch.distributed.tensor import DTensor
+
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+            for k, v in module.state_dict().items() if torch.is_floating_point(v)}
+
+
+def fit(shape: str, strategy: Any, steps: int, batch_size: int, strategy_kwargs: dict | None = None) -> dict:
+    """Fit zoo ``shape`` for ``steps`` on this rank with ``strategy`` (a registered name, or a
+    strategy class path with ``strategy_kwargs``); returns per-step losses and the weights."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    import lightning_scale  # noqa: F401  (registers the strategies by name)
+
+    if strategy_kwargs is not None:
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        entry = StrategyRegistry[strategy]
+        strategy = entry["strategy"](**{**entry["init_params"], **strategy_kwargs})
+    losses: list[float] = []
+
+    class Record(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+
+    os.environ["PL_GLOBAL_SEED"] = "0"
+    model = zoo.SHAPES[shape]()
+    world = int(os.environ["WORLD_SIZE"])
+    data = TensorDataset(*zoo.batches(shape, steps * batch_size * world))
+    trainer = L.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, callbacks=[Record()])
+    trainer.fit(model, train_dataloaders=DataLoader(data, batch_size=batch_size, shuffle=False, drop_last=True))
+    return {"losses": losses, "state": _state(model)}
+
+
+def reference(shape: str, steps: int, global_batch: int) -> dict:
+    """One process, the same global batches (the ranks' shards together), plain PyTorch."""
+    model = zoo.SHAPES[shape]()
+    if hasattr(model, "configure_model"):
+        model.configure_model()
+    optimizer = model.configure_optimizers()
+    x, y = zoo.batches(shape, steps * global_batch)
+    losses = []
+    for step in range(steps):
+        batch = (x[step * global_batch:(step + 1) * global_batch], y[step * global_batch:(step + 1) * global_batch])
+        optimizer.zero_grad()
+        loss = model.training_step(batch, step)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    return {"losses": losses, "state": _state(model)}
