@@ -30,11 +30,13 @@ LOSS_RTOL = 1e-5
 WEIGHT_ATOL = 1e-5
 FORWARD_ATOL = 1e-6
 NORM_RTOL = 1e-6
-# Every weight but the attention key bias must match much tighter than WEIGHT_ATOL. The key bias
-# gets a mathematically zero gradient (softmax is invariant to adding q.b_k to every score of a
-# row), so its ~1e-10 float noise differs between layouts and AdamW turns it into updates of
-# up to ~lr * 1e-2 per step: the same happens between any two reduction orders.
-TIGHT_WEIGHT_ATOL = 2e-6
+# A tighter bound (2e-6 on every weight but the attention key bias) held on earlier machines but
+# not on an AMD EPYC host with OpenBLAS's Haswell kernels (2026-12-02: blocks.0.mlp.down_proj.weight
+# 2.2e-6 to 2.7e-6 off after the first AdamW step and flat afterwards, identically on the unchanged
+# code): AdamW's first step turns reduction-order noise of near-zero gradient elements into
+# weight differences (the key bias, whose gradient is mathematically zero, is the extreme case).
+# It is not a property of the code, so the weights are held to the project standard WEIGHT_ATOL.
+TIGHT_WEIGHT_ATOL = WEIGHT_ATOL
 
 
 def _assert_training_parity(results: list[dict], steps: int) -> None:
