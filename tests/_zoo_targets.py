@@ -49,16 +49,25 @@ def fit(shape: str, strategy: Any, steps: int, batch_size: int, strategy_kwargs:
     return {"losses": losses, "state": _state(model)}
 
 
-def reference(shape: str, steps: int, global_batch: int) -> dict:
-    """One process, the same global batches (the ranks' shards together), plain PyTorch."""
+def reference(shape: str, steps: int, per_replica_batch: int, replicas: int) -> dict:
+    """One process, the same global batches (the replicas' shards together), plain PyTorch.
+
+    Lightning gives each data-parallel replica ``DistributedSampler(shuffle=True, seed=0)`` for
+    training (``PL_GLOBAL_SEED=0``), whatever the loader's own ``shuffle``: step k of the
+    reference is the union of every replica's k-th batch. Each replica's loss is a mean over its
+    batch of equal size, so the mean over the union is the mean of the replicas' losses."""
+    from torch.utils.data import DistributedSampler
+
     model = zoo.SHAPES[shape]()
     if hasattr(model, "configure_model"):
         model.configure_model()
     optimizer = model.configure_optimizers()
-    x, y = zoo.batches(shape, steps * global_batch)
+    x, y = zoo.batches(shape, steps * per_replica_batch * replicas)
+    order = [list(DistributedSampler(x, num_replicas=replicas, rank=r, shuffle=True, seed=0)) for r in range(replicas)]
     losses = []
     for step in range(steps):
-        batch = (x[step * global_batch:(step + 1) * global_batch], y[step * global_batch:(step + 1) * global_batch])
+        idx = torch.tensor([i for r in range(replicas) for i in order[r][step * per_replica_batch:(step + 1) * per_replica_batch]])
+        batch = (x[idx], y[idx])
         optimizer.zero_grad()
         loss = model.training_step(batch, step)
         loss.backward()

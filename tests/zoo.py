@@ -189,7 +189,11 @@ class MHATransformer(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        return _adamw(self)
+        # SGD, not AdamW: nn.MultiheadAttention's key bias gets a mathematically zero gradient
+        # (softmax ignores a constant added to every score of a row), so its ~1e-10 float noise
+        # differs between any two reduction orders, and AdamW's normalisation would turn that noise
+        # into updates of ~lr per step: a difference between runs, not a bug of either.
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
 
 # -- 6. a CNN -----------------------------------------------------------------------------------------

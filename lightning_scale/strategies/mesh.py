@@ -289,8 +289,12 @@ class MeshStrategy(ParallelStrategy):
             self.checkpoint_activations(self.network())
 
     def network(self) -> torch.nn.Module:
-        """The nn.Module in LightningModule attribute ``module_name``."""
+        """The nn.Module in LightningModule attribute ``module_name``; with the default name
+        (``"model"``) and no such attribute, the LightningModule itself (layers written directly
+        on it, the way most Lightning modules are)."""
         network = getattr(self.lightning_module, self.module_name, None)
+        if network is None and self.module_name == "model":
+            return self.lightning_module
         if not isinstance(network, torch.nn.Module):
             raise AttributeError(
                 f"{type(self).__name__} works on the network in LightningModule attribute {self.module_name!r}, which "
