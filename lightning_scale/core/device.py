@@ -147,11 +147,6 @@ def backend_takes_host(backend: str | None) -> bool:
     return bool(parts) and any(p != "nccl" for p in parts)
 
 
-def group_backend(group: dist.ProcessGroup | None = None) -> str:
-    """The backend string of ``group`` (the default group for None), mixed strings as given."""
-    return str(dist.get_backend(group))
-
-
 # ----------------------------------------------------------------------------------------------
 # Host-resident tensors
 # ----------------------------------------------------------------------------------------------
@@ -460,10 +455,6 @@ def gpu_semantics(deferred_copies: bool = True, audit_collectives: bool = True) 
         _DOUBLES.deferred, _DOUBLES.audit = previous
 
 
-def doubles_active() -> dict[str, bool]:
-    return {"deferred_copies": _DOUBLES.deferred, "audit_collectives": _DOUBLES.audit}
-
-
 # ----------------------------------------------------------------------------------------------
 # Device timing
 # ----------------------------------------------------------------------------------------------
@@ -478,7 +469,6 @@ class DeviceClock:
     def __init__(self, device: torch.device | str | None) -> None:
         self.cuda = is_cuda(device)
         self.device = as_device(device)
-        self._origin: Any = None
 
     def mark(self) -> Any:
         if self.cuda:
@@ -493,13 +483,3 @@ class DeviceClock:
             end.synchronize()
             return start.elapsed_time(end) / 1000.0
         return end - start
-
-    def reset(self) -> None:
-        """Start a new origin for :meth:`since_origin`."""
-        self._origin = self.mark()
-
-    def since_origin(self, mark: Any) -> float:
-        if self._origin is None:
-            raise RuntimeError("DeviceClock.reset() first")
-        return self.seconds(self._origin, mark)
-

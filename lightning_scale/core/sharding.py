@@ -281,6 +281,7 @@ class ZeroOptimizer:
         self.device = devices.pop() if devices else torch.device("cpu")
         self.specs = plan_buckets(groups, self.world, int(config.bucket_mb * 2**20))
         self.offload_device = dev.HOST
+        self._state_on_host = False  # offload: optimizer state registered as host-resident
         self.buckets = [self._build(spec, [by_name[s.name] for s in spec.slots]) for spec in self.specs]
         self._hooks: list[Any] = []
         if config.stage == 2:
@@ -369,7 +370,7 @@ class ZeroOptimizer:
             if work is not None:
                 with comm_section("dp"):  # the asynchronous reduce-scatter's exposed tail
                     work.wait()
-            if dev.is_host_resident(bucket.shard_grad):  # offload: device -> pinned host copy
+            if self.config.offload_optimizer:  # device -> pinned host copy
                 staged.append(dev.to_host(out, bucket.shard_grad.dtype, like=self.device))
             elif out.dtype != bucket.shard_grad.dtype:
                 staged.append((out.to(bucket.shard_grad.dtype), dev.DONE))
@@ -425,12 +426,11 @@ class ZeroOptimizer:
         with torch.no_grad():
             # Updated chunks back into the buckets (host -> device with offload), landed before
             # the all-gathers read them and before the next step writes the masters again.
-            dev.wait_all([dev.copy_(b.flat[slice(*b.spec.chunk_range(self.rank, self.world))], b.master.detach())
-                          for b in self.buckets
-                          if b.master.data_ptr() != b.flat[slice(*b.spec.chunk_range(self.rank, self.world))].data_ptr()])
-            if self.config.offload_optimizer:  # the optimizer's state lives beside the masters, on the host
-                dev.register_host(*(v for b in self.buckets for v in self.optimizer.state.get(b.master, {}).values()
-                                    if torch.is_tensor(v)))
+            chunks = [b.flat[slice(*b.spec.chunk_range(self.rank, self.world))] for b in self.buckets]
+            dev.wait_all([dev.copy_(chunk, b.master.detach()) for b, chunk in zip(self.buckets, chunks)
+                          if b.master.data_ptr() != chunk.data_ptr()])
+            if self.config.offload_optimizer and not self._state_on_host:  # created by the first step
+                self._register_host_state()
             for b in self.buckets:
                 lo, hi = b.spec.chunk_range(self.rank, self.world)
                 if self.world > 1:
@@ -567,7 +567,12 @@ class ZeroOptimizer:
             full["state"] = {index[k]: v for k, v in chunk_states.items()}
             self.optimizer.load_state_dict(full)
             if self.config.offload_optimizer:
-                dev.register_host(*(v for st in self.optimizer.state.values() for v in st.values() if torch.is_tensor(v)))
+                self._register_host_state()
+
+    def _register_host_state(self) -> None:
+        """Offload: the optimizer's state tensors live on the host by design (for the audit)."""
+        dev.register_host(*(v for st in self.optimizer.state.values() for v in st.values() if torch.is_tensor(v)))
+        self._state_on_host = True
 
     # -- accounting -----------------------------------------------------------------------------
     def held_tensors(self) -> dict[str, list[torch.Tensor]]:
