@@ -120,6 +120,6 @@ def fit_hf_tp(steps: int) -> dict:
         "model.layers.*.mlp.up_proj": ColwiseParallel(),
         "model.layers.*.mlp.down_proj": RowwiseParallel(),
     }
-    task, losses = _fit(TensorParallelStrategy(tensor_parallel_size=2, plan=plan), steps)
+    task, losses = _fit(TensorParallelStrategy(tensor_parallel_size=2, tp_plan=plan), steps)
     local_q = tuple(task.model.model.layers[0].self_attn.q_proj.weight.to_local().shape)
     return {"losses": losses, "state": _full_state(task), "local_q": local_q}

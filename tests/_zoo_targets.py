@@ -19,7 +19,8 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
             for k, v in module.state_dict().items() if torch.is_floating_point(v)}
 
 
-def fit(shape: str, strategy: Any, steps: int, batch_size: int, strategy_kwargs: dict | None = None) -> dict:
+def fit(shape: str, strategy: Any, steps: int, batch_size: int, strategy_kwargs: dict | None = None,
+        loss_method: bool = False) -> dict:
     """Fit zoo ``shape`` for ``steps`` on this rank with ``strategy`` (a registered name, or a
     strategy class path with ``strategy_kwargs``); returns per-step losses and the weights."""
     import lightning as L
@@ -39,7 +40,7 @@ def fit(shape: str, strategy: Any, steps: int, batch_size: int, strategy_kwargs:
             losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
 
     os.environ["PL_GLOBAL_SEED"] = "0"
-    model = zoo.SHAPES[shape]()
+    model = (zoo.with_loss_method(shape) if loss_method else zoo.SHAPES[shape])()
     world = int(os.environ["WORLD_SIZE"])
     data = TensorDataset(*zoo.batches(shape, steps * batch_size * world))
     trainer = L.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=steps, logger=False,
@@ -49,7 +50,7 @@ def fit(shape: str, strategy: Any, steps: int, batch_size: int, strategy_kwargs:
     return {"losses": losses, "state": _state(model)}
 
 
-def reference(shape: str, steps: int, per_replica_batch: int, replicas: int) -> dict:
+def reference(shape: str, steps: int, per_replica_batch: int, replicas: int, samples: int | None = None) -> dict:
     """One process, the same global batches (the replicas' shards together), plain PyTorch.
 
     Lightning gives each data-parallel replica ``DistributedSampler(shuffle=True, seed=0)`` for
@@ -62,7 +63,8 @@ def reference(shape: str, steps: int, per_replica_batch: int, replicas: int) -> 
     if hasattr(model, "configure_model"):
         model.configure_model()
     optimizer = model.configure_optimizers()
-    x, y = zoo.batches(shape, steps * per_replica_batch * replicas)
+    # The dataset ``fit`` builds: steps x batch x world samples (world = replicas x model-parallel ranks).
+    x, y = zoo.batches(shape, samples or steps * per_replica_batch * replicas)
     order = [list(DistributedSampler(x, num_replicas=replicas, rank=r, shuffle=True, seed=0)) for r in range(replicas)]
     losses = []
     for step in range(steps):

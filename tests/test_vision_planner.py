@@ -115,6 +115,7 @@ def test_zero2_and_zero3_model_states_of_each_rank_equal_the_planner(cfg, stages
 
     from lightning_scale.core.memory import model_state_bytes
     from lightning_scale.core.optim import param_groups
+    from lightning_scale.core.blocks import BlockFinder
     from lightning_scale.core.sharding import ZeroConfig, ZeroOptimizer, fully_shard_blocks
 
     for rank in (0, 1):
@@ -122,7 +123,7 @@ def test_zero2_and_zero3_model_states_of_each_rank_equal_the_planner(cfg, stages
         for stage in stages:
             net = _network(cfg)
             if stage == 3:
-                fully_shard_blocks(net, None, [net], init_device_mesh("cpu", (2,)))
+                fully_shard_blocks([b for _, b in BlockFinder().find(net, "test")], [net], init_device_mesh("cpu", (2,)))
             opt = torch.optim.AdamW(param_groups(net, 0.05), lr=1e-3)
             engine = ZeroOptimizer(net, opt, dist.group.WORLD, ZeroConfig(stage=2)) if stage == 2 else None
             x, y = _images(cfg, 4)

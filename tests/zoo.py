@@ -281,3 +281,34 @@ def batches(shape: str, n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tens
     if shape == "cnn":
         return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
     return torch.randn(n, HIDDEN, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
+
+
+# -- the change PipelineStrategy asks of a module ---------------------------------------------------
+class LossMethod:
+    """Mixin: the loss as a method, ``loss = self.loss_fn(network(x), y)``, and example inputs.
+
+    PipelineStrategy runs the loss on the last stage, where the outputs are, so it needs the loss
+    as a method of (output, target) (its setup error names exactly this), and it traces the
+    forward with ``example_input_array``. Same loss as the shapes' inline ones."""
+
+    def loss_fn(self, output, target):
+        return F.cross_entropy(output.reshape(-1, output.size(-1)), target.reshape(-1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        network = self.model if "model" in self._modules or "model" in self.__dict__ else self
+        loss = self.loss_fn(network(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+
+def with_loss_method(shape: str) -> type[L.LightningModule]:
+    base = SHAPES[shape]
+
+    class Changed(LossMethod, base):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            super().__init__()
+            self.example_input_array = batches(shape, 2)[0]
+
+    Changed.__name__ = Changed.__qualname__ = f"{base.__name__}WithLossMethod"
+    return Changed

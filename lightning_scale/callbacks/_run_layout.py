@@ -48,7 +48,7 @@ def layout_of(strategy: Any, world_size: int) -> tuple[dict[str, Any], int] | No
                       sequence_parallel=bool(getattr(s, "sequence_parallel", False)))
         return fields, dims.dp
     if isinstance(s, TensorParallelStrategy):
-        if s.plan is not None or s.shard_vocab:
+        if s.tp_plan is not None or s.shard_vocab:
             return None
         fields.update(tp=dims.tp, sequence_parallel=s.sequence_parallel)
         return fields, dims.dp

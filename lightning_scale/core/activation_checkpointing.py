@@ -54,6 +54,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from lightning_scale.core.blocks import BlockFinder
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from lightning_scale.core import device as dev
@@ -237,12 +239,10 @@ def _replace_forward(module: nn.Module, make: Callable[[Callable[..., Any]], Cal
     setattr(module, _ATTR, (original, kind))
 
 
-def _blocks(network: nn.Module, container: str | None) -> list[tuple[str, nn.Module]]:
-    from lightning_scale.core.pipeline import find_block_container
-
-    path = find_block_container(network, container)
-    holder = network.get_submodule(path)
-    return [(f"{path}.{key}", block) for key, block in holder._modules.items() if block is not None]
+def _blocks(network: nn.Module, container: str | None, finder: BlockFinder | None, owner: str) -> list[tuple[str, nn.Module]]:
+    if container is not None or finder is None:
+        finder = BlockFinder(container=container)
+    return finder.find(network, owner, fix="pass the blocks' class (block_class=), or use policy='classes'")
 
 
 def _matches(module: nn.Module, classes: Sequence[str]) -> bool:
@@ -250,11 +250,16 @@ def _matches(module: nn.Module, classes: Sequence[str]) -> bool:
     return cls.__name__ in classes or f"{cls.__module__}.{cls.__qualname__}" in classes
 
 
-def apply_activation_checkpointing(network: nn.Module, config: ACConfig) -> dict[str, str]:
+def apply_activation_checkpointing(network: nn.Module, config: ACConfig, finder: BlockFinder | None = None,
+                                   owner: str = "activation checkpointing") -> dict[str, str]:
     """Replace the forward of the modules ``config`` selects; returns ``{module path: kind}``
     with kind ``"full"``, ``"selective"`` or ``"offload"``. With ``config.compile`` every block
     (``classes``: every chosen module) is then compiled. Calling it again first undoes the
-    previous application, so the last config wins."""
+    previous application, so the last config wins.
+
+    Blocks: ``config.container`` when set, else ``finder`` (the strategy's ``block_container`` /
+    ``block_class``), else the default container (:mod:`lightning_scale.core.blocks`); ``owner``
+    names the strategy in errors."""
     remove_activation_checkpointing(network)
     chosen: dict[str, tuple[nn.Module, str]] = {}
     blocks: list[nn.Module] = []
@@ -264,9 +269,10 @@ def apply_activation_checkpointing(network: nn.Module, config: ACConfig) -> dict
                 chosen[name] = (module, "full")
         if not chosen:
             present = sorted({type(m).__name__ for m in network.modules()})
-            raise ValueError(f"no module of {type(network).__name__} has a class in {list(config.classes)}; classes here: {present}")
+            raise ValueError(f"{owner}: no module of {type(network).__name__} has a class in {list(config.classes)}; "
+                             f"classes here: {present}")
     else:
-        for i, (name, block) in enumerate(_blocks(network, config.container)):
+        for i, (name, block) in enumerate(_blocks(network, config.container, finder, owner)):
             blocks.append(block)
             # A pipeline stage's view keeps the full model's keys ("blocks.4"): count k from those.
             key = name.rsplit(".", 1)[-1]

@@ -271,7 +271,7 @@ def measure_activations(
         as_ac_config,
         remove_activation_checkpointing,
     )
-    from lightning_scale.core.pipeline import find_block_container
+    from lightning_scale.core.blocks import BlockFinder
 
     param_dtype, autocast = compute_dtype(precision)
     loss_fn = loss_fn or _classification_loss
@@ -289,8 +289,7 @@ def measure_activations(
                          "(those bytes move to the host)")
     remove_activation_checkpointing(network)
     if config is None or baseline is None:
-        container = find_block_container(network)
-        blocks = [f"{container}.{k}" for k, m in network.get_submodule(container)._modules.items() if m is not None]
+        blocks = [name for name, _ in BlockFinder().find(network, "measure_activations")]
         held, saved = _instrumented_forward(network, inputs, labels, loss_fn, autocast, exclude, blocks)
         if config is None:
             return MetaActivations(held=held, saved_by_module=saved)

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_scale.core.blocks import BlockFinder
 from lightning_scale.core.device import DeviceClock
 
 ScheduleName = Literal["gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble", "zbv_zero_bubble"]
@@ -68,7 +69,8 @@ class PipelineConfig:
     virtual_stages: int | None = None  # v per rank; default 2 for multi-stage schedules, else 1
     balance: Literal["params", "time"] = "params"  # how to balance blocks when split_points is None
     split_points: list[str] | None = None  # explicit cuts: module paths where stages 1.. begin, e.g. ["blocks.4"]
-    container: str | None = None  # path of the block container in the network; None = find the largest one
+    block_container: str | None = None  # path of the block container in the network; None = find the largest one
+    block_class: Any = None  # or: the blocks' class (lightning_scale.core.blocks), all children of one container
 
     def __post_init__(self) -> None:
         if not isinstance(self.stages, int) or self.stages < 1:
@@ -142,36 +144,14 @@ def theoretical_bubble(p: int, m: int, v: int = 1) -> float:
 # Finding the container and partitioning it
 # --------------------------------------------------------------------------------------------
 
-_CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.Sequential)
+_OWNER = "PipelineStrategy"
+_FIX = "pass block_container= (its path) or block_class= (the blocks' class), or split_points="
 
 
-def find_block_container(network: nn.Module, path: str | None = None) -> str:
-    """Path of the ordered block container to split (the named one, or the one with most params)."""
-    if path is not None:
-        try:
-            module = network.get_submodule(path)
-        except AttributeError as err:
-            raise ValueError(
-                f"pipeline container {path!r} not found in {type(network).__name__}; give the path of its "
-                f"ModuleList/ModuleDict of blocks (e.g. 'blocks' or 'model.layers')"
-            ) from err
-        if not isinstance(module, _CONTAINERS):
-            raise ValueError(
-                f"pipeline container {path!r} is a {type(module).__name__}, not a ModuleList/ModuleDict/Sequential"
-            )
-        return path
-    best, best_params = None, -1
-    for name, module in network.named_modules():
-        if isinstance(module, _CONTAINERS) and len(module) > 1 and name:
-            n = sum(p.numel() for p in module.parameters())
-            if n > best_params:
-                best, best_params = name, n
-    if best is None:
-        raise ValueError(
-            f"{type(network).__name__} has no block container to split into pipeline stages (a ModuleList, "
-            f"ModuleDict or Sequential of 2+ blocks); put the repeated blocks in one, or give split_points"
-        )
-    return best
+def find_block_container(network: nn.Module, path: str | None = None, block_class: Any = None) -> str:
+    """Path of the ordered block container to split: the named one, the one holding every
+    ``block_class`` block, or the one with most parameters (:mod:`lightning_scale.core.blocks`)."""
+    return BlockFinder(container=path, block_class=block_class).container_path(network, _OWNER, _FIX)
 
 
 def partition(costs: Sequence[float], parts: int, first_extra: float = 0.0, last_extra: float = 0.0) -> list[int]:
@@ -244,7 +224,7 @@ class PipelinePlan:
         return "\n".join(lines)
 
 
-def _outer_modules(network: nn.Module, container: str) -> tuple[list[str], list[str]]:
+def _outer_modules(network: nn.Module, container: str, allow_direct_params: bool = False) -> tuple[list[str], list[str]]:
     """Modules with parameters before / after the container along its path.
 
     Modules without parameters (dropout, activations, buffer-only modules such as rotary
@@ -263,7 +243,7 @@ def _outer_modules(network: nn.Module, container: str) -> tuple[list[str], list[
             if child is None or not any(True for _ in child.parameters()):
                 continue  # parameter-free modules stay on every stage
             (last if seen else first).append(prefix + name)
-        if module._parameters:
+        if module._parameters and not allow_direct_params:
             raise ValueError(
                 f"{type(module).__name__} has parameters directly on it ({sorted(module._parameters)}) next to the "
                 f"pipeline container; move them into a submodule so a stage can own them"
@@ -273,10 +253,10 @@ def _outer_modules(network: nn.Module, container: str) -> tuple[list[str], list[
     return first, last
 
 
-def module_costs(network: nn.Module, container: str) -> tuple[list[float], float, float]:
+def module_costs(network: nn.Module, container: str, allow_direct_params: bool = False) -> tuple[list[float], float, float]:
     """Parameter counts of each block, of the first-stage modules and of the last-stage modules."""
     blocks = network.get_submodule(container)
-    first, last = _outer_modules(network, container)
+    first, last = _outer_modules(network, container, allow_direct_params)
 
     def count(paths: list[str]) -> float:
         seen: set[int] = set()
@@ -295,20 +275,29 @@ def _children(container: nn.Module) -> list[nn.Module]:
     return list(container._modules.values())
 
 
-def plan_pipeline(network: nn.Module, cfg: PipelineConfig, costs: tuple[list[float], float, float] | None = None) -> PipelinePlan:
-    """Split ``network`` into ``cfg.num_stages_total`` stages (pure: no communication)."""
+def plan_pipeline(network: nn.Module, cfg: PipelineConfig, costs: tuple[list[float], float, float] | None = None,
+                  traced: bool = False) -> PipelinePlan:
+    """Split ``network`` into ``cfg.num_stages_total`` stages (pure: no communication).
+
+    ``traced``: the stages will be cut by torch's tracer (:mod:`lightning_scale.core.pipeline_trace`),
+    which places parameters held directly by a module where the forward uses them."""
     total = cfg.num_stages_total
     if cfg.split_points is not None:
-        container = _container_of_split_points(network, cfg.split_points, cfg.container)
+        container = _container_of_split_points(network, cfg.split_points, cfg.block_container)
     else:
-        container = find_block_container(network, cfg.container)
+        container = find_block_container(network, cfg.block_container, cfg.block_class)
     keys = list(network.get_submodule(container)._modules.keys())
     if total > len(keys):
         raise ValueError(
             f"{total} pipeline stages (stages={cfg.stages} x virtual_stages={cfg.num_virtual}) but the container "
             f"{container!r} has only {len(keys)} blocks; use at most {len(keys)} stages in total"
         )
-    first, last = _outer_modules(network, container)
+    if container == "":
+        raise ValueError(
+            f"{type(network).__name__} is itself the block container; pipeline stages are cut inside a network: give "
+            f"module_name= the LightningModule attribute that holds it, so its blocks are '<attribute>.<i>'"
+        )
+    first, last = _outer_modules(network, container, allow_direct_params=traced)
     if cfg.split_points is not None:
         starts = []
         for point in cfg.split_points:
@@ -321,7 +310,7 @@ def plan_pipeline(network: nn.Module, cfg: PipelineConfig, costs: tuple[list[flo
             )
         starts = [0] + starts
     else:
-        block_costs, first_cost, last_cost = costs if costs is not None else module_costs(network, container)
+        block_costs, first_cost, last_cost = costs if costs is not None else module_costs(network, container, traced)
         starts = partition(block_costs, total, first_cost, last_cost)
     bounds = starts + [len(keys)]
     stage_keys = [keys[bounds[s] : bounds[s + 1]] for s in range(total)]
@@ -337,7 +326,7 @@ def _container_of_split_points(network: nn.Module, points: list[str], container:
         )
     parent = parents.pop()
     if container is not None and container != parent:
-        raise ValueError(f"split points are in {parent!r} but container={container!r}; make them agree")
+        raise ValueError(f"split points are in {parent!r} but block_container={container!r}; make them agree")
     find_block_container(network, parent)  # validates the type
     keys = set(network.get_submodule(parent)._modules.keys())
     missing = [p for p in points if p.rsplit(".", 1)[1] not in keys]
@@ -483,18 +472,31 @@ class PipelineRuntime:
     local_module: nn.Module = field(init=False)
     stage_indices: list[int] = field(init=False)
     stage_forward: Callable[..., Any] | None = None  # stage_forward(stage_module, *inputs) replaces its forward
+    traced: Any = None  # a pipeline_trace.TracedSplit: stages cut by torch's tracer instead of stage views
+    example: tuple | None = None  # traced: example inputs (any batch size) that tell which tensors a stage holds
     record_timeline: bool = False
     timeline: list[TimelineEvent] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.stage_indices = [s for s, r in enumerate(self.plan.stage_ranks) if r == self.pp_rank]
-        # What this rank keeps (the LightningModule's network after setup): all of its stages.
-        self.local_module = view_of(self.network, self.plan, self.stage_indices)
-        if len(self.stage_indices) == 1:
-            stage_modules = [self.local_module]
+        self.tied_groups = tied_parameter_groups(self.network)
+        if self.traced is not None:
+            # The network itself, with what other ranks' stages hold removed (set to None, names
+            # kept); stages are built per input signature from the trace (``_build``).
+            from lightning_scale.core.pipeline_trace import prune_to
+
+            assert self.example is not None
+            owned = self.traced.owned_names(self.example, self.stage_indices)
+            prune_to(self.network, owned)
+            self.local_module = self.network
+            self.stage_modules = [self.network]
         else:
-            stage_modules = [view_of(self.local_module, self.plan, [s]) for s in self.stage_indices]
-        self.stage_modules = stage_modules
+            # What this rank keeps (the LightningModule's network after setup): all of its stages.
+            self.local_module = view_of(self.network, self.plan, self.stage_indices)
+            if len(self.stage_indices) == 1:
+                self.stage_modules = [self.local_module]
+            else:
+                self.stage_modules = [view_of(self.local_module, self.plan, [s]) for s in self.stage_indices]
         self._loss_scale = 1.0  # 1 / (m x accumulation) while training, so grads match the full batch
         # Timeline marks on the device's stream (CUDA events on a GPU: kernels, not launches), read
         # into seconds once the step is over (one synchronisation per recorded step, none otherwise).
@@ -507,25 +509,29 @@ class PipelineRuntime:
         # eval batch, each length during generation). Every rank sees the same inputs, so every
         # rank switches at the same call.
         self._by_signature: dict[tuple, tuple[list, Any]] = {}
-        self.stages, self.schedule = self._build()
+        # Traced stages need an input signature: the first step builds them.
+        self.stages, self.schedule = ([], None) if self.traced is not None else self._build()
         self.last_stage_rank = self.plan.stage_ranks[-1]  # pp rank that holds the loss
-        self.tied_groups = tied_parameter_groups(self.network)
         self.tied = self._tied_sync_plan()
         # Drop the full model: the blocks this rank does not own are freed once the caller
         # replaces its own reference with ``local_module``.
         self.network = None  # type: ignore[assignment]
 
-    def _build(self, n_microbatches: int | None = None) -> tuple[list, Any]:
+    def _build(self, n_microbatches: int | None = None, microbatch: tuple | None = None) -> tuple[list, Any]:
         from torch.distributed.pipelining import PipelineStage
         from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
-        modules = self.stage_modules
-        if self.stage_forward is not None:
-            modules = [_ForwardAdapter(mod, self.stage_forward) for mod in modules]
-        stages = [
-            PipelineStage(mod, s, self.plan.num_stages, self.device, group=self.pp_group)
-            for mod, s in zip(modules, self.stage_indices)
-        ]
+        if self.traced is not None:
+            assert microbatch is not None
+            stages = self.traced.build_stages(microbatch, self.stage_indices, self.local_module, self.device, self.pp_group)
+        else:
+            modules = self.stage_modules
+            if self.stage_forward is not None:
+                modules = [_ForwardAdapter(mod, self.stage_forward) for mod in modules]
+            stages = [
+                PipelineStage(mod, s, self.plan.num_stages, self.device, group=self.pp_group)
+                for mod, s in zip(modules, self.stage_indices)
+            ]
         for stage in stages:
             self._instrument(stage)
         schedule_cls = get_schedule_class(_TORCH_SCHEDULES[self.cfg.schedule])
@@ -546,7 +552,11 @@ class PipelineRuntime:
         m = n_microbatches or self.cfg.resolved_microbatches
         key = (tuple(sig(x) for x in inputs), sig(target), m)
         if key not in self._by_signature:
-            if not self._by_signature and m == self.cfg.resolved_microbatches:
+            if self.traced is not None:
+                # One microbatch of the inputs (B/m rows): the shapes the traced stages exchange.
+                rows = next(x.shape[0] for x in inputs if isinstance(x, torch.Tensor)) // m
+                built = self._build(m, tuple(x[:rows] if isinstance(x, torch.Tensor) else x for x in inputs))
+            elif not self._by_signature and m == self.cfg.resolved_microbatches:
                 built = (self.stages, self.schedule)  # the first signature takes the initial build
             else:
                 built = self._build(m)
@@ -666,6 +676,8 @@ class PipelineRuntime:
     # -- tied parameters ---------------------------------------------------------------------
     def _tied_sync_plan(self) -> list[tuple[list[int], str]]:
         """(pipeline ranks holding a copy, local parameter name) of each tied group split over ranks."""
+        if self.traced is not None:
+            return []  # the strategy refuses tied parameters on the traced path
         out = []
         for names in self.tied_groups:
             holders = sorted({self.plan.stage_ranks[owner_stage(self.plan, n)] for n in names})

@@ -586,24 +586,20 @@ class ZeroOptimizer:
         return sum(s.padded for s in self.specs)
 
 
-def fully_shard_blocks(network: nn.Module, container: str | None, roots: Sequence[nn.Module], mesh: Any,
+def fully_shard_blocks(blocks: Sequence[nn.Module], roots: Sequence[nn.Module], mesh: Any,
                        offload_params: bool = False) -> int:
-    """ZeRO-3 with FSDP2: ``fully_shard`` each block of ``network``'s block container on ``mesh``,
-    then each of ``roots`` (the module(s) whose forward runs the blocks: the network, or a
-    pipeline rank's stage modules), which hold the remaining parameters. Returns the block count.
+    """ZeRO-3 with FSDP2: ``fully_shard`` each of ``blocks`` (found by
+    :class:`lightning_scale.core.blocks.BlockFinder`) on ``mesh``, then each of ``roots`` (the
+    module(s) whose forward runs the blocks: the network, or a pipeline rank's stage modules),
+    which hold the remaining parameters. Returns the block count.
 
     ``offload_params``: FSDP2 ``CPUOffloadPolicy`` (sharded parameters, gradients and the
     optimizer step on CPU); pinned memory when the mesh is on CUDA (pinning needs an accelerator)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
-    from lightning_scale.core.pipeline import find_block_container
-
     policy = CPUOffloadPolicy(pin_memory=dev.pin_host_memory(mesh.device_type)) if offload_params else OffloadPolicy()
-    holder = network.get_submodule(find_block_container(network, container))
-    blocks = [b for b in holder._modules.values() if b is not None]
     for block in blocks:
         fully_shard(block, mesh=mesh, offload_policy=policy)
     for root in roots:
         fully_shard(root, mesh=mesh, offload_policy=policy)
     return len(blocks)
-

@@ -115,6 +115,9 @@ class GPT(nn.Module):
     and one that lacks ``head`` returns hidden states (B, T, D).
     """
 
+    #: The forward skips modules set to None, so PipelineStrategy can run it on stage views.
+    pipeline_stage_views = True
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config

@@ -89,6 +89,9 @@ class ClassifierHead(nn.Module):
 class ResNet(nn.Module):
     """``forward(images (B, C, H, W)) -> logits (B, num_classes)``."""
 
+    #: The forward skips modules set to None, so PipelineStrategy can run it on stage views.
+    pipeline_stage_views = True
+
     def __init__(self, config: ResNetConfig) -> None:
         super().__init__()
         self.config = config

@@ -120,6 +120,9 @@ class PatchEmbedding(nn.Module):
 class ViT(nn.Module):
     """``forward(images (B, C, S, S)) -> logits (B, num_classes)``."""
 
+    #: The forward skips modules set to None, so PipelineStrategy can run it on stage views.
+    pipeline_stage_views = True
+
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
         self.config = config

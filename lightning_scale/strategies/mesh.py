@@ -20,7 +20,6 @@ Subclasses (:class:`~lightning_scale.strategies.PipelineStrategy`, ...) transfor
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
@@ -42,6 +41,7 @@ from torch.optim import Optimizer
 from lightning_scale.core import checkpoint as ckpt
 from lightning_scale.core import device as dev
 from lightning_scale.core.activation_checkpointing import ACConfig, apply_activation_checkpointing, as_ac_config
+from lightning_scale.core.blocks import BlockClass, BlockFinder, check_block_class
 from lightning_scale.core.grads import allreduce_gradients, clip_grad_norm_, reduce_partial_gradients
 from lightning_scale.core.mesh import MESH_DIM_NAMES, ParallelDims, build_device_mesh
 from lightning_scale.strategies.loader_state import (
@@ -106,6 +106,19 @@ def check_module_path(owner: str, name: str, value: Any) -> None:
                          f"module inside the network, e.g. 'blocks' or 'transformer.h'")
 
 
+def renamed_option(owner: str, old: str, new: str, old_value: Any, new_value: Any, default: Any = None) -> Any:
+    """The value of option ``new``, accepting its old spelling ``old`` with a DeprecationWarning."""
+    if old_value is None:
+        return new_value
+    import warnings
+
+    if new_value is not default:
+        raise ValueError(f"{owner}: {old}= is the old name of {new}=; pass only {new}=")
+    warnings.warn(f"{owner}({old}=...) is deprecated; use {new}= (the same option under its one name across strategies)",
+                  DeprecationWarning, stacklevel=3)
+    return old_value
+
+
 def check_plan(owner: str, name: str, plan: Any) -> None:
     """None or ``{module-path pattern: ParallelStyle}``."""
     if plan is None:
@@ -146,7 +159,14 @@ class MeshStrategy(ParallelStrategy):
             ``"every_<k>"``, ``"offload"``, a dict of :class:`~lightning_scale.core.activation_checkpointing.ACConfig`
             fields, or an ACConfig (default: off). Applied after pipeline splitting and tensor
             parallelism, before data-parallel sharding.
-        module_name: attribute of the LightningModule that holds the network.
+        module_name: attribute of the LightningModule that holds the network; by default
+            ``"model"`` when the LightningModule has one, else the LightningModule itself (layers
+            written directly on it).
+        block_container: path (in the network) of the ``nn.Sequential`` / ``ModuleList`` /
+            ``ModuleDict`` whose children are the blocks (the units of activation checkpointing,
+            ZeRO-3 sharding and pipeline splitting); default: the container with most parameters.
+        block_class: or the blocks' class: a class, a class name, a list of those, or a predicate
+            ``fn(module) -> bool`` (an FSDP-style wrap policy); see :mod:`lightning_scale.core.blocks`.
     """
 
     strategy_name = "mesh"
@@ -164,11 +184,20 @@ class MeshStrategy(ParallelStrategy):
         trust_checkpoint: bool = False,
         activation_checkpointing: ACConfig | dict[str, Any] | str | None = None,
         module_name: str = "model",
+        block_container: str | None = None,
+        block_class: BlockClass | None = None,
     ) -> None:
         # Validated here, on every rank, before any process group exists.
-        _check_mesh_options(type(self).__name__, process_group_backend, timeout, trust_checkpoint, module_name)
+        owner = type(self).__name__
+        _check_mesh_options(owner, process_group_backend, timeout, trust_checkpoint, module_name)
+        check_module_path(owner, "block_container", block_container)
+        check_block_class(owner, block_class)
+        if block_container is not None and block_class is not None:
+            raise ValueError(f"{owner}: give block_container= (where the blocks are) or block_class= (what they are), "
+                             f"not both")
         self.activation_checkpointing = as_ac_config(activation_checkpointing)
         self.module_name = module_name
+        self.block_finder = BlockFinder(container=block_container, block_class=block_class)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -303,17 +332,23 @@ class MeshStrategy(ParallelStrategy):
         return network
 
     def checkpoint_activations(self, network: torch.nn.Module, container: str | None = None) -> None:
-        """Apply ``activation_checkpointing`` to ``network`` (this rank's part of the model).
+        """Apply ``activation_checkpointing`` to ``network`` (this rank's part of the model), on
+        the blocks the strategy's ``block_container`` / ``block_class`` find.
 
         ``container`` is the block container's path when the strategy knows it (pipeline plan)."""
         config = self.activation_checkpointing
         if config is None:
             return
-        if container is not None and config.container is None and config.policy != "classes":
-            config = dataclasses.replace(config, container=container)
-        applied = apply_activation_checkpointing(network, config)
+        finder = self.block_finder
+        if container is not None and finder.block_class is None:
+            finder = BlockFinder(container=container)
+        applied = apply_activation_checkpointing(network, config, finder, owner=self._owner_for_errors())
         kinds = sorted(set(applied.values()))
         rank_zero_info(f"{type(self).__name__}: activation checkpointing {config.policy} on {len(applied)} modules ({', '.join(kinds)})")
+
+    def _owner_for_errors(self) -> str:
+        """How errors name this strategy (e.g. ``ZeroStrategy(stage=3)``)."""
+        return type(self).__name__
 
     def model_to_device(self) -> None:
         assert self.model is not None

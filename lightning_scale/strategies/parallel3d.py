@@ -22,7 +22,7 @@ from torch.distributed.tensor.parallel import ParallelStyle
 from lightning_scale.core.mesh import ParallelDims
 from lightning_scale.strategies.mesh import check_bool, check_plan
 from lightning_scale.strategies.pipeline import PipelineStrategy
-from lightning_scale.strategies.tensor_parallel import parallelize_network
+from lightning_scale.strategies.tensor_parallel import parallelize_network, relative_plan
 
 
 class Parallel3DStrategy(PipelineStrategy):
@@ -35,7 +35,8 @@ class Parallel3DStrategy(PipelineStrategy):
         tensor_parallel_size: ranks sharing each layer.
         data_parallel_size: replicas; -1 = world size / (pp x tp).
         sequence_parallel: shard LayerNorm/dropout activations on the sequence dim (TP only).
-        tp_plan: ``{pattern: ParallelStyle}``; default: the built-in plan for the suite's GPT/ViT.
+        tp_plan: ``{pattern: ParallelStyle}``, paths relative to the network or the LightningModule;
+            default: the built-in plan for the suite's GPT/ViT.
     """
 
     strategy_name = "parallel_3d"
@@ -61,6 +62,7 @@ class Parallel3DStrategy(PipelineStrategy):
         assert self.resolved_dims is not None
         if self.resolved_dims.tp == 1:
             return
-        parallelize_network(local_network, self.device_mesh["tp"], self.tp_plan, self.sequence_parallel)
+        user_plan = relative_plan(self.tp_plan, None if self.network_is_module else self.module_name)
+        parallelize_network(local_network, self.device_mesh["tp"], user_plan, self.sequence_parallel)
         dims = self.resolved_dims
         rank_zero_info(f"Parallel3DStrategy: mesh pp x dp x tp = {dims.pp} x {dims.dp} x {dims.tp}")

@@ -32,9 +32,19 @@ from torch import Tensor, nn
 from lightning_scale.core import device as dev
 from lightning_scale.core.grads import allreduce_gradients
 from lightning_scale.core.mesh import ParallelDims
-from lightning_scale.core.pipeline import NEEDS_M_GE_P, SPLIT_BACKWARD_SCHEDULES, V_SCHEDULES, PipelineConfig, PipelineRuntime, ScheduleName, plan_pipeline
+from lightning_scale.core.pipeline import (
+    NEEDS_M_GE_P,
+    SPLIT_BACKWARD_SCHEDULES,
+    V_SCHEDULES,
+    PipelineConfig,
+    PipelineRuntime,
+    ScheduleName,
+    plan_pipeline,
+    tied_parameter_groups,
+)
+from lightning_scale.core.pipeline_trace import meta_copy
 from lightning_scale.strategies.interface import PipelineOutput
-from lightning_scale.strategies.mesh import MeshStrategy, check_attribute_name, check_module_path
+from lightning_scale.strategies.mesh import MeshStrategy, check_attribute_name, check_module_path, renamed_option
 
 StepMode = Literal["train", "eval", "predict"]
 
@@ -64,7 +74,7 @@ def _check_pipeline_options(owner: str, balance: Any, split_points: Any, contain
                                      or not all(isinstance(p, str) and p for p in split_points)):
         raise ValueError(f"{owner}(split_points={split_points!r}): split_points must be a list of block names where a new "
                          f"stage starts, e.g. ['blocks.2'] for 2 stages (one name fewer than stages), or None")
-    check_module_path(owner, "container", container)
+    check_module_path(owner, "block_container", container)
     check_attribute_name(owner, "module_name", module_name)
     check_attribute_name(owner, "loss_name", loss_name)
     if timeline_step is not None and (isinstance(timeline_step, bool) or not isinstance(timeline_step, int) or timeline_step < 0):
@@ -112,8 +122,11 @@ class PipelineStrategy(MeshStrategy):
         balance: split blocks by ``"params"`` (default) or by measured ``"time"`` (needs
             ``example_input_array`` on the LightningModule).
         split_points: explicit stage boundaries, e.g. ``["blocks.2"]`` (overrides ``balance``).
-        container: path of the block container in the network (default: found automatically).
-        module_name: attribute of the LightningModule that holds the network to pipeline.
+        block_container: path of the block container in the network (default: found
+            automatically); ``container=`` is its deprecated spelling.
+        block_class: or the blocks' class (they must be the children of one container).
+        module_name: attribute of the LightningModule that holds the network to pipeline
+            (default: ``model`` if present, else the LightningModule itself).
         loss_name: method of the LightningModule that computes the loss from (output, target).
         stage_forward: ``fn(stage_module, *inputs)`` run as each stage's forward, for models whose
             own forward cannot skip missing parts (a callable or its import path, e.g.
@@ -122,6 +135,13 @@ class PipelineStrategy(MeshStrategy):
         timeline_path: where the PNG goes (default ``<trainer.log_dir>/pipeline_timeline.png``).
         zero_stage: 0 (default: gradients all-reduced over the data-parallel replicas) or 3 (FSDP2
             ``fully_shard`` of each stage's blocks and stage modules over the dp sub-mesh).
+        frontend: how stages are cut. ``"trace"``: torch's tracing frontend splits the unchanged
+            ``forward`` (``torch.distributed.pipelining.pipeline`` on ``torch.export``; needs
+            ``example_input_array``). ``"views"``: each stage is a view of the model without the
+            parts it does not own, run by the model's own forward, which must skip ``None``
+            modules (the suite's models do), or by ``stage_forward``. ``"auto"`` (default):
+            ``"views"`` for models that declare ``pipeline_stage_views = True`` or with
+            ``stage_forward``, else ``"trace"``.
     """
 
     strategy_name = "pipeline"
@@ -134,7 +154,8 @@ class PipelineStrategy(MeshStrategy):
         virtual_stages: int | None = None,
         balance: Literal["params", "time"] = "params",
         split_points: list[str] | None = None,
-        container: str | None = None,
+        block_container: str | None = None,
+        block_class: Any = None,
         module_name: str = "model",
         loss_name: str = "loss_fn",
         stage_forward: str | Callable[..., Any] | None = None,
@@ -144,10 +165,17 @@ class PipelineStrategy(MeshStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         trust_checkpoint: bool = False,
+        container: str | None = None,
+        frontend: Literal["auto", "trace", "views"] = "auto",
         **kwargs: Any,
     ) -> None:
         # Validated here, on every rank, before any process group exists.
-        _check_pipeline_options(type(self).__name__, balance, split_points, container, module_name, loss_name,
+        block_container = renamed_option(type(self).__name__, "container", "block_container", container, block_container)
+        if frontend not in ("auto", "trace", "views"):
+            raise ValueError(f"{type(self).__name__}(frontend={frontend!r}): frontend must be 'auto', 'trace' (torch's "
+                             f"tracer splits your unchanged forward) or 'views' (your forward skips None modules)")
+        self.frontend = frontend
+        _check_pipeline_options(type(self).__name__, balance, split_points, block_container, module_name, loss_name,
                                 timeline_step, timeline_path)
         self.pipeline_config = PipelineConfig(
             stages=stages,
@@ -156,13 +184,17 @@ class PipelineStrategy(MeshStrategy):
             virtual_stages=virtual_stages,
             balance=balance,
             split_points=split_points,
-            container=container,
+            block_container=block_container,
+            block_class=block_class,
         )
         super().__init__(
             dims=ParallelDims(pp=stages, dp=-1, tp=1),
             process_group_backend=process_group_backend,
             timeout=timeout,
             trust_checkpoint=trust_checkpoint,
+            module_name=module_name,
+            block_container=block_container,
+            block_class=block_class,
             **kwargs,
         )
         if zero_stage not in (0, 3):
@@ -209,21 +241,60 @@ class PipelineStrategy(MeshStrategy):
         pass  # ParallelDims.resolve already names the fix when world size % stages != 0
 
     def _network_and_loss(self) -> tuple[nn.Module, Any]:
+        """The network (``module_name``, or the LightningModule itself) and the loss method, checked
+        at setup on every rank with errors that name the fix."""
         lm = self.lightning_module
-        network = getattr(lm, self.module_name, None)
-        if not isinstance(network, nn.Module):
-            raise AttributeError(
-                f"PipelineStrategy pipelines the network in LightningModule attribute {self.module_name!r}, but "
-                f"{type(lm).__name__}.{self.module_name} is {type(network).__name__}; set module_name= to the "
-                f"attribute that holds your nn.Module"
+        network = self.network()
+        self.network_is_module = network is lm
+        if not lm.automatic_optimization:
+            raise ValueError(
+                f"PipelineStrategy runs forward and backward inside the loss method, so it needs automatic "
+                f"optimization; {type(lm).__name__} sets automatic_optimization = False: use another strategy"
             )
         loss = getattr(lm, self.loss_name, None)
         if not callable(loss):
+            call = "self(x)" if self.network_is_module else f"self.{self.module_name}(x)"
             raise AttributeError(
-                f"PipelineStrategy computes the loss on the last stage with {type(lm).__name__}.{self.loss_name}"
-                f"(output, target), which does not exist; add that method or set loss_name="
+                f"PipelineStrategy computes the loss on the last pipeline stage, where the outputs are, with "
+                f"{type(lm).__name__}.{self.loss_name}(output, target); {type(lm).__name__} has no such method (a loss "
+                f"computed inline in training_step cannot run on one stage). Add\n"
+                f"    def {self.loss_name}(self, output, target):\n        return <your loss of output and target>\n"
+                f"and write the steps as  loss = self.{self.loss_name}({call}, y)  (or set loss_name= to your "
+                f"existing method); see docs/strategies/pipeline.md"
             )
         return network, loss
+
+    def _choose_frontend(self, network: nn.Module) -> str:
+        if self.frontend != "auto":
+            chosen = self.frontend
+        elif self.stage_forward is not None or getattr(network, "pipeline_stage_views", False):
+            chosen = "views"
+        else:
+            chosen = "trace"
+        if chosen == "views" and self.network_is_module:
+            raise ValueError(
+                f"PipelineStrategy(frontend='views') replaces the network attribute by a stage view, and "
+                f"{type(self.lightning_module).__name__} keeps its layers on itself; use frontend='trace' (default), "
+                f"or put the network in an attribute and set module_name="
+            )
+        if chosen == "trace" and self.zero_stage == 3:
+            raise ValueError(
+                "PipelineStrategy(zero_stage=3) runs on stage views; with frontend='trace' use zero_stage=0, or a model "
+                "whose forward skips None modules with frontend='views'"
+            )
+        return chosen
+
+    def _example_inputs(self, why: str) -> tuple:
+        lm = self.lightning_module
+        example = getattr(lm, "example_input_array", None)
+        if example is None:
+            raise ValueError(
+                f"PipelineStrategy {why}, which needs one batch of example inputs: set self.example_input_array in "
+                f"{type(lm).__name__}.__init__ (what you pass to forward, e.g. torch.zeros(2, 16, dtype=torch.long)); "
+                f"its batch size does not matter"
+            )
+        example = example if isinstance(example, tuple) else (example,)
+        return tuple(e.to(self.root_device) if isinstance(e, Tensor) else e for e in example)
 
     @property
     def pipelined(self) -> bool:
@@ -241,8 +312,8 @@ class PipelineStrategy(MeshStrategy):
                 return  # an earlier fit/validate/test/predict of this strategy did it
             self._parallelized = network
             self.after_split(network)
-            self.checkpoint_activations(network, self.pipeline_config.container)
-            self._shard_data_parallel(network, [network], self.pipeline_config.container)
+            self.checkpoint_activations(network, self.pipeline_config.block_container)
+            self._shard_data_parallel(network, [network])
             return  # one stage: no pipeline
         if getattr(network, "_lightning_scale_pipeline_part", False):
             raise RuntimeError(
@@ -250,8 +321,32 @@ class PipelineStrategy(MeshStrategy):
                 f"model (it was split by another PipelineStrategy); reuse the same Trainer for fit/validate/test/"
                 f"predict, or load a fresh model from a checkpoint"
             )
+        if getattr(self.lightning_module, "_lightning_scale_pruned", False):
+            raise RuntimeError(
+                f"{type(self.lightning_module).__name__} holds only one pipeline stage's part of the model (it was split "
+                f"by another PipelineStrategy); reuse the same Trainer for fit/validate/test/predict, or load a fresh "
+                f"model from a checkpoint"
+            )
+        frontend = self._choose_frontend(network)
+        traced, example = None, None
+        if frontend == "trace":
+            from lightning_scale.core.pipeline_trace import TracedSplit
+
+            example = self._example_inputs(f"traces {type(network).__name__}.forward to cut it into stages")
+            tied = tied_parameter_groups(network)
+            if tied:
+                raise ValueError(
+                    f"PipelineStrategy(frontend='trace'): {type(network).__name__} shares parameters between modules "
+                    f"({', '.join(' = '.join(g) for g in tied[:2])}); the traced path cannot keep copies on two stages in "
+                    f"step. Use frontend='views' with a forward that skips None modules, or untie them"
+                )
         costs = self._measure_block_costs(network) if self.pipeline_config.balance == "time" else None
-        plan = plan_pipeline(network, self.pipeline_config, costs)
+        plan = plan_pipeline(network, self.pipeline_config, costs, traced=frontend == "trace")
+        if frontend == "trace":
+            traced = TracedSplit(network, [f"{plan.container}.{keys[0]}" for keys in plan.stage_keys[1:]])
+            traced.trace(example)  # fails here, at setup, on every rank, if export cannot capture the forward
+        self._full_module_meta = meta_copy(self.lightning_module)  # runs forward outside steps (shapes only)
+        self._stage_param_counts = self._describe_stage_sizes(network, plan)
         rank = self.global_rank
         self.runtime = PipelineRuntime(
             network=network,
@@ -263,12 +358,20 @@ class PipelineStrategy(MeshStrategy):
             device=self.root_device,
             loss_fn=loss,
             stage_forward=self.stage_forward,
+            traced=traced,
+            example=example,
         )
-        self.runtime.local_module._lightning_scale_pipeline_part = True
-        setattr(self.lightning_module, self.module_name, self.runtime.local_module)
+        if traced is None:
+            self.runtime.local_module._lightning_scale_pipeline_part = True
+            setattr(self.lightning_module, self.module_name, self.runtime.local_module)
+        self.lightning_module._lightning_scale_pruned = True
+        # Outside a step (Lightning's model summary with example_input_array, a user's call) the
+        # LightningModule's forward runs on a meta copy of the whole model: shapes, no numbers, no
+        # collective, no crash on the parts this rank does not hold.
+        self.lightning_module.__dict__["forward"] = self._outside_step_forward
         self.after_split(self.runtime.local_module)
         self.checkpoint_activations(self.runtime.local_module, plan.container)
-        self._shard_data_parallel(self.runtime.local_module, self.runtime.stage_modules, plan.container)
+        self._shard_data_parallel(self.runtime.local_module, self.runtime.stage_modules)
         # Groups that sum the gradients of tied parameters held on several stages; new_group is
         # collective over the world, so every rank creates every group in the same order.
         self._tied_groups = []
@@ -279,7 +382,39 @@ class PipelineStrategy(MeshStrategy):
                     group = dist.new_group(ranks, timeout=self._timeout)
                     if rank in ranks and local_name:
                         self._tied_groups.append((group, local_name))
-        rank_zero_info(f"PipelineStrategy: {self.pipeline_config.schedule}, m={self.runtime.microbatches}\n{plan.describe()}")
+        rank_zero_info(f"PipelineStrategy ({frontend}): {self.pipeline_config.schedule}, m={self.runtime.microbatches}\n"
+                       f"{plan.describe()}\n{self._stage_param_counts}")
+
+    def _describe_stage_sizes(self, network: nn.Module, plan: Any) -> str:
+        """Parameter counts of the whole model and of each stage (Lightning's own summary, run on
+        rank 0 after the split, counts rank 0's stages only)."""
+        from lightning_scale.core.pipeline import module_costs
+
+        blocks, first, last = module_costs(network, plan.container, allow_direct_params=True)
+        keys = list(network.get_submodule(plan.container)._modules.keys())
+        sizes = []
+        for s, stage_keys in enumerate(plan.stage_keys):
+            n = sum(blocks[keys.index(k)] for k in stage_keys)
+            n += first if s == 0 else 0
+            n += last if s == plan.num_stages - 1 else 0
+            sizes.append(n)
+        total = sum(p.numel() for p in network.parameters())
+        per_stage = ", ".join(f"stage {s}: {int(n):,}" for s, n in enumerate(sizes))
+        return f"parameters: {total:,} in the whole model; {per_stage}"
+
+    def _outside_step_forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The LightningModule's forward outside a pipelined step: on the meta copy of the whole model."""
+        from lightning_scale.core.pipeline_trace import _to_meta
+
+        if not getattr(self, "_warned_meta_forward", False):
+            self._warned_meta_forward = True
+            rank_zero_info(
+                f"PipelineStrategy: {type(self.lightning_module).__name__}.forward called outside a training/eval step "
+                f"runs on the meta device (output shapes, no values): each rank holds only its pipeline stages. For real "
+                f"outputs call trainer.strategy.pipelined_forward(x) on every rank"
+            )
+        meta = self._full_module_meta
+        return type(meta).forward(meta, *(_to_meta(a) for a in args), **{k: _to_meta(v) for k, v in kwargs.items()})
 
     def communication_groups(self) -> list[tuple[str, dist.ProcessGroup]]:
         """The mesh's groups, plus the tied-parameter groups, which join pipeline stages: ``pp``."""
@@ -301,7 +436,7 @@ class PipelineStrategy(MeshStrategy):
                     aliases[prefix + name] = prefix + canonical
         return aliases
 
-    def _shard_data_parallel(self, network: nn.Module, stage_modules: list[nn.Module], container: str | None) -> None:
+    def _shard_data_parallel(self, network: nn.Module, stage_modules: list[nn.Module]) -> None:
         """``zero_stage=3``: FSDP2 ``fully_shard`` on the dp sub-mesh, per block and per stage module.
 
         The last step of the design guide's order (after split, TP and AC). Each block is its own
@@ -313,7 +448,8 @@ class PipelineStrategy(MeshStrategy):
         from lightning_scale.core.sharding import fully_shard_blocks
 
         mesh = self.device_mesh["dp"]
-        fully_shard_blocks(network, container, stage_modules, mesh)
+        blocks = [b for _, b in self.block_finder.find(network, type(self).__name__)]
+        fully_shard_blocks(blocks, stage_modules, mesh)
         rank_zero_info(f"{type(self).__name__}: ZeRO-3 (FSDP2) over dp={mesh.size()} for each stage's blocks and stage modules")
 
     def after_split(self, local_network: nn.Module) -> None:
@@ -327,15 +463,11 @@ class PipelineStrategy(MeshStrategy):
         """Forward+backward seconds per block on ``example_input_array``, averaged over ranks."""
         from lightning_scale.core.pipeline import find_block_container, _outer_modules
 
-        example = getattr(self.lightning_module, "example_input_array", None)
-        if example is None:
-            raise ValueError(
-                "balance='time' measures each block on the LightningModule's example_input_array, which is not set; "
-                "set self.example_input_array in __init__ (one microbatch of inputs) or use balance='params'"
-            )
-        container = find_block_container(network, self.pipeline_config.container)
+        example = self._example_inputs("with balance='time' measures each block (or use balance='params')")
+        cfg = self.pipeline_config
+        container = find_block_container(network, cfg.block_container, cfg.block_class)
         blocks = list(network.get_submodule(container)._modules.values())
-        first, last = _outer_modules(network, container)
+        first, last = _outer_modules(network, container, allow_direct_params=True)
         timed = {id(b): i for i, b in enumerate(blocks)}
         outer = {id(network.get_submodule(p)): "first" for p in first} | {id(network.get_submodule(p)): "last" for p in last}
         # Marks on the device's stream (CUDA events on a GPU: kernels, not launches), read after the runs.
@@ -360,8 +492,6 @@ class PipelineStrategy(MeshStrategy):
         for mod_id_owner in [*blocks, *[network.get_submodule(p) for p in first + last]]:
             handles.append(mod_id_owner.register_forward_pre_hook(pre))
             handles.append(mod_id_owner.register_forward_hook(post))
-        example = example if isinstance(example, tuple) else (example,)
-        example = tuple(e.to(self.root_device) if isinstance(e, Tensor) else e for e in example)
         try:
             with torch.no_grad():
                 network(*example)  # warm-up
@@ -432,18 +562,24 @@ class PipelineStrategy(MeshStrategy):
         lm = self.lightning_module
         proxy = _NetworkProxy(self, mode)
         self._proxy = proxy
-        lm.__dict__[self.module_name] = proxy  # shadows the registered submodule for this step
+        outside = lm.__dict__.pop("forward", None)  # the user's forward runs in the step
+        # The proxy shadows the registered submodule (or, layers on the LightningModule, its forward).
+        shadowed = "forward" if self.network_is_module else self.module_name
+        lm.__dict__[shadowed] = proxy
         lm.__dict__[self.loss_name] = self._make_loss(mode)
         try:
             yield
         finally:
-            lm.__dict__.pop(self.module_name, None)
+            lm.__dict__.pop(shadowed, None)
             lm.__dict__.pop(self.loss_name, None)
+            if outside is not None:
+                lm.__dict__["forward"] = outside
             self._proxy = None
         unused = [c for c in proxy.calls if not c.consumed]
         if unused:
+            call = "self(...)" if self.network_is_module else f"self.{self.module_name}(...)"
             raise RuntimeError(
-                f"{type(lm).__name__} called self.{self.module_name}(...) in its {mode} step but never passed the "
+                f"{type(lm).__name__} called {call} in its {mode} step but never passed the "
                 f"output to self.{self.loss_name}(output, target); under PipelineStrategy the schedule runs inside "
                 f"the loss method, so every network call must go through it"
             )

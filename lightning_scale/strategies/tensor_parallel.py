@@ -24,7 +24,7 @@ from torch.distributed.tensor.parallel import ParallelStyle
 
 from lightning_scale.core.mesh import ParallelDims
 from lightning_scale.core.tensor_parallel import apply_tp, gpt_tp_plan, validate_tp, vit_tp_plan
-from lightning_scale.strategies.mesh import MeshStrategy, check_attribute_name, check_bool, check_plan
+from lightning_scale.strategies.mesh import MeshStrategy, check_bool, check_plan, renamed_option
 
 
 def builtin_plan(network: nn.Module, sequence_parallel: bool, shard_vocab: bool = False) -> dict[str, ParallelStyle]:
@@ -36,9 +36,21 @@ def builtin_plan(network: nn.Module, sequence_parallel: bool, shard_vocab: bool 
     if isinstance(network, ViT):
         return vit_tp_plan(sequence_parallel)
     raise ValueError(
-        f"there is no built-in tensor-parallel plan for {type(network).__name__}; pass plan={{'pattern': ParallelStyle}} "
-        f"(see docs/strategies/tensor_parallel.md for a Hugging Face example)"
+        f"there is no built-in tensor-parallel plan for {type(network).__name__}; pass tp_plan={{'module path pattern': "
+        f"ParallelStyle}}, e.g. {{'fc1': ColwiseParallel(), 'fc2': RowwiseParallel()}}, with paths relative to the "
+        f"LightningModule (or to its module_name network), or tp_plan={{}} to replicate every layer (see "
+        f"docs/strategies/tensor_parallel.md)"
     )
+
+
+def relative_plan(plan: Mapping[str, ParallelStyle] | None, module_name: str | None) -> dict[str, ParallelStyle] | None:
+    """``plan`` with paths relative to the network: a pattern written from the LightningModule
+    (``"model.blocks.*.fc1"``) loses its ``module_name`` prefix when the network is that attribute
+    (``module_name`` None: the network is the LightningModule, paths are already relative)."""
+    if plan is None or module_name is None:
+        return None if plan is None else dict(plan)
+    prefix = module_name + "."
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in plan.items()}
 
 
 def parallelize_network(
@@ -71,7 +83,9 @@ class TensorParallelStrategy(MeshStrategy):
         tensor_parallel_size: ranks that share each layer (the "tp" mesh dimension).
         sequence_parallel: also shard LayerNorm/dropout activations on the sequence dimension
             (the sequence length must be divisible by ``tensor_parallel_size``).
-        plan: ``{module-path pattern: ParallelStyle}``; default: the built-in plan for the suite's GPT/ViT.
+        tp_plan: ``{module-path pattern: ParallelStyle}``, paths relative to the network (or to the
+            LightningModule, ``"model.blocks.*.fc1"``); default: the built-in plan for the suite's
+            GPT/ViT. ``plan=`` is its deprecated spelling.
         shard_vocab: with the built-in GPT plan, shard the token embedding and head on the vocabulary.
         module_name: attribute of the LightningModule that holds the network.
     """
@@ -82,31 +96,32 @@ class TensorParallelStrategy(MeshStrategy):
         self,
         tensor_parallel_size: int = 2,
         sequence_parallel: bool = False,
-        plan: Mapping[str, ParallelStyle] | None = None,
+        tp_plan: Mapping[str, ParallelStyle] | None = None,
         shard_vocab: bool = False,
         module_name: str = "model",
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         trust_checkpoint: bool = False,
+        plan: Mapping[str, ParallelStyle] | None = None,
         **kwargs: Any,
     ) -> None:
         # Validated here, on every rank, before any process group exists.
         owner = type(self).__name__
+        plan = renamed_option(owner, "plan", "tp_plan", plan, tp_plan)
         check_bool(owner, "sequence_parallel", sequence_parallel)
         check_bool(owner, "shard_vocab", shard_vocab)
-        check_plan(owner, "plan", plan)
-        check_attribute_name(owner, "module_name", module_name)
+        check_plan(owner, "tp_plan", plan)
         super().__init__(
             dims=ParallelDims(pp=1, dp=-1, tp=tensor_parallel_size),
             process_group_backend=process_group_backend,
             timeout=timeout,
             trust_checkpoint=trust_checkpoint,
+            module_name=module_name,
             **kwargs,
         )
         self.sequence_parallel = sequence_parallel
-        self.plan = dict(plan) if plan is not None else None
+        self.tp_plan = dict(plan) if plan is not None else None
         self.shard_vocab = shard_vocab
-        self.module_name = module_name
         self._parallelized: nn.Module | None = None
 
     @property
@@ -117,7 +132,8 @@ class TensorParallelStrategy(MeshStrategy):
         network = self.network()
         if network is self._parallelized:
             return  # an earlier fit/validate/test/predict of this strategy did it
-        plan = parallelize_network(network, self.device_mesh["tp"], self.plan, self.sequence_parallel, self.shard_vocab)
+        user_plan = relative_plan(self.tp_plan, None if network is self.lightning_module else self.module_name)
+        plan = parallelize_network(network, self.device_mesh["tp"], user_plan, self.sequence_parallel, self.shard_vocab)
         self.checkpoint_activations(network)  # after TP (design guide order)
         self._parallelized = network
         rank_zero_info(f"TensorParallelStrategy: tp={self.tp}, sequence_parallel={self.sequence_parallel}, {len(plan)} plan entries")

@@ -40,7 +40,7 @@ from lightning_scale.core import device as dev
 from lightning_scale.core.grads import allreduce_gradients
 from lightning_scale.core.mesh import ParallelDims
 from lightning_scale.core.sharding import ZeroConfig, ZeroOptimizer, fully_shard_blocks
-from lightning_scale.strategies.mesh import MeshStrategy, check_attribute_name, check_bool, check_module_path
+from lightning_scale.strategies.mesh import MeshStrategy, check_bool
 
 
 class ZeroStrategy(MeshStrategy):
@@ -52,9 +52,12 @@ class ZeroStrategy(MeshStrategy):
         offload_params: stage 3: sharded parameters (and gradients, and the step) on CPU.
         backend: ``"native"`` (default) or ``"fairscale"`` (stages 1 and 2).
         bucket_mb: bucket size in MiB of the stage 1/2 reductions and all-gathers.
-        module_name: stage 3: the LightningModule attribute holding the network to shard.
-        block_container: stage 3: path (in the network) of the blocks to shard one by one;
-            default: the largest ModuleList/ModuleDict/Sequential.
+        module_name: the LightningModule attribute holding the network (default: ``model`` if
+            present, else the LightningModule itself).
+        block_container: stage 3 and activation checkpointing: path (in the network) of the
+            Sequential/ModuleList/ModuleDict whose children are sharded one by one; default: the
+            container with most parameters.
+        block_class: or the blocks' class (a class, name, list, or predicate ``fn(module) -> bool``).
     """
 
     strategy_name = "zero"
@@ -68,6 +71,7 @@ class ZeroStrategy(MeshStrategy):
         bucket_mb: float = 25.0,
         module_name: str = "model",
         block_container: str | None = None,
+        block_class: Any = None,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         trust_checkpoint: bool = False,
@@ -77,17 +81,17 @@ class ZeroStrategy(MeshStrategy):
         owner = type(self).__name__
         check_bool(owner, "offload_optimizer", offload_optimizer)
         check_bool(owner, "offload_params", offload_params)
-        check_attribute_name(owner, "module_name", module_name)
-        check_module_path(owner, "block_container", block_container)
         self.zero = ZeroConfig(stage=stage, offload_optimizer=offload_optimizer, offload_params=offload_params,
                                backend=backend, bucket_mb=bucket_mb)
         super().__init__(dims=ParallelDims(pp=1, dp=-1, tp=1), process_group_backend=process_group_backend,
-                         timeout=timeout, trust_checkpoint=trust_checkpoint, **kwargs)
-        self.module_name = module_name
-        self.block_container = block_container
+                         timeout=timeout, trust_checkpoint=trust_checkpoint, module_name=module_name,
+                         block_container=block_container, block_class=block_class, **kwargs)
         self._engines: dict[int, ZeroOptimizer] = {}
         self._sharded: nn.Module | None = None
         self._oss: list[Any] = []  # fairscale backend: the OSS optimizers
+
+    def _owner_for_errors(self) -> str:
+        return f"ZeroStrategy(stage={self.zero.stage})"
 
     def communicates_host_tensors(self) -> bool:
         # Offload: the optimizer-state all-gather of a checkpoint carries host tensors, so a CUDA run
@@ -110,13 +114,14 @@ class ZeroStrategy(MeshStrategy):
         network = self.network()
         if network is self._sharded:
             return  # an earlier fit/validate/test/predict of this strategy did it
-        self.checkpoint_activations(network, self.block_container)  # before sharding (design guide order)
+        self.checkpoint_activations(network)  # before sharding (design guide order)
         if self.zero.stage == 3:
             self._fully_shard(network)
 
     def _fully_shard(self, network: nn.Module) -> None:
         mesh = self.device_mesh["dp"]
-        n_blocks = fully_shard_blocks(network, self.block_container, [network], mesh, self.zero.offload_params)
+        blocks = [b for _, b in self.block_finder.find(network, self._owner_for_errors())]
+        n_blocks = fully_shard_blocks(blocks, [network], mesh, self.zero.offload_params)
         self._sharded = network
         rank_zero_info(f"ZeroStrategy: stage 3 (FSDP2) over {mesh.size()} ranks, {n_blocks} blocks sharded one by one"
                        + (", parameters offloaded to CPU" if self.zero.offload_params else ""))
