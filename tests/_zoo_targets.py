@@ -20,7 +20,7 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def fit(shape: str, strategy: Any, steps: int, batch_size: int, strategy_kwargs: dict | None = None,
-        loss_method: bool = False) -> dict:
+        loss_method: bool = False, summary: bool = False) -> dict:
     """Fit zoo ``shape`` for ``steps`` on this rank with ``strategy`` (a registered name, or a
     strategy class path with ``strategy_kwargs``); returns per-step losses and the weights."""
     import lightning as L
@@ -44,7 +44,7 @@ def fit(shape: str, strategy: Any, steps: int, batch_size: int, strategy_kwargs:
     world = int(os.environ["WORLD_SIZE"])
     data = TensorDataset(*zoo.batches(shape, steps * batch_size * world))
     trainer = L.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=steps, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=summary,
                         num_sanity_val_steps=0, callbacks=[Record()])
     trainer.fit(model, train_dataloaders=DataLoader(data, batch_size=batch_size, shuffle=False, drop_last=True))
     return {"losses": losses, "state": _state(model)}
@@ -76,3 +76,19 @@ def reference(shape: str, steps: int, per_replica_batch: int, replicas: int, sam
         optimizer.step()
         losses.append(float(loss))
     return {"losses": losses, "state": _state(model)}
+
+
+def refusals(cases: list[tuple[str, str, dict | None]]) -> list[str]:
+    """Fit each (shape, strategy, strategy_kwargs) in turn on this rank; returns each one's error
+    message ("" if it trained). One process pair for every refusal case (each fails at setup)."""
+    messages = []
+    environ = dict(os.environ)
+    for shape, strategy, kwargs in cases:
+        os.environ.clear()
+        os.environ.update(environ)  # a failed setup's teardown may have removed the launcher's variables
+        try:
+            fit(shape, strategy, 2, 4, kwargs)
+            messages.append("")
+        except Exception as err:  # the test asserts on the message
+            messages.append(f"{type(err).__name__}: {err}")
+    return messages

@@ -47,11 +47,18 @@ def meta_copy(network: nn.Module) -> nn.Module:
         memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
     for b in network.buffers():
         memo[id(b)] = torch.empty_like(b, device="meta")
-    # Attributes that are not modules or tensors (a Lightning trainer reference, metrics states)
-    # are copied shallowly: the trace only runs forward.
-    trainer = getattr(network, "_trainer", None)
-    if trainer is not None:
-        memo[id(trainer)] = None
+    # Attributes that are not modules or tensors (a Lightning trainer reference, configs, process
+    # groups held by metrics) are shared, not copied: the copy only runs forward.
+    # Hook registries start empty, so hooks added to the original later (FSDP2, TP, profilers)
+    # never run on the copy.
+    for module in network.modules():
+        for key, value in module.__dict__.items():
+            if key in ("_parameters", "_buffers", "_modules") or isinstance(value, (torch.Tensor, nn.Module)):
+                continue
+            if "hook" in key and isinstance(value, dict):
+                memo.setdefault(id(value), type(value)())
+            else:
+                memo.setdefault(id(value), value)
     return copy.deepcopy(network, memo)
 
 
@@ -116,7 +123,7 @@ class TracedSplit:
                 f"{self.owner}: torch.export could not trace {type(self.meta).__name__}.forward to split it into stages "
                 f"({type(cause).__name__}: {str(cause).splitlines()[0][:300] if str(cause) else ''}). Make the forward "
                 f"exportable (no Python branching on tensor values), or use the stage-view path: a forward that skips "
-                f"modules set to None (split='views'), or stage_forward= (see docs/strategies/pipeline.md)"
+                f"modules set to None (frontend='views'), or stage_forward= (see docs/strategies/pipeline.md)"
             ) from err
         self._unannotate()
         if pipe.num_stages != self.num_stages:
@@ -178,8 +185,21 @@ class TracedSplit:
 
 
 def prune_to(network: nn.Module, keep: set[str]) -> int:
-    """Remove (set to None) every parameter and buffer of ``network`` whose name is not in
-    ``keep``, in place; module structure and the kept names stay. Returns the elements freed."""
+    """Remove every parameter and buffer of ``network`` whose name is not in ``keep``, in place:
+    a module left with none of its tensors is set to None in its parent (as a stage view drops
+    what it does not own, so plans and block finders skip it); a module that keeps some has the
+    others set to None. Kept names do not change. Returns the elements freed."""
+    held = {name for name, _ in list(network.named_parameters()) + list(network.named_buffers())}
+    removed: list[str] = []
+    for name, module in list(network.named_modules()):
+        if not name or any(name.startswith(r + ".") for r in removed):
+            continue
+        if not any(h.startswith(name + ".") for h in held) or any(k.startswith(name + ".") for k in keep):
+            continue  # no tensors (activations, dropout), or some kept: stays
+        parent, _, leaf = name.rpartition(".")
+        owner = network.get_submodule(parent) if parent else network
+        owner._modules[leaf] = None
+        removed.append(name)
     freed = 0
     for name, t in list(network.named_parameters()) + list(network.named_buffers()):
         if name in keep:

@@ -43,14 +43,33 @@ def builtin_plan(network: nn.Module, sequence_parallel: bool, shard_vocab: bool 
     )
 
 
-def relative_plan(plan: Mapping[str, ParallelStyle] | None, module_name: str | None) -> dict[str, ParallelStyle] | None:
+def _matches_some_module(network: nn.Module, pattern: str) -> bool:
+    from fnmatch import fnmatchcase
+
+    parts = pattern.split(".")
+    for name, _ in network.named_modules():
+        components = name.split(".") if name else []
+        if len(components) == len(parts) and all(fnmatchcase(c, p) for c, p in zip(components, parts)):
+            return True
+    return False
+
+
+def relative_plan(plan: Mapping[str, ParallelStyle] | None, module_name: str | None,
+                  network: nn.Module | None = None) -> dict[str, ParallelStyle] | None:
     """``plan`` with paths relative to the network: a pattern written from the LightningModule
     (``"model.blocks.*.fc1"``) loses its ``module_name`` prefix when the network is that attribute
-    (``module_name`` None: the network is the LightningModule, paths are already relative)."""
+    and the pattern does not already name a module of the network (a Hugging Face model held in
+    ``self.model`` has its own ``model.layers``). ``module_name`` None: the network is the
+    LightningModule, paths are already relative."""
     if plan is None or module_name is None:
         return None if plan is None else dict(plan)
     prefix = module_name + "."
-    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in plan.items()}
+    out = {}
+    for key, style in plan.items():
+        if key.startswith(prefix) and (network is None or not _matches_some_module(network, key)):
+            key = key[len(prefix):]
+        out[key] = style
+    return out
 
 
 def parallelize_network(
@@ -64,6 +83,14 @@ def parallelize_network(
 
     Shared by :class:`TensorParallelStrategy` and the 3D strategy (on its stage view)."""
     tp = tp_mesh.size()
+    fused = [name for name, m in network.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    if fused:
+        raise ValueError(
+            f"tensor parallelism cannot run {type(network).__name__}: nn.MultiheadAttention ({fused[0]}) computes with "
+            f"its fused in_proj weight in one functional call that DTensor cannot mix with plain activations, sharded "
+            f"or replicated. Use strategy='zero2' / 'zero3' / 'ddp_ac' / 'pipeline' for this module, or write the "
+            f"attention with nn.Linear q/k/v projections and shard those with tp_plan="
+        )
     config = getattr(network, "config", None)
     if plan is None and config is not None:
         # Heads, hidden, MLP (and vocab) against tp, named by config field: raised on every rank.
@@ -132,7 +159,7 @@ class TensorParallelStrategy(MeshStrategy):
         network = self.network()
         if network is self._parallelized:
             return  # an earlier fit/validate/test/predict of this strategy did it
-        user_plan = relative_plan(self.tp_plan, None if network is self.lightning_module else self.module_name)
+        user_plan = relative_plan(self.tp_plan, None if network is self.lightning_module else self.module_name, network)
         plan = parallelize_network(network, self.device_mesh["tp"], user_plan, self.sequence_parallel, self.shard_vocab)
         self.checkpoint_activations(network)  # after TP (design guide order)
         self._parallelized = network
