@@ -20,7 +20,7 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def fit(shape: str, strategy: Any, steps: int, batch_size: int, strategy_kwargs: dict | None = None,
-        loss_method: bool = False, summary: bool = False) -> dict:
+        loss_method: bool = False, summary: bool = False, validate: bool = False) -> dict:
     """Fit zoo ``shape`` for ``steps`` on this rank with ``strategy`` (a registered name, or a
     strategy class path with ``strategy_kwargs``); returns per-step losses and the weights."""
     import lightning as L
@@ -47,7 +47,29 @@ def fit(shape: str, strategy: Any, steps: int, batch_size: int, strategy_kwargs:
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=summary,
                         num_sanity_val_steps=0, callbacks=[Record()])
     trainer.fit(model, train_dataloaders=DataLoader(data, batch_size=batch_size, shuffle=False, drop_last=True))
-    return {"losses": losses, "state": _state(model)}
+    out = {"losses": losses, "state": _state(model),
+           "logged": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train")}}
+    if validate:
+        val = TensorDataset(*zoo.batches(shape, VAL_SAMPLES, seed=2))
+        out["val"] = {k: float(v) for k, v in trainer.validate(model, DataLoader(val, batch_size=batch_size), verbose=False)[0].items()}
+    return out
+
+
+VAL_SAMPLES = 16
+
+
+def reference_validation(shape: str, state: dict[str, torch.Tensor]) -> dict[str, float]:
+    """val_acc and val_loss of ``state`` on the validation samples, plain PyTorch."""
+    import torch.nn.functional as F
+
+    model = zoo.SHAPES[shape]()
+    if hasattr(model, "configure_model"):
+        model.configure_model()
+    model.load_state_dict(state, strict=False)
+    x, y = zoo.batches(shape, VAL_SAMPLES, seed=2)
+    with torch.no_grad():
+        logits = model.model(x)
+    return {"val_acc": float((logits.argmax(-1) == y).float().mean()), "val_loss": float(F.cross_entropy(logits, y))}
 
 
 def reference(shape: str, steps: int, per_replica_batch: int, replicas: int, samples: int | None = None) -> dict:
@@ -74,7 +96,7 @@ def reference(shape: str, steps: int, per_replica_batch: int, replicas: int, sam
         loss = model.training_step(batch, step)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return {"losses": losses, "state": _state(model)}
 
 

@@ -85,6 +85,10 @@ def _check_pipeline_options(owner: str, balance: Any, split_points: Any, contain
                          f"(e.g. 'runs/timeline.png'), or None for <log_dir>/pipeline_timeline.png")
 
 
+def _no_loss_method(output: Any, target: Any) -> Tensor:
+    raise AssertionError("inline-loss steps set the runtime's loss for each step")
+
+
 class _NetworkProxy:
     """Takes the network's place on the LightningModule during a step (not an nn.Module)."""
 
@@ -98,7 +102,9 @@ class _NetworkProxy:
             raise TypeError(
                 f"under PipelineStrategy pass the network's inputs positionally (got keyword arguments {sorted(kwargs)})"
             )
-        if self._mode == "predict":
+        if self._mode == "predict" or (self._mode == "eval" and self._strategy.inline_loss):
+            # Forward-only schedule; the outputs are sent to every rank of the pipeline, so the
+            # user's step (metrics, an inline loss, logging) runs unchanged on each.
             return self._strategy._predict(args)
         out = PipelineOutput(args, kwargs)
         self.calls.append(out)
@@ -252,16 +258,11 @@ class PipelineStrategy(MeshStrategy):
                 f"optimization; {type(lm).__name__} sets automatic_optimization = False: use another strategy"
             )
         loss = getattr(lm, self.loss_name, None)
-        if not callable(loss):
-            call = "self(x)" if self.network_is_module else f"self.{self.module_name}(x)"
-            raise AttributeError(
-                f"PipelineStrategy computes the loss on the last pipeline stage, where the outputs are, with "
-                f"{type(lm).__name__}.{self.loss_name}(output, target); {type(lm).__name__} has no such method (a loss "
-                f"computed inline in training_step cannot run on one stage). Add\n"
-                f"    def {self.loss_name}(self, output, target):\n        return <your loss of output and target>\n"
-                f"and write the steps as  loss = self.{self.loss_name}({call}, y)  (or set loss_name= to your "
-                f"existing method); see docs/strategies/pipeline.md"
-            )
+        # No loss method: the loss is computed inline in training_step, which then runs per
+        # microbatch on the last stage (lightning_scale/strategies/inline_loss.py).
+        self.inline_loss = not callable(loss)
+        if self.inline_loss:
+            loss = _no_loss_method
         return network, loss
 
     def _choose_frontend(self, network: nn.Module) -> str:
@@ -285,16 +286,57 @@ class PipelineStrategy(MeshStrategy):
         return chosen
 
     def _example_inputs(self, why: str) -> tuple:
+        """One batch of the network's inputs: ``example_input_array``, else the inputs the step
+        passes to the network for the first batch of this stage's dataloader (fetched with the
+        random state saved and restored, so the run's data order does not change)."""
         lm = self.lightning_module
         example = getattr(lm, "example_input_array", None)
         if example is None:
+            example = self._inputs_of_first_batch()
+        if example is None:
             raise ValueError(
-                f"PipelineStrategy {why}, which needs one batch of example inputs: set self.example_input_array in "
-                f"{type(lm).__name__}.__init__ (what you pass to forward, e.g. torch.zeros(2, 16, dtype=torch.long)); "
-                f"its batch size does not matter"
+                f"PipelineStrategy {why}, which needs one batch of example inputs, and there is no dataloader to take "
+                f"one from: set self.example_input_array in {type(lm).__name__}.__init__ (what you pass to forward, "
+                f"e.g. torch.zeros(2, 16, dtype=torch.long)); its batch size does not matter"
             )
         example = example if isinstance(example, tuple) else (example,)
         return tuple(e.to(self.root_device) if isinstance(e, Tensor) else e for e in example)
+
+    def _inputs_of_first_batch(self) -> tuple | None:
+        import random
+
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        from lightning_scale.strategies.inline_loss import capture_network_inputs
+
+        lm = self.lightning_module
+        trainer = lm._trainer
+        if trainer is None:
+            return None
+        loop, step_name = {
+            TrainerFn.FITTING: (trainer.fit_loop, "training_step"),
+            TrainerFn.VALIDATING: (trainer.validate_loop, "validation_step"),
+            TrainerFn.TESTING: (trainer.test_loop, "test_step"),
+            TrainerFn.PREDICTING: (trainer.predict_loop, "predict_step"),
+        }[trainer.state.fn]
+        source = getattr(loop, "_data_source", None)
+        if source is None or not source.is_defined():
+            return None
+        loaders = source.dataloader()
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        states = (torch.get_rng_state(), random.getstate())
+        try:
+            batch = next(iter(loader))
+        finally:
+            torch.set_rng_state(states[0])
+            random.setstate(states[1])
+        batch = lm._apply_batch_transfer_handler(batch, device=self.root_device)
+        attr = "forward" if self.network_is_module else self.module_name
+        call = "self(...)" if self.network_is_module else f"self.{self.module_name}(...)"
+        step = getattr(type(lm), step_name).__get__(lm)
+        rank_zero_info(f"PipelineStrategy: no example_input_array; the inputs {call} gets for the first batch of the "
+                       f"{step_name.split('_')[0]} dataloader stand in for it (tracing, balance='time')")
+        return capture_network_inputs(lm, attr, call, step, (batch, 0), {})
 
     @property
     def pipelined(self) -> bool:
@@ -596,36 +638,43 @@ class PipelineStrategy(MeshStrategy):
             output.consumed = True
             batch = self._batch_size(output.args, target)
             if mode == "train":
-                runtime.check_batch(batch)
-                png = self.timeline_step is not None and self.lightning_module.trainer.global_step == self.timeline_step
-                record = png or self.record_timeline_requested
-                runtime.record_timeline = record
-                accumulate = self.lightning_module.trainer.accumulate_grad_batches
-                params = [p for p in self.lightning_module.parameters() if p.requires_grad]
-                if self._new_accumulation_window:
-                    for p in params:
-                        p.grad = None
-                    self._new_accumulation_window = False
-                loss = runtime.train_step(output.args, target, grad_divisor=accumulate)
-                # Lightning zeroes gradients after the step's forward and before backward (its
-                # closure order); the schedule has already run backward, so keep its gradients
-                # aside and hand them back in backward().
-                self._stashed_grads = [(p, p.grad) for p in params if p.grad is not None]
-                for p, _ in self._stashed_grads:
-                    p.grad = None
-                # Busy time of this rank's compute actions (seconds), for ScaleProfiler's bubble.
-                self.last_busy_s = sum(e.end - e.start for e in runtime.timeline) if record else None
-                if record:
-                    runtime.record_timeline = False
-                if png:
-                    self._save_timeline()
-                return loss
+                return self._train_schedule(output.args, target, batch)
             self._check_forward_only()
             value, loss = runtime.eval_step(output.args, target, batch)
             output.value = value
             return loss
 
         return pipelined_loss
+
+    def _train_schedule(self, inputs: tuple, target: Any, batch: int) -> Tensor:
+        """Forward and backward of every microbatch through the schedule; gradients kept aside
+        for :meth:`backward`; returns the mean microbatch loss on every rank of the pipeline."""
+        runtime = self.runtime
+        assert runtime is not None
+        runtime.check_batch(batch)
+        png = self.timeline_step is not None and self.lightning_module.trainer.global_step == self.timeline_step
+        record = png or self.record_timeline_requested
+        runtime.record_timeline = record
+        accumulate = self.lightning_module.trainer.accumulate_grad_batches
+        params = [p for p in self.lightning_module.parameters() if p.requires_grad]
+        if self._new_accumulation_window:
+            for p in params:
+                p.grad = None
+            self._new_accumulation_window = False
+        loss = runtime.train_step(inputs, target, grad_divisor=accumulate)
+        # Lightning zeroes gradients after the step's forward and before backward (its
+        # closure order); the schedule has already run backward, so keep its gradients
+        # aside and hand them back in backward().
+        self._stashed_grads = [(p, p.grad) for p in params if p.grad is not None]
+        for p, _ in self._stashed_grads:
+            p.grad = None
+        # Busy time of this rank's compute actions (seconds), for ScaleProfiler's bubble.
+        self.last_busy_s = sum(e.end - e.start for e in runtime.timeline) if record else None
+        if record:
+            runtime.record_timeline = False
+        if png:
+            self._save_timeline()
+        return loss
 
     @staticmethod
     def _batch_size(args: tuple, target: Any) -> int:
@@ -675,8 +724,46 @@ class PipelineStrategy(MeshStrategy):
         return runtime.broadcast_from_last_stage(out)
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self.pipelined and self.inline_loss:
+            args, kwargs = self.precision_plugin.convert_input((args, kwargs))
+            with self.precision_plugin.train_step_context():
+                return self._inline_training_step(args, kwargs)
         with self._intercept("train"):
             return super().training_step(*args, **kwargs)
+
+    def _inline_training_step(self, args: tuple, kwargs: dict) -> Tensor:
+        """``training_step`` with its loss computed inline (see :mod:`.inline_loss`): capture the
+        network's inputs, run the schedule with the step replayed per microbatch on the last
+        stage as the loss, then log the microbatch-averaged values once on every rank."""
+        from lightning_scale.strategies import inline_loss as il
+
+        lm = self.lightning_module
+        runtime = self.runtime
+        assert runtime is not None
+        attr = "forward" if self.network_is_module else self.module_name
+        call = "self(...)" if self.network_is_module else f"self.{self.module_name}(...)"
+        step = type(lm).training_step.__get__(lm)
+        outside = lm.__dict__.pop("forward", None)  # the user's forward, if the step calls it
+        try:
+            inputs = il.capture_network_inputs(lm, attr, call, step, args, kwargs)
+            batch_size = il.batch_size_of(inputs)
+            recorder = il.LogRecorder()
+            batch, rest = args[0], args[1:]
+
+            def loss_of_microbatch(output: Any, rows: Tensor) -> Tensor:
+                return il.replay_loss(lm, attr, call, step, batch, rest, kwargs, output, rows, batch_size, recorder)
+
+            runtime.loss_fn = loss_of_microbatch
+            rows = torch.arange(batch_size, device=self.root_device)  # cut like the inputs: each microbatch's rows
+            loss = self._train_schedule(inputs, rows, batch_size)
+        finally:
+            runtime.loss_fn = _no_loss_method
+            if outside is not None:
+                lm.__dict__["forward"] = outside
+        logged = runtime.broadcast_from_last_stage(recorder.merged() if runtime.has_last_stage else None)
+        for name, (value, options) in logged.items():
+            lm.log(name, torch.tensor(value, device=self.root_device), **options)
+        return loss
 
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
         with self._intercept("eval"):
