@@ -47,7 +47,11 @@ def fit(shape: str, strategy: Any, steps: int, batch_size: int, strategy_kwargs:
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=summary,
                         num_sanity_val_steps=0, callbacks=[Record()])
     trainer.fit(model, train_dataloaders=DataLoader(data, batch_size=batch_size, shuffle=False, drop_last=True))
+    from lightning.pytorch.callbacks import ModelSummary
+
+    summaries = [cb._summary(trainer, model) for cb in trainer.callbacks if isinstance(cb, ModelSummary)]
     out = {"losses": losses, "state": _state(model),
+           "summary": [(s.total_parameters, s.in_sizes[:1], s.out_sizes[:1]) for s in summaries],
            "logged": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train")}}
     if validate:
         val = TensorDataset(*zoo.batches(shape, VAL_SAMPLES, seed=2))

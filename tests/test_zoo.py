@@ -74,24 +74,45 @@ def test_pipeline_validation_with_torchmetrics_matches_plain_pytorch() -> None:
         assert rank["val"]["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-5)
 
 
-def test_pipeline_model_summary_runs_with_example_input_array() -> None:
-    # Lightning's summary pushes example_input_array through forward on rank 0 after the split:
-    # it runs on a meta copy of the whole model (no crash, no collective), and training matches.
+def test_pipeline_model_summary_shows_the_whole_model_with_example_input_array() -> None:
+    # Lightning's summary runs on every rank after the split and pushes example_input_array
+    # through forward: it summarizes a meta copy of the whole model (every parameter, the in/out
+    # shapes; no crash, no collective), and training matches.
     results = run_distributed(targets.fit, 2, "mha_transformer", "pipeline", STEPS, BATCH, None, False, True,
                               init_process_group=False, timeout=240)
     assert_parity(results, targets.reference("mha_transformer", STEPS, BATCH, replicas=1, samples=_samples(2)))
+    whole = sum(p.numel() for p in zoo.MHATransformer().parameters())
+    for rank in results:
+        ((total, in_sizes, out_sizes),) = rank["summary"]
+        assert total == whole
+        assert in_sizes == [[2, zoo.SEQ]] and out_sizes == [[2, zoo.SEQ, zoo.HIDDEN]]  # the token embedding
 
 
-def test_missing_plan_and_multihead_attention_under_tensor_parallel_are_refused_at_setup() -> None:
+def test_what_a_strategy_cannot_run_is_refused_naming_the_fix() -> None:
     cases = [("layers_on_module", "tensor_parallel", None), ("custom_model_loop", "tensor_parallel", None),
-             ("mha_transformer", "tensor_parallel", {"tp_plan": {}})]
+             ("mha_transformer", "tensor_parallel", {"tp_plan": {}}),
+             # views replace the network attribute; layers on the LightningModule have none (setup)
+             ("layers_on_module", "pipeline", {"frontend": "views"})]
     results = run_distributed(targets.refusals, 2, cases, init_process_group=False, timeout=300)
     for messages in results:  # every rank raises the same error
-        for (shape, _, _), message in zip(cases, messages):
-            if shape == "mha_transformer":
+        for (shape, strategy, _), message in zip(cases, messages):
+            if strategy == "pipeline":
+                assert "keeps its layers on itself; use frontend='trace' (default)" in message, message
+            elif shape == "mha_transformer":
                 assert "nn.MultiheadAttention (layers.0.attn) computes with its fused in_proj weight" in message, message
             else:
                 assert "there is no built-in tensor-parallel plan" in message and "tp_plan=" in message, (shape, message)
+
+
+def test_stage_views_of_a_forward_that_does_not_skip_missing_modules_fail_naming_the_fix() -> None:
+    # frontend='views' asked for explicitly: the forward calls a module the stage does not own.
+    # Caught at the first step (every stage fails in its forward) and explained.
+    from lightning_scale.testing.multiprocess import RankFailedError
+
+    with pytest.raises(RankFailedError, match=r"TinyNet.forward calls a module this pipeline stage does not own.*"
+                                              r"Use frontend='trace'"):
+        run_distributed(targets.fit, 2, "custom_model_loop", "pipeline", 2, BATCH, {"frontend": "views"},
+                        init_process_group=False, timeout=120)
 
 
 # -- tensor parallel --------------------------------------------------------------------------------

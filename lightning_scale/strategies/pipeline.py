@@ -388,6 +388,8 @@ class PipelineStrategy(MeshStrategy):
             traced = TracedSplit(network, [f"{plan.container}.{keys[0]}" for keys in plan.stage_keys[1:]])
             traced.trace(example)  # fails here, at setup, on every rank, if export cannot capture the forward
         self._full_module_meta = meta_copy(self.lightning_module)  # runs forward outside steps (shapes only)
+        self._summarize_whole_model()
+        self._frontend = frontend
         self._stage_param_counts = self._describe_stage_sizes(network, plan)
         rank = self.global_rank
         self.runtime = PipelineRuntime(
@@ -426,6 +428,26 @@ class PipelineStrategy(MeshStrategy):
                         self._tied_groups.append((group, local_name))
         rank_zero_info(f"PipelineStrategy ({frontend}): {self.pipeline_config.schedule}, m={self.runtime.microbatches}\n"
                        f"{plan.describe()}\n{self._stage_param_counts}")
+
+    def _summarize_whole_model(self) -> None:
+        """Lightning's ModelSummary (``on_fit_start``, every rank, after the split) summarizes the
+        meta copy of the whole LightningModule: every layer and parameter count, and the in/out
+        shapes of ``example_input_array`` (on meta: no numbers, no collective)."""
+        from lightning.pytorch.callbacks import ModelSummary
+        from lightning.pytorch.utilities.model_summary import summarize
+        from torch.utils._pytree import tree_map
+
+        from lightning_scale.core.pipeline_trace import _to_meta
+
+        meta = self._full_module_meta
+        example = getattr(self.lightning_module, "example_input_array", None)
+        if example is not None:
+            meta.example_input_array = tree_map(_to_meta, example)
+        meta._device = torch.device("meta")
+        trainer = self.lightning_module._trainer
+        for callback in (trainer.callbacks if trainer is not None else []):
+            if isinstance(callback, ModelSummary):
+                callback._summary = lambda trainer, pl_module, cb=callback: summarize(meta, max_depth=cb._max_depth)
 
     def _describe_stage_sizes(self, network: nn.Module, plan: Any) -> str:
         """Parameter counts of the whole model and of each stage (Lightning's own summary, run on
@@ -640,7 +662,8 @@ class PipelineStrategy(MeshStrategy):
             if mode == "train":
                 return self._train_schedule(output.args, target, batch)
             self._check_forward_only()
-            value, loss = runtime.eval_step(output.args, target, batch)
+            with self._explained_stage_errors():
+                value, loss = runtime.eval_step(output.args, target, batch)
             output.value = value
             return loss
 
@@ -661,7 +684,8 @@ class PipelineStrategy(MeshStrategy):
             for p in params:
                 p.grad = None
             self._new_accumulation_window = False
-        loss = runtime.train_step(inputs, target, grad_divisor=accumulate)
+        with self._explained_stage_errors():
+            loss = runtime.train_step(inputs, target, grad_divisor=accumulate)
         # Lightning zeroes gradients after the step's forward and before backward (its
         # closure order); the schedule has already run backward, so keep its gradients
         # aside and hand them back in backward().
@@ -675,6 +699,22 @@ class PipelineStrategy(MeshStrategy):
         if png:
             self._save_timeline()
         return loss
+
+    @contextlib.contextmanager
+    def _explained_stage_errors(self) -> Iterator[None]:
+        """A stage view's forward that calls a module the stage does not own fails inside torch's
+        schedule with a bare TypeError; say what it means and what to do."""
+        try:
+            yield
+        except TypeError as err:
+            if getattr(self, "_frontend", None) != "views" or "'NoneType' object is not callable" not in str(err):
+                raise
+            raise TypeError(
+                f"PipelineStrategy(frontend='views'): {type(self.runtime.local_module).__name__}.forward calls a module "
+                f"this pipeline stage does not own (stage views set those to None) ({err}). Use frontend='trace', which "
+                f"splits an unchanged forward, or make the forward skip None modules "
+                f"(`if self.embed is not None: x = self.embed(x)`)"
+            ) from err
 
     @staticmethod
     def _batch_size(args: tuple, target: Any) -> int:
