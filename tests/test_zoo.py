@@ -5,7 +5,7 @@ process of plain PyTorch (per-step loss rel <= 1e-5 over 20 steps, weights <= 1e
 Every shape runs under every strategy family by its registered name; each case either trains
 in parity or is refused at setup with a message that names the fix, and the test says which:
 
-* ZeRO-2 with offload, ZeRO-3 with offload (FSDP2), data parallel with activation checkpointing:
+* ZeRO-1, ZeRO-2 with offload, ZeRO-3 with offload (FSDP2), data parallel with activation checkpointing:
   all 8 shapes train unchanged (the layers on the LightningModule itself when it has no
   ``self.model``). Lightning's own ``ddp`` checks the reference itself.
 * Pipeline (``"pipeline"``): all 8 shapes train unchanged. torch's tracer cuts each ``forward``;
@@ -15,7 +15,8 @@ in parity or is refused at setup with a message that names the fix, and the test
 * Tensor parallel (``"tensor_parallel"``): a module without a plan is refused naming ``tp_plan=``;
   with a plan written from the LightningModule (``"blocks.*.fc1"``, ``"model.layers.*.fc1"``) or
   ``tp_plan={}`` (every layer replicated) it trains in parity.
-* 3D (``"parallel_3d"``, 4 ranks: pp 2 x tp 2).
+* 3D (``"parallel_3d"``, 4 ranks: pp 2 x tp 2): two shapes with a plan; without one
+  it is refused naming ``tp_plan=``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from lightning_scale.testing import run_distributed
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 BATCH = 4  # per data-parallel replica
-CASES = [(shape, strategy) for strategy in ("zero2_offload", "zero3_offload", "ddp_ac") for shape in zoo.SHAPES]
+CASES = [(shape, strategy) for strategy in ("zero1", "zero2_offload", "zero3_offload", "ddp_ac") for shape in zoo.SHAPES]
 CASES += [("layers_on_module", "ddp"), ("cnn", "ddp")]  # Lightning's DDP: the reference is right
 
 
@@ -91,6 +92,7 @@ def test_pipeline_model_summary_shows_the_whole_model_with_example_input_array()
 def test_what_a_strategy_cannot_run_is_refused_naming_the_fix() -> None:
     cases = [("layers_on_module", "tensor_parallel", None), ("custom_model_loop", "tensor_parallel", None),
              ("mha_transformer", "tensor_parallel", {"tp_plan": {}}),
+             ("layers_on_module", "parallel_3d", {"pipeline_parallel_size": 1}),  # tp=2 on 2 ranks, no plan
              # views replace the network attribute; layers on the LightningModule have none (setup)
              ("layers_on_module", "pipeline", {"frontend": "views"})]
     results = run_distributed(targets.refusals, 2, cases, init_process_group=False, timeout=300)
@@ -133,8 +135,10 @@ def test_tensor_parallel_trains_user_modules_with_a_plan_from_the_lightning_modu
 
 
 # -- 3D ---------------------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_parallel_3d_traces_and_shards_a_user_module_on_4_ranks() -> None:
-    results = run_distributed(targets.fit, 4, "layers_on_module", "parallel_3d", STEPS, BATCH,
-                              {"tp_plan": TP_PLANS["layers_on_module"]}, init_process_group=False, timeout=300)
-    assert_parity(results, targets.reference("layers_on_module", STEPS, BATCH, replicas=1, samples=_samples(4)))
+@pytest.mark.parametrize("shape", ["layers_on_module", "custom_model_loop"])
+def test_parallel_3d_traces_and_shards_a_user_module_on_4_ranks(shape: str) -> None:
+    # pp 2 x tp 2: the unchanged forward traced into stages, the plan (from the LightningModule,
+    # "model.layers.*" for a self.model) applied to each rank's part, the inline loss replayed.
+    results = run_distributed(targets.fit, 4, shape, "parallel_3d", STEPS, BATCH, {"tp_plan": TP_PLANS[shape]},
+                              init_process_group=False, timeout=300)
+    assert_parity(results, targets.reference(shape, STEPS, BATCH, replicas=1, samples=_samples(4)))
