@@ -20,7 +20,8 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def fit(shape: str, strategy: Any, steps: int, batch_size: int, strategy_kwargs: dict | None = None,
-        loss_method: bool = False, summary: bool = False, validate: bool = False) -> dict:
+        loss_method: bool = False, summary: bool = False, validate: bool = False, ckpt_dir: str | None = None,
+        ckpt_every: int | None = None, resume: str | None = None, samples: int | None = None) -> dict:
     """Fit zoo ``shape`` for ``steps`` on this rank with ``strategy`` (a registered name, or a
     strategy class path with ``strategy_kwargs``); returns per-step losses and the weights."""
     import lightning as L
@@ -42,11 +43,18 @@ def fit(shape: str, strategy: Any, steps: int, batch_size: int, strategy_kwargs:
     os.environ["PL_GLOBAL_SEED"] = "0"
     model = (zoo.with_loss_method(shape) if loss_method else zoo.SHAPES[shape])()
     world = int(os.environ["WORLD_SIZE"])
-    data = TensorDataset(*zoo.batches(shape, steps * batch_size * world))
+    data = TensorDataset(*zoo.batches(shape, samples or steps * batch_size * world))
+    callbacks: list = [Record()]
+    if ckpt_dir is not None:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=ckpt_every,
+                                         save_top_k=-1))
     trainer = L.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=steps, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=summary,
-                        num_sanity_val_steps=0, callbacks=[Record()])
-    trainer.fit(model, train_dataloaders=DataLoader(data, batch_size=batch_size, shuffle=False, drop_last=True))
+                        enable_checkpointing=ckpt_dir is not None, enable_progress_bar=False,
+                        enable_model_summary=summary, num_sanity_val_steps=0, callbacks=callbacks)
+    trainer.fit(model, train_dataloaders=DataLoader(data, batch_size=batch_size, shuffle=False, drop_last=True),
+                ckpt_path=resume)
     from lightning.pytorch.callbacks import ModelSummary
 
     summaries = [cb._summary(trainer, model) for cb in trainer.callbacks if isinstance(cb, ModelSummary)]
