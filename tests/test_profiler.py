@@ -126,6 +126,7 @@ def test_a_slowed_rank_is_found_and_an_unknown_device_omits_mfu() -> None:
     assert any("rank 1 is a straggler" in w for w in results[0]["warnings"])
     assert all("perf/mfu" not in row for row in rows) and "perf/model_flops_per_step" in rows[0]
     assert sum("MFU is omitted" in w for w in results[0]["warnings"]) == 1  # warned once
+    assert not any("MFU is omitted" in w or "straggler" in w for w in results[1]["warnings"])  # by rank 0 only
 
 
 @pytest.mark.parametrize("kind, world, batch, replicas", [("tp", 2, 4, 1), ("zero3", 2, 4, 2), ("3d", 4, 4, 1),
@@ -171,3 +172,48 @@ def test_comm_timer_counts_blocking_waits_once_by_dimension() -> None:
         assert r["seconds"]["other"] >= 0.05
     assert results[0]["seconds"]["dp"] >= 0.15  # rank 0 waited for the late rank 1
     assert results[1]["seconds"]["dp"] < 0.1
+
+
+# -- stragglers and the final table (pure) -------------------------------------------------------
+class _Trainer:
+    is_global_zero = True
+
+
+def _straggle(profiler, forwards_per_step: list[list[float]]) -> list[str]:
+    import warnings as w
+
+    with w.catch_warnings(record=True) as caught:
+        w.simplefilter("always")
+        for step, forwards in enumerate(forwards_per_step):
+            profiler._track_stragglers(_Trainer(), step, forwards)
+    return [str(c.message) for c in caught]
+
+
+def test_noise_that_moves_between_ranks_is_counted_but_not_warned() -> None:
+    from lightning_scale.callbacks import ScaleProfiler
+
+    profiler = ScaleProfiler()  # spread > 20% on every step, but the slowest rank changes
+    warned = _straggle(profiler, [[1.0, 1.5], [1.5, 1.0], [1.0, 1.5], [1.5, 1.0], [1.0, 1.5]])
+    assert warned == []
+    assert profiler.straggles == {0: 2, 1: 3}
+
+
+def test_a_persistent_straggler_is_warned_once_with_every_ranks_figures() -> None:
+    from lightning_scale.callbacks import ScaleProfiler
+
+    profiler = ScaleProfiler(straggler_patience=3)
+    warned = _straggle(profiler, [[1.0, 1.0, 1.6]] * 6)
+    assert len(warned) == 1
+    assert "rank 2 is a straggler: slowest forward on 3 logged steps in a row (to step 2)" in warned[0]
+    assert "forward seconds by rank at step 2: [1.000, 1.000, 1.600], median 1.000 s, rank 2 +0.600 s" in warned[0]
+
+
+def test_the_final_table_reports_ranges_and_counts_straggling_steps_per_rank() -> None:
+    from lightning_scale.callbacks.profiler import summary_rows
+
+    history = [{"perf/step_s": 1.0, "perf/slowest_rank": 0.0}, {"perf/step_s": 3.0, "perf/slowest_rank": 1.0},
+               {"perf/step_s": 2.0, "perf/slowest_rank": 1.0}]
+    rows = summary_rows(history, {1: 2}, 0.2)
+    assert rows[0] == ("perf/step_s", "2", "1", "3")
+    assert all(r[0] != "perf/slowest_rank" for r in rows)  # a rank index has no median
+    assert rows[-1] == ("straggling steps (spread > 20%)", "rank 1: 2 of 3", "", "")

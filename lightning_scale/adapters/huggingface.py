@@ -1,7 +1,7 @@
 """Pipeline stages of Hugging Face ``transformers`` decoder LMs (Llama, Mistral, Qwen2, ...).
 
 Their ``forward`` does not skip missing modules, so a pipeline stage runs this function
-instead (``PipelineStrategy(stage_forward=decoder_stage_forward, container="model.layers")``).
+instead (``PipelineStrategy(stage_forward=decoder_stage_forward, block_container="model.layers")``).
 It follows the structure those models declare in their ``_pp_plan``: ``model.embed_tokens``
 (first stage) -> ``model.layers`` (split) -> ``model.norm`` -> ``lm_head`` (last stage), with
 ``model.rotary_emb`` (buffers only) on every stage. Causal attention without padding masks.

@@ -115,7 +115,11 @@ class ScaleProfiler(Callback):
             ``"H100 SXM"``, ``"GH200"``; :func:`~lightning_scale.core.peak_flops.known_devices`)
             or exact reported name, when ``torch.cuda.get_device_name()`` reports a name the table
             lacks. The dtype column still follows the precision. Not together with ``peak_tflops``.
-        straggler_threshold: warn when (max - min) / median of the ranks' forward times exceeds it.
+        straggler_threshold: a logged step's forward-time spread over ranks, (max - min) / median,
+            above which the slowest rank counts as straggling on that step.
+        straggler_patience: warn (once per rank, rank 0) when the same rank straggles on this many
+            consecutive logged steps: a slow device persists, noise on a shared machine moves from
+            rank to rank. The warning and the final table give every rank's forward times.
         trace_steps: ``(first, last)`` optimizer steps to record with ``torch.profiler`` on
             ``trace_ranks``; Chrome traces go to ``trace_dir`` (default ``<log_dir>/traces``).
         print_summary: a rich table of medians at the end of fit (rank 0).
@@ -127,7 +131,7 @@ class ScaleProfiler(Callback):
                  peak_tflops: float | None = None, straggler_threshold: float = 0.2,
                  trace_steps: tuple[int, int] | None = None, trace_ranks: tuple[int, ...] = (0,),
                  trace_dir: str | None = None, print_summary: bool = True, comm: bool = True,
-                 device: str | None = None) -> None:
+                 device: str | None = None, straggler_patience: int = 3) -> None:
         def integer(value: Any) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
 
@@ -139,6 +143,9 @@ class ScaleProfiler(Callback):
         if not positive(straggler_threshold):
             raise ValueError(f"straggler_threshold must be a number > 0 (e.g. 0.2 warns at a 20% spread); got "
                              f"{straggler_threshold!r}")
+        if not integer(straggler_patience) or straggler_patience < 1:
+            raise ValueError(f"straggler_patience must be an integer >= 1 (consecutive logged steps on which the same "
+                             f"rank straggles before a warning); got {straggler_patience!r}")
         if trace_steps is not None and not (isinstance(trace_steps, (tuple, list)) and len(trace_steps) == 2
                                             and all(integer(t) for t in trace_steps)
                                             and 0 <= trace_steps[0] <= trace_steps[1]):
@@ -165,6 +172,10 @@ class ScaleProfiler(Callback):
         self.peak_tflops = peak_tflops
         self.device = device
         self.straggler_threshold = straggler_threshold
+        self.straggler_patience = straggler_patience
+        self._streak: tuple[int, int] = (-1, 0)  # (rank straggling on the last logged steps, how many in a row)
+        self._warned_stragglers: set[int] = set()
+        self.straggles: dict[int, int] = {}  # rank -> logged steps on which it straggled
         self.trace_steps = trace_steps
         self.trace_ranks = tuple(trace_ranks)
         self.trace_dir = trace_dir
@@ -390,15 +401,34 @@ class ScaleProfiler(Callback):
             row.update({f"perf/comm_{name}_s": seconds for name, seconds in sorted(comm.items())})
             busy = self._t["forward"] + self._t["backward"] + self._t["grad_sync"] + self._t["optimizer"]
             row["perf/compute_s"] = max(0.0, busy - row["perf/comm_s"])
-        spread = (max(forwards) - min(forwards)) / max(statistics.median(forwards), 1e-12)
-        if spread > self.straggler_threshold and trainer.is_global_zero:
-            warnings.warn(f"ScaleProfiler: step {global_step}: rank {int(row['perf/slowest_rank'])} is a straggler: "
-                          f"forward {max(forwards):.3f} s vs median {statistics.median(forwards):.3f} s "
-                          f"(spread {spread:.0%} > {self.straggler_threshold:.0%})", stacklevel=2)
+        self._track_stragglers(trainer, global_step, forwards)
         self.history.append(row)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(row, step=global_step)
+
+    def _track_stragglers(self, trainer, global_step: int, forwards: list[float]) -> None:
+        """Count straggling ranks; warn (rank 0, once per rank) on a persistent one, with figures."""
+        median = statistics.median(forwards)
+        spread = (max(forwards) - min(forwards)) / max(median, 1e-12)
+        if spread <= self.straggler_threshold:
+            self._streak = (-1, 0)
+            return
+        slowest = forwards.index(max(forwards))
+        self.straggles[slowest] = self.straggles.get(slowest, 0) + 1
+        rank, run = self._streak
+        self._streak = (slowest, run + 1 if rank == slowest else 1)
+        if self._streak[1] < self.straggler_patience or slowest in self._warned_stragglers:
+            return
+        self._warned_stragglers.add(slowest)
+        if trainer.is_global_zero:
+            times = ", ".join(f"{t:.3f}" for t in forwards)
+            warnings.warn(
+                f"ScaleProfiler: rank {slowest} is a straggler: slowest forward on {self._streak[1]} logged steps in a row "
+                f"(to step {global_step}), spread {spread:.0%} > straggler_threshold {self.straggler_threshold:.0%}; "
+                f"forward seconds by rank at step {global_step}: [{times}], median {median:.3f} s, rank {slowest} "
+                f"+{max(forwards) - median:.3f} s. Warned once for this rank; the final table counts every rank's "
+                f"straggling steps", stacklevel=3)
 
     def _model_flops(self, samples: int) -> float | None:
         if self.flops_per_sample is not None:
@@ -494,6 +524,10 @@ class ScaleProfiler(Callback):
         self._release_comm_timer()
 
     # -- summary -------------------------------------------------------------------------------
+    def summary_rows(self) -> list[tuple[str, str, str, str]]:
+        """(metric, median, min, max) rows of the final table, as strings (see :func:`summary_rows`)."""
+        return summary_rows(self.history, self.straggles, self.straggler_threshold)
+
     def on_train_end(self, trainer, pl_module) -> None:
         if self._profiler is not None:  # training ended inside the trace window: keep what was recorded
             self.trace_steps = (self.trace_steps[0], trainer.global_step - 1)
@@ -504,12 +538,33 @@ class ScaleProfiler(Callback):
         if not (self.print_summary and trainer.is_global_zero and self.history):
             return
         from rich.console import Console
-        from rich.table import Table
 
-        table = Table(title=f"ScaleProfiler: medians over {len(self.history)} logged steps (rank 0 phases)")
-        table.add_column("metric")
-        table.add_column("median", justify="right")
-        keys = [k for k in self.history[0] if all(k in r for r in self.history)]
-        for key in keys:
-            table.add_row(key, f"{statistics.median(r[key] for r in self.history):.4g}")
-        Console().print(table)
+        Console().print(summary_table(self.history, self.straggles, self.straggler_threshold))
+
+
+def summary_rows(history: list[dict[str, float]], straggles: dict[int, int],
+                 threshold: float) -> list[tuple[str, str, str, str]]:
+    """The final table: each metric's median, min and max over the logged steps; the slowest
+    rank is a rank, not a quantity: its row counts the steps each rank straggled on."""
+    rows: list[tuple[str, str, str, str]] = []
+    keys = [k for k in history[0] if all(k in r for r in history)] if history else []
+    for key in keys:
+        if key == "perf/slowest_rank":
+            continue
+        values = [r[key] for r in history]
+        rows.append((key, f"{statistics.median(values):.4g}", f"{min(values):.4g}", f"{max(values):.4g}"))
+    if history:
+        counts = ", ".join(f"rank {r}: {n}" for r, n in sorted(straggles.items())) or "none"
+        rows.append((f"straggling steps (spread > {threshold:.0%})", f"{counts} of {len(history)}", "", ""))
+    return rows
+
+
+def summary_table(history: list[dict[str, float]], straggles: dict[int, int], threshold: float) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"ScaleProfiler: {len(history)} logged steps (phases of rank 0)")
+    for name, justify in (("metric", "left"), ("median", "right"), ("min", "right"), ("max", "right")):
+        table.add_column(name, justify=justify)
+    for row in summary_rows(history, straggles, threshold):
+        table.add_row(*row)
+    return table
