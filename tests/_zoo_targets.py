@@ -21,7 +21,8 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def fit(shape: str, strategy: Any, steps: int, batch_size: int, strategy_kwargs: dict | None = None,
         loss_method: bool = False, summary: bool = False, validate: bool = False, ckpt_dir: str | None = None,
-        ckpt_every: int | None = None, resume: str | None = None, samples: int | None = None) -> dict:
+        ckpt_every: int | None = None, resume: str | None = None, samples: int | None = None,
+        precision: str = "32-true") -> dict:
     """Fit zoo ``shape`` for ``steps`` on this rank with ``strategy`` (a registered name, or a
     strategy class path with ``strategy_kwargs``); returns per-step losses and the weights."""
     import lightning as L
@@ -41,7 +42,7 @@ def fit(shape: str, strategy: Any, steps: int, batch_size: int, strategy_kwargs:
             losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
 
     os.environ["PL_GLOBAL_SEED"] = "0"
-    model = (zoo.with_loss_method(shape) if loss_method else zoo.SHAPES[shape])()
+    model = (zoo.with_loss_method(shape) if loss_method else zoo.ALL[shape])()
     world = int(os.environ["WORLD_SIZE"])
     data = TensorDataset(*zoo.batches(shape, samples or steps * batch_size * world))
     callbacks: list = [Record()]
@@ -51,6 +52,7 @@ def fit(shape: str, strategy: Any, steps: int, batch_size: int, strategy_kwargs:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=ckpt_every,
                                          save_top_k=-1))
     trainer = L.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=steps, logger=False,
+                        precision=precision,
                         enable_checkpointing=ckpt_dir is not None, enable_progress_bar=False,
                         enable_model_summary=summary, num_sanity_val_steps=0, callbacks=callbacks)
     trainer.fit(model, train_dataloaders=DataLoader(data, batch_size=batch_size, shuffle=False, drop_last=True),
@@ -60,7 +62,7 @@ def fit(shape: str, strategy: Any, steps: int, batch_size: int, strategy_kwargs:
     summaries = [cb._summary(trainer, model) for cb in trainer.callbacks if isinstance(cb, ModelSummary)]
     out = {"losses": losses, "state": _state(model),
            "summary": [(s.total_parameters, s.in_sizes[:1], s.out_sizes[:1]) for s in summaries],
-           "logged": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train")}}
+           "logged": {k: float(v) for k, v in trainer.callback_metrics.items()}}
     if validate:
         val = TensorDataset(*zoo.batches(shape, VAL_SAMPLES, seed=2))
         out["val"] = {k: float(v) for k, v in trainer.validate(model, DataLoader(val, batch_size=batch_size), verbose=False)[0].items()}
@@ -93,7 +95,7 @@ def reference(shape: str, steps: int, per_replica_batch: int, replicas: int, sam
     batch of equal size, so the mean over the union is the mean of the replicas' losses."""
     from torch.utils.data import DistributedSampler
 
-    model = zoo.SHAPES[shape]()
+    model = zoo.ALL[shape]()
     if hasattr(model, "configure_model"):
         model.configure_model()
     optimizer = model.configure_optimizers()

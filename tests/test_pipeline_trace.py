@@ -23,23 +23,26 @@ def test_meta_copy_holds_no_bytes_and_keeps_ties_and_the_original() -> None:
 @pytest.mark.parametrize(("shape", "split"), [("layers_on_module", "blocks.2"), ("mha_transformer", "layers.1"),
                                               ("cnn", "features.2"), ("blocks_in_dict", "stages.stage2")])
 def test_traced_stages_on_this_ranks_tensors_compute_the_unsplit_forward(shape: str, split: str) -> None:
-    # The stages are traced on meta for microbatches of 2 rows and bound to the real modules:
-    # chained, they give the model's own output, exactly.
+    # The stages are traced on meta for microbatches of 2 rows and run on the real modules and
+    # tensors; chained, they give the model's own output exactly, for 4 rows too (the modules
+    # called whole run their own Python forward, shapes are not fixed by the trace).
     model = zoo.SHAPES[shape]()
-    x, _ = zoo.batches(shape, 2)
-    split_ = TracedSplit(model, [split])
-    pipe = split_.trace((x,))
-    for s in range(2):
-        gm = pipe.get_stage_module(s)
-        split_._swap_in_real_modules(gm, model)
-        for name, _ in list(gm.named_parameters()):
-            *path, leaf = name.split(".")
-            owner = gm.get_submodule(".".join(path)) if path else gm
-            owner._parameters[leaf] = model.get_parameter(name)
-    h = pipe.get_stage_module(0)(x)
-    out = pipe.get_stage_module(1)(*(h if isinstance(h, tuple) else (h,)))
-    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
-    assert {n for n, _ in pipe.get_stage_module(1).named_parameters()} <= {n for n, _ in model.named_parameters()}
+    x, _ = zoo.batches(shape, 4)
+    first, last = TracedSplit(model, [split]).stage_modules((x[:2],), [0, 1], model, torch.device("cpu"))
+    held = {id(t) for t in list(model.parameters()) + list(model.buffers())}
+    assert all(id(t) in held for stage in (first, last) for t in list(stage.parameters()) + list(stage.buffers()))
+    for rows in (x[:2], x):
+        h = first(rows)
+        torch.testing.assert_close(last(*(h if isinstance(h, tuple) else (h,))), model(rows), rtol=0, atol=0)
+
+
+def test_placement_names_tensors_on_two_stages_and_on_none() -> None:
+    model = zoo.FunctionalTie()
+    x, _ = zoo.batches("functional_tie", 2)
+    where = TracedSplit(model, ["blocks.2"]).placement((x,))
+    assert where["embed.weight"] == {0, 1} and where["scale"] == {0, 1}  # used on both stages
+    assert where["blocks.0.fc1.weight"] == {0} and where["blocks.3.fc1.weight"] == {1}
+    assert where["head.weight"] == set()  # not used by forward
 
 
 class _Branchy(nn.Module):

@@ -272,10 +272,71 @@ SHAPES: dict[str, type[L.LightningModule]] = {
 }
 
 
+# -- shapes that probe the pipeline's traced frontend (not counted among the 8) -------------------------
+class FunctionalTie(LayersOnModule):
+    """The head reuses the embedding's weight in a functional call, and a scale parameter held by
+    the module itself is used before and after the blocks: torch's tracer puts both on two stages.
+    The inherited ``head`` is left unused (a parameter without gradients, which must stay as is)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(HIDDEN))
+
+    def forward(self, x):
+        h = self.embed(x) * self.scale
+        for block in self.blocks:
+            h = block(h)
+        return F.linear(h * self.scale, self.embed.weight)
+
+    def configure_optimizers(self):
+        # SGD: the two stages' gradients of the shared weight are summed in another order than
+        # one process's autograd sums them (float rounding, ~1e-7); AdamW's normalisation turns
+        # such noise on near-zero gradients into lr-sized steps.
+        return torch.optim.SGD(self.parameters(), lr=0.02, momentum=0.9)
+
+
+class LossOutsideForward(L.LightningModule):
+    """Tensors the forward never touches: a class-prior buffer and a temperature parameter used
+    in training_step (the loss stays a per-sample mean; class *weights* in CrossEntropyLoss would
+    make each microbatch's mean a different weighted mean than the batch's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = TinyNet()
+        self.register_buffer("class_prior", torch.linspace(-0.5, 0.5, CLASSES))
+        self.temperature = nn.Parameter(torch.tensor(1.5))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.model(x) / self.temperature + self.class_prior, y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return _adamw(self)
+
+
+class NoisyInputs(CustomModelLoop):
+    """Draws noise before the network call: its replay per microbatch would see other inputs."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.model(x + 0.1 * torch.randn_like(x)), y)
+
+
+MORE: dict[str, type[L.LightningModule]] = {
+    "functional_tie": FunctionalTie,
+    "loss_outside_forward": LossOutsideForward,
+    "noisy_inputs": NoisyInputs,
+}
+ALL = {**SHAPES, **MORE}
+
+
 def batches(shape: str, n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` deterministic samples (inputs, targets) for ``shape``."""
     g = torch.Generator().manual_seed(seed)
-    if shape in ("layers_on_module", "mha_transformer"):
+    if shape in ("layers_on_module", "mha_transformer", "functional_tie"):
         x = torch.randint(0, VOCAB, (n, SEQ), generator=g)
         return x, torch.roll(x, -1, dims=1)
     if shape == "cnn":
@@ -303,7 +364,7 @@ class LossMethod:
 
 
 def with_loss_method(shape: str) -> type[L.LightningModule]:
-    base = SHAPES[shape]
+    base = ALL[shape]
 
     class Changed(LossMethod, base):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:

@@ -292,9 +292,9 @@ class CostReporter(Callback):
         self._run_dir.mkdir(parents=True, exist_ok=True)
         (self._run_dir / JSON_NAME).write_text(json.dumps(self.report, indent=1, default=str))
         if self.print_table:
-            self._print(why)
+            self._print(why, skipped)
         if self.plot and self.projections:
-            self.png_path = self._plot(self._run_dir / PNG_NAME)
+            self.png_path = self._plot(self._run_dir / PNG_NAME, why)
 
     # -- checkpoint ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -365,8 +365,10 @@ class CostReporter(Callback):
         dtype = precision_key(trainer.precision, torch.backends.cuda.matmul.allow_tf32)
         fits = self._fits_function(trainer, pl_module, n)
         rows, skipped = project_across(self.table, flops * total_steps, mfu, n, dtype, spot=self.spot, fits=fits)
+        self._projection_mfu, self._projection_dtype = mfu, dtype
         why = (f"{flops * total_steps:.3e} model FLOPs ({total_steps} steps x {flops:.3e}) on {n} GPUs at {source}; "
-               f"dense {dtype} peaks; {'spot' if self.spot else 'on-demand'} prices of {self.table.date}")
+               f"dense {dtype} peaks (this run's precision, {trainer.precision}); "
+               f"{'spot' if self.spot else 'on-demand'} prices of {self.table.date}")
         return rows, skipped, why
 
     @staticmethod
@@ -411,7 +413,7 @@ class CostReporter(Callback):
 
         return fits
 
-    def _print(self, why: str) -> None:
+    def _print(self, why: str, skipped: list[str]) -> None:
         from rich.console import Console
         from rich.table import Table
 
@@ -433,24 +435,66 @@ class CostReporter(Callback):
         for col in ("gpu", "GB", "cloud", "instance", "$/GPU-h", "hours", "$ run", "fits"):
             table.add_column(col, justify="left" if col in ("gpu", "cloud", "instance") else "right")
         for p in self.projections[: self.top]:
-            verdict = "-" if p.fits is None else ("yes" if p.fits else "NO")
             table.add_row(p.gpu, f"{p.memory_gb:g}", p.cloud, p.instance or "", f"{p.rate_per_gpu_hour:.2f}",
-                          f"{p.hours:,.3g}", f"{p.dollars:,.4g}", verdict)
+                          f"{p.hours:,.3g}", format_usd(p.dollars), FIT_LABELS[p.fits])
         console.print(table)
+        for line in projection_notes(self.projections, skipped, self._projection_dtype):
+            console.print(line)
 
-    def _plot(self, path: Path) -> Path:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+    def _plot(self, path: Path, why: str) -> Path:
+        return plot_projection(self.projections[: self.top], path, mfu=self._projection_mfu,
+                               dtype=self._projection_dtype, prices_date=self.table.date)
 
-        rows = self.projections[: self.top][::-1]
-        fig = Figure(figsize=(8.0, 0.35 * len(rows) + 1.6))
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        colors = ["#c44e52" if p.fits is False else "#4c72b0" for p in rows]
-        ax.barh([f"{p.gpu} {p.memory_gb:g}GB, {p.cloud}" for p in rows], [p.dollars for p in rows], color=colors)
-        ax.set_xlabel("projected USD for the whole run")
-        ax.set_title(f"run cost by GPU and cloud (red: does not fit; prices of {self.table.date})", fontsize=9)
-        ax.tick_params(axis="y", labelsize=7)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        return path
+
+#: How the table and the plot name the memory planner's verdict for a GPU.
+FIT_LABELS: dict[bool | None, str] = {True: "yes", False: "NO", None: "unknown"}
+_FIT_COLORS: dict[bool | None, str] = {True: "#4c72b0", False: "#c44e52", None: "#9a9a9a"}
+_FIT_LEGEND: dict[bool | None, str] = {True: "fits (memory planner)", False: "does not fit (memory planner)",
+                                        None: "fit unknown (no planner model for this module)"}
+
+
+def format_usd(value: float) -> str:
+    """Dollars with the digits a reader needs: $1,234, $12.3, $0.0421, $3.1e-05."""
+    if value >= 100:
+        return f"${value:,.0f}"
+    if value >= 0.01:
+        return f"${value:.3g}"
+    return f"${value:.2g}" if value >= 1e-4 else f"${value:.1e}"
+
+
+def projection_notes(projections: list, skipped: list[str], dtype: str) -> list[str]:
+    """What the projection table leaves out, in words."""
+    notes = []
+    if projections and all(p.fits is None for p in projections):
+        notes.append("fits: unknown for every GPU: the memory planner has no model of this module (it knows the "
+                     "suite's GPT/ViT/ResNet); check memory with MemoryAccountant or lightning-scale plan")
+    if skipped:
+        notes.append(f"not projected (no dense {dtype} peak in the peak-FLOPs table for this precision): "
+                     f"{', '.join(skipped)}")
+    return notes
+
+
+def plot_projection(rows: list, path: Path, *, mfu: float, dtype: str, prices_date: str) -> Path:
+    """Bar chart of the projected run cost per (GPU, cloud), coloured by fit: fits, does not fit,
+    unknown; the x axis in dollars; the title names the MFU, the peaks' dtype and the prices' date."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import FuncFormatter
+
+    rows = rows[::-1]
+    fig = Figure(figsize=(8.0, 0.35 * len(rows) + 1.9))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.barh([f"{p.gpu} {p.memory_gb:g}GB, {p.cloud}" for p in rows], [p.dollars for p in rows],
+            color=[_FIT_COLORS[p.fits] for p in rows])
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: format_usd(x) if x > 0 else "$0"))
+    ax.set_xlabel("projected cost of the whole run (USD)")
+    ax.set_title(f"run cost by GPU and cloud at MFU {mfu:.1%} (same on every GPU), dense {dtype} peaks, "
+                 f"prices of {prices_date}", fontsize=8)
+    states = [s for s in (True, False, None) if any(p.fits is s for p in rows)]
+    ax.legend(handles=[Patch(color=_FIT_COLORS[s], label=_FIT_LEGEND[s]) for s in states], fontsize=7, loc="lower right")
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path

@@ -486,8 +486,14 @@ class PipelineRuntime:
             from lightning_scale.core.pipeline_trace import prune_to
 
             assert self.example is not None
-            owned = self.traced.owned_names(self.example, self.stage_indices)
-            prune_to(self.network, owned)
+            # Where each tensor lives: on the ranks of the stages whose graphs hold it; a tensor no
+            # stage graph holds (used in training_step or the loss) on every rank of the pipeline.
+            where = self.traced.placement(self.example)
+            everyone = set(range(self.cfg.stages))
+            self._traced_holders = {name: ({self.plan.stage_ranks[s] for s in stages} if stages else everyone)
+                                    for name, stages in where.items()}
+            self._traced_params = {n for n, _ in self.network.named_parameters(remove_duplicate=False)}
+            prune_to(self.network, {n for n, ranks in self._traced_holders.items() if self.pp_rank in ranks})
             self.local_module = self.network
             self.stage_modules = [self.network]
         else:
@@ -523,15 +529,15 @@ class PipelineRuntime:
 
         if self.traced is not None:
             assert microbatch is not None
-            stages = self.traced.build_stages(microbatch, self.stage_indices, self.local_module, self.device, self.pp_group)
+            modules = self.traced.stage_modules(microbatch, self.stage_indices, self.local_module, self.device)
         else:
             modules = self.stage_modules
             if self.stage_forward is not None:
                 modules = [_ForwardAdapter(mod, self.stage_forward) for mod in modules]
-            stages = [
-                PipelineStage(mod, s, self.plan.num_stages, self.device, group=self.pp_group)
-                for mod, s in zip(modules, self.stage_indices)
-            ]
+        stages = [
+            PipelineStage(mod, s, self.plan.num_stages, self.device, group=self.pp_group)
+            for mod, s in zip(modules, self.stage_indices)
+        ]
         for stage in stages:
             self._instrument(stage)
         schedule_cls = get_schedule_class(_TORCH_SCHEDULES[self.cfg.schedule])
@@ -677,7 +683,12 @@ class PipelineRuntime:
     def _tied_sync_plan(self) -> list[tuple[list[int], str]]:
         """(pipeline ranks holding a copy, local parameter name) of each tied group split over ranks."""
         if self.traced is not None:
-            return []  # the strategy refuses tied parameters on the traced path
+            # Parameters on several pipeline ranks: one torch's tracer replicates to every stage that
+            # uses it, or one used outside forward (kept on every rank, its gradient made on the
+            # last stage). Same list, same order on every rank: the strategy creates a group for each.
+            return [(sorted(ranks), name if self.pp_rank in ranks else "")
+                    for name, ranks in sorted(self._traced_holders.items())
+                    if name in self._traced_params and len(ranks) > 1]
         out = []
         for names in self.tied_groups:
             holders = sorted({self.plan.stage_ranks[owner_stage(self.plan, n)] for n in names})

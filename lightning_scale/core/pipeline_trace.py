@@ -57,9 +57,15 @@ def meta_copy(network: nn.Module) -> nn.Module:
                 continue
             if "hook" in key and isinstance(value, dict):
                 memo.setdefault(id(value), type(value)())
+            elif isinstance(value, (set, list, dict)):
+                continue  # containers (e.g. _non_persistent_buffers_set) are copied, not shared
             else:
                 memo.setdefault(id(value), value)
-    return copy.deepcopy(network, memo)
+    copied = copy.deepcopy(network, memo)
+    for module in copied.modules():  # an instance forward (activation checkpointing) or a compiled
+        module.__dict__.pop("forward", None)  # call belongs to the real module: the copy runs its class's
+        module.__dict__.pop("_compiled_call_impl", None)
+    return copied
 
 
 def _to_meta(x: Any) -> Any:
@@ -77,21 +83,21 @@ def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
         setattr(owner, leaf, value)
 
 
-def _fix_devices(gm: nn.Module, device: torch.device) -> None:
-    """Rewrite ``device=meta`` recorded during the meta trace to ``device`` (a GraphModule)."""
-    graph = getattr(gm, "graph", None)
-    if graph is None:
-        return
-    changed = False
-    for node in graph.nodes:
-        if node.op != "call_function":
+def _fix_devices(stage: nn.Module, device: torch.device) -> None:
+    """Rewrite ``device=meta`` recorded during the meta trace to ``device``, in the stage's graph
+    and the graphs of the traced submodules it holds (the user's own modules have no graph)."""
+    for module in stage.modules():
+        graph = getattr(module, "graph", None)
+        if not isinstance(graph, torch.fx.Graph):
             continue
-        dev_kw = node.kwargs.get("device")
-        if isinstance(dev_kw, torch.device) and dev_kw.type == "meta":
-            node.update_kwarg("device", device)
-            changed = True
-    if changed:
-        gm.recompile()
+        changed = False
+        for node in graph.nodes:
+            dev_kw = node.kwargs.get("device") if node.op == "call_function" else None
+            if isinstance(dev_kw, torch.device) and dev_kw.type == "meta":
+                node.update_kwarg("device", device)
+                changed = True
+        if changed and isinstance(module, torch.fx.GraphModule):
+            module.recompile()
 
 
 class TracedSplit:
@@ -142,21 +148,33 @@ class TracedSplit:
             module.__dict__.pop("forward", None)
             module.__dict__.pop("_orig_forward", None)
 
-    def owned_names(self, microbatch: tuple, stage_indices: Sequence[int]) -> set[str]:
-        """Names of the parameters and buffers the given stages hold (in the network's names)."""
-        pipe = self.trace(microbatch)
-        names: set[str] = set()
-        for s in stage_indices:
-            gm = pipe.get_stage_module(s)
-            names.update(n for n, _ in gm.named_parameters())
-            names.update(n for n, _ in gm.named_buffers())
-        return names
+    def placement(self, microbatch: tuple) -> dict[str, set[int]]:
+        """Every parameter and buffer name of the network -> the stages whose graphs hold it.
 
-    def build_stages(self, microbatch: tuple, stage_indices: Sequence[int], real: nn.Module, device: torch.device,
-                     group: Any) -> list[Any]:
-        """torch ``_PipelineStage`` objects for ``stage_indices``, running on ``real``'s tensors."""
+        A name on several stages is one torch's tracer replicates (a parameter used by modules
+        on two stages, e.g. a head computed with the embedding's weight); a name on none is used
+        outside ``forward`` (a loss module's class weights, a parameter used in ``training_step``)."""
         pipe = self.trace(microbatch)
-        stages = []
+        where: dict[str, set[int]] = {n: set() for n, _ in self.meta.named_parameters(remove_duplicate=False)}
+        where.update({n: set() for n, _ in self.meta.named_buffers(remove_duplicate=False)})
+        for s in range(self.num_stages):
+            gm = pipe.get_stage_module(s)
+            for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+                where.setdefault(name, set()).add(s)
+        return where
+
+    def stage_modules(self, microbatch: tuple, stage_indices: Sequence[int], real: nn.Module,
+                      device: torch.device) -> list[nn.Module]:
+        """This rank's stages as modules for torch's manual ``PipelineStage`` (which infers the
+        shapes and dtypes it exchanges at the first step, so mixed precision and autocast are
+        seen as they run), running on ``real``'s modules and tensors.
+
+        The stages must form a chain (stage s takes only what stage s - 1 returns), which is what
+        cutting a forward between consecutive blocks gives; otherwise the error says which stage
+        reads which earlier one."""
+        pipe = self.trace(microbatch)
+        reads = self._chain(pipe)
+        modules: list[nn.Module] = []
         for s in stage_indices:
             gm = pipe.get_stage_module(s)
             self._swap_in_real_modules(gm, real)
@@ -165,9 +183,39 @@ class TracedSplit:
             for name, _ in list(gm.named_buffers()):
                 _set_tensor(gm, name, real.get_buffer(name))
             _fix_devices(gm, device)
-            stages.append(pipe.build_stage(s, device, group))
-        return stages
+            modules.append(gm if reads[s] is None else _Select(gm, reads[s]))
+        return modules
 
+    def _chain(self, pipe: Any) -> list[list[int] | None]:
+        """For each stage, which outputs of the previous stage it takes, in order (None: all of
+        them, as they are); raises when a stage reads a stage other than the previous one."""
+        import operator
+
+        calls = [n for n in pipe.split_gm.graph.nodes if n.op == "call_module"]
+        reads: list[list[int] | None] = [None]
+        for s, node in enumerate(calls[1:], start=1):
+            previous, picks = calls[s - 1], []
+            for arg in node.args:
+                if arg is previous:
+                    picks.append(None)
+                elif (getattr(arg, "op", None) == "call_function" and arg.target is operator.getitem
+                      and arg.args[0] is previous):
+                    picks.append(arg.args[1])
+                else:
+                    raise TraceError(
+                        f"{self.owner}: stage {s} of the traced {type(self.meta).__name__}.forward reads {arg} from "
+                        f"before stage {s - 1} (a value that skips a stage); torch's pipeline stages exchange values "
+                        f"between neighbours only. Cut at blocks whose inputs come from the block before (split_points=), "
+                        f"or use frontend='views'"
+                    )
+            if picks == [None]:
+                reads.append(None)  # the previous stage's output, as it is
+            elif None not in picks:
+                reads.append(picks)  # some of the previous stage's outputs (it returned a tuple)
+            else:
+                raise TraceError(f"{self.owner}: stage {s} reads stage {s - 1}'s whole output and parts of it; use "
+                                 f"frontend='views'")
+        return reads
 
     def _swap_in_real_modules(self, gm: Any, real: nn.Module) -> None:
         """Replace each module the stage graph calls whole (a block, the head; not one a split point
@@ -182,6 +230,18 @@ class TracedSplit:
             except AttributeError:
                 continue
             gm.set_submodule(node.target, module)
+
+
+class _Select(nn.Module):
+    """Runs a stage graph on the chosen outputs of the previous stage (which sends all of them)."""
+
+    def __init__(self, stage: nn.Module, picks: list[int]) -> None:
+        super().__init__()
+        self.stage = stage
+        self.picks = picks
+
+    def forward(self, *previous: Any) -> Any:
+        return self.stage(*(previous[i] for i in self.picks))
 
 
 def prune_to(network: nn.Module, keep: set[str]) -> int:

@@ -23,11 +23,17 @@ module written the usual way computes its loss inline::
    averaged over the microbatches (equal sizes, so a per-sample mean is the batch mean), sent
    from the last stage and logged once on every rank with their options.
 
-What this asks of the step (checked, with errors naming the fix): the network is called once,
-with positional tensors; every tensor of the batch has the batch size as its first dimension;
-code before the network call runs 1 + m times per step on the last stage (side effects such as
-counters would repeat). Eval steps need none of this: the forward-only schedule's output is
-sent to every rank of the pipeline and the user's step runs unchanged on each.
+What this asks of the step (checked, with errors naming the fix, raised on every rank): the
+network is called once, with positional tensors; every tensor of the batch has the batch size
+as its first dimension; what the step passes to the network for a microbatch's rows is those
+rows of what it passed for the whole batch (a step that draws random numbers or pads per batch
+before the network call is refused: its replay would see other inputs); the loss is a mean over
+equal-sized microbatches (``reduction="sum"``, or a mean over a varying number of unmasked
+tokens, is averaged per microbatch and differs from the full batch's); logged values are
+reduced by mean. Capture and replays run with the random state forked, so they do not move the
+run's random streams. Code before the network call runs 1 + m times per step on the last stage
+(side effects such as counters would repeat). Eval steps need none of this: the forward-only
+schedule's output is sent to every rank of the pipeline and the user's step runs unchanged.
 """
 
 from __future__ import annotations
@@ -66,6 +72,22 @@ def _ignore_logging(*_: Any, **__: Any) -> None:
     return None
 
 
+def forked_rng(device: torch.device) -> Any:
+    """The random state restored afterwards (CPU, and the CUDA device when the run is on one)."""
+    from lightning_scale.core import device as dev
+
+    return torch.random.fork_rng(devices=[device] if dev.is_cuda(device) else [])
+
+
+class StepError(RuntimeError):
+    """A contract violation found while the last stage replayed the step; raised on every rank."""
+
+
+def check_batch_rows(batch: Any, batch_size: int, owner: str) -> None:
+    """Every tensor of ``batch`` has ``batch_size`` rows (checked on every rank, before the schedule)."""
+    rows_of(batch, torch.arange(0), batch_size, owner, check_only=True)
+
+
 def capture_network_inputs(lm: nn.Module, network_attr: str, call: str, step: Callable[..., Any], args: tuple,
                            kwargs: dict) -> tuple:
     """Run ``step(*args, **kwargs)`` until it calls the network (``network_attr`` on ``lm``:
@@ -97,46 +119,54 @@ def batch_size_of(inputs: tuple) -> int:
     raise TypeError("PipelineStrategy needs tensor inputs to cut the batch into microbatches")
 
 
-def rows_of(batch: Any, rows: Tensor, batch_size: int, owner: str) -> Any:
+def rows_of(batch: Any, rows: Tensor, batch_size: int, owner: str, check_only: bool = False) -> Any:
     """The microbatch: ``rows`` (indices along dim 0) of every tensor in ``batch`` (tuples, lists
     and dicts are walked). A tensor whose first dimension is not the batch size is refused."""
     if isinstance(batch, Tensor):
         if batch.dim() == 0 or batch.shape[0] != batch_size:
-            raise ValueError(
+            raise StepError(
                 f"{owner}: the batch holds a tensor of shape {tuple(batch.shape)} whose first dimension is not the batch "
                 f"size {batch_size}; a training_step that computes its loss inline is replayed per microbatch on the "
                 f"last stage, which cuts every tensor of the batch along dim 0. Add a loss_fn(output, target) method "
                 f"and call it in training_step instead"
             )
-        return batch.index_select(0, rows.to(batch.device))
+        return batch if check_only else batch.index_select(0, rows.to(batch.device))
     if isinstance(batch, dict):
-        return type(batch)((k, rows_of(v, rows, batch_size, owner)) for k, v in batch.items())
+        return type(batch)((k, rows_of(v, rows, batch_size, owner, check_only)) for k, v in batch.items())
     if isinstance(batch, (list, tuple)):
-        items = [rows_of(v, rows, batch_size, owner) for v in batch]
+        items = [rows_of(v, rows, batch_size, owner, check_only) for v in batch]
         return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
     return batch  # strings, numbers: the same for every microbatch
 
 
 class LogRecorder:
     """Stands in for ``LightningModule.log`` / ``log_dict`` during the replays: one dict of
-    ``{name: (value, options)}`` per microbatch."""
+    ``{name: (detached value, options)}`` per microbatch, reduced once after the schedule (no
+    device synchronisation inside it)."""
 
     def __init__(self) -> None:
-        self.per_microbatch: list[dict[str, tuple[float, dict]]] = []
+        self.per_microbatch: list[dict[str, tuple[Tensor, dict]]] = []
 
     def start_microbatch(self) -> None:
         self.per_microbatch.append({})
 
     def log(self, name: str, value: Any, **options: Any) -> None:
-        if isinstance(value, Tensor):
-            value = value.detach().float().mean().item() if value.numel() else float("nan")
-        elif not isinstance(value, (int, float)):
-            raise TypeError(
+        reduce_fx = options.get("reduce_fx", "mean")
+        if reduce_fx not in ("mean", torch.mean):
+            raise StepError(
+                f"self.log({name!r}, ..., reduce_fx={reduce_fx!r}) in a training_step that computes its loss inline: "
+                f"under PipelineStrategy the step runs once per microbatch and logged values are averaged over them; "
+                f"log a mean, or add a loss_fn(output, target) method"
+            )
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = torch.tensor(float(value))
+        if not isinstance(value, Tensor):
+            raise StepError(
                 f"under PipelineStrategy, self.log({name!r}, ...) in a training_step that computes its loss inline "
-                f"takes tensors or numbers (it is averaged over microbatches); got {type(value).__name__}. Log metric "
+                f"takes tensors or numbers (averaged over microbatches); got {type(value).__name__}. Log metric "
                 f"objects in validation_step, which runs unchanged"
             )
-        self.per_microbatch[-1][name] = (float(value), options)
+        self.per_microbatch[-1][name] = (value.detach().float().mean(), options)
 
     def log_dict(self, values: dict, **options: Any) -> None:
         for name, value in values.items():
@@ -147,23 +177,38 @@ class LogRecorder:
         if not self.per_microbatch:
             return {}
         names = [n for n in self.per_microbatch[0] if all(n in mb for mb in self.per_microbatch)]
-        return {n: (sum(mb[n][0] for mb in self.per_microbatch) / len(self.per_microbatch), self.per_microbatch[0][n][1])
-                for n in names}
+        means = torch.stack([torch.stack([mb[n][0] for mb in self.per_microbatch]).mean() for n in names]).tolist() \
+            if names else []
+        return {n: (v, self.per_microbatch[0][n][1]) for n, v in zip(names, means)}
 
 
 def replay_loss(lm: nn.Module, network_attr: str, call: str, step: Callable[..., Any], batch: Any, rest: tuple,
-                kwargs: dict, output: Any, rows: Tensor, batch_size: int, recorder: LogRecorder) -> Tensor:
-    """The microbatch loss: ``step`` on ``rows`` of ``batch`` with the network call returning ``output``."""
+                kwargs: dict, output: Any, rows: Tensor, batch_size: int, recorder: LogRecorder,
+                inputs: tuple) -> Tensor:
+    """The microbatch loss: ``step`` on ``rows`` of ``batch`` with the network call returning
+    ``output``. ``inputs``: what the step passed to the network for the whole batch; the replay
+    must pass those rows of it (else :class:`StepError`)."""
     owner = type(lm).__name__
     microbatch = rows_of(batch, rows, batch_size, f"PipelineStrategy ({owner})")
     calls = [0]
 
-    def stand_in(*_: Any, **__: Any) -> Any:
+    def stand_in(*args: Any, **__: Any) -> Any:
         calls[0] += 1
         if calls[0] > 1:
-            raise RuntimeError(
+            raise StepError(
                 f"{owner}.training_step calls {call} more than once; under PipelineStrategy a step computing its loss "
                 f"inline may call the network once. Add a loss_fn(output, target) method for other steps"
+            )
+        expected = tuple(x.index_select(0, rows.to(x.device)) if isinstance(x, Tensor) and x.dim() else x for x in inputs)
+        if len(args) != len(expected) or not all(
+                torch.equal(a, e) if isinstance(a, Tensor) and isinstance(e, Tensor) else a == e
+                for a, e in zip(args, expected)):
+            raise StepError(
+                f"{owner}.training_step passes {call} inputs for a microbatch that are not those rows of what it passed "
+                f"for the whole batch (random numbers drawn, or padding or masking computed per batch, before the "
+                f"network call?). Under PipelineStrategy an inline loss is computed by replaying the step per "
+                f"microbatch on the last stage, which needs the same inputs; add a loss_fn(output, target) method and "
+                f"call loss = self.loss_fn({call.replace('...', 'x')}, y) instead"
             )
         return output
 
@@ -172,7 +217,7 @@ def replay_loss(lm: nn.Module, network_attr: str, call: str, step: Callable[...,
         result = step(microbatch, *rest, **kwargs)
     loss = result.get("loss") if isinstance(result, dict) else result
     if not isinstance(loss, Tensor) or loss.dim() != 0:
-        raise TypeError(
+        raise StepError(
             f"{owner}.training_step must return the loss (a scalar tensor, or a dict with 'loss') under PipelineStrategy; "
             f"got {type(result).__name__}"
         )

@@ -1,12 +1,14 @@
 """``PipelineStrategy``: pipeline parallelism for Lightning on ``torch.distributed.pipelining``.
 
-The user's side (see docs/strategies/pipeline.md): the LightningModule keeps its network in an
-attribute (``module_name``, default ``"model"``) and computes its loss with a method
-(``loss_name``, default ``"loss_fn"``), ``loss = self.loss_fn(self.model(x), y)``, in its
-training and eval steps. Nothing else changes.
+The user's side (see docs/strategies/pipeline.md): nothing changes. The network is
+``self.model`` (``module_name``) or the LightningModule itself; ``frontend="trace"`` cuts its
+unchanged forward with torch's tracer (:mod:`lightning_scale.core.pipeline_trace`). A loss
+computed inline in ``training_step`` is replayed per microbatch on the last stage
+(:mod:`lightning_scale.strategies.inline_loss`); a loss method (``loss_name``, default
+``"loss_fn"``), ``loss = self.loss_fn(self.model(x), y)``, runs inside the schedule directly.
 
-How a step runs: inside ``training_step`` the strategy stands in for the network and the loss
-method. ``self.model(x)`` records the inputs and returns a :class:`PipelineOutput`;
+How a step runs with a loss method: inside ``training_step`` the strategy stands in for the
+network and the loss method. ``self.model(x)`` records the inputs and returns a :class:`PipelineOutput`;
 ``self.loss_fn(output, y)`` runs the schedule (forward and backward of every microbatch on every
 stage) and returns the mean microbatch loss, broadcast from the last stage so every rank logs
 the real loss. Lightning's own ``backward`` becomes a no-op. In eval steps the schedule runs
@@ -85,6 +87,21 @@ def _check_pipeline_options(owner: str, balance: Any, split_points: Any, contain
                          f"(e.g. 'runs/timeline.png'), or None for <log_dir>/pipeline_timeline.png")
 
 
+def _numpy_state() -> Any:
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy.random.get_state()
+
+
+def _restore_numpy_state(state: Any) -> None:
+    if state is not None:
+        import numpy
+
+        numpy.random.set_state(state)
+
+
 def _no_loss_method(output: Any, target: Any) -> Tensor:
     raise AssertionError("inline-loss steps set the runtime's loss for each step")
 
@@ -142,8 +159,8 @@ class PipelineStrategy(MeshStrategy):
         zero_stage: 0 (default: gradients all-reduced over the data-parallel replicas) or 3 (FSDP2
             ``fully_shard`` of each stage's blocks and stage modules over the dp sub-mesh).
         frontend: how stages are cut. ``"trace"``: torch's tracing frontend splits the unchanged
-            ``forward`` (``torch.distributed.pipelining.pipeline`` on ``torch.export``; needs
-            ``example_input_array``). ``"views"``: each stage is a view of the model without the
+            ``forward`` (``torch.distributed.pipelining.pipeline`` on ``torch.export``; example
+            inputs from ``example_input_array``, else the first batch's). ``"views"``: each stage is a view of the model without the
             parts it does not own, run by the model's own forward, which must skip ``None``
             modules (the suite's models do), or by ``stage_forward``. ``"auto"`` (default):
             ``"views"`` for models that declare ``pipeline_stage_views = True`` or with
@@ -236,10 +253,12 @@ class PipelineStrategy(MeshStrategy):
         self.last_busy_s: float | None = None
         self.timeline_path = timeline_path
         self.runtime: PipelineRuntime | None = None
-        self._tied_groups: list[tuple[Any, str]] = []
+        self._tied_groups: list[tuple[Any, nn.Parameter]] = []  # (group over the holders, this rank's copy)
+        self._outside_parameters: set[int] = set()  # ids of LightningModule parameters outside the network
         self._proxy: _NetworkProxy | None = None
         self.last_timeline_png: Path | None = None
         self._stashed_grads: list[tuple[nn.Parameter, Tensor]] = []
+        self._first_batch_inputs: tuple | None = None  # example inputs taken from the first batch (once)
         self._new_accumulation_window = True
 
     # -- validation ------------------------------------------------------------------------------
@@ -307,8 +326,10 @@ class PipelineStrategy(MeshStrategy):
 
         from lightning.pytorch.trainer.states import TrainerFn
 
-        from lightning_scale.strategies.inline_loss import capture_network_inputs
+        from lightning_scale.strategies.inline_loss import capture_network_inputs, forked_rng
 
+        if self._first_batch_inputs is not None:  # balance='time' and the trace ask for it: fetched once
+            return self._first_batch_inputs
         lm = self.lightning_module
         trainer = lm._trainer
         if trainer is None:
@@ -324,19 +345,25 @@ class PipelineStrategy(MeshStrategy):
             return None
         loaders = source.dataloader()
         loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
-        states = (torch.get_rng_state(), random.getstate())
-        try:
-            batch = next(iter(loader))
-        finally:
-            torch.set_rng_state(states[0])
-            random.setstate(states[1])
-        batch = lm._apply_batch_transfer_handler(batch, device=self.root_device)
         attr = "forward" if self.network_is_module else self.module_name
         call = "self(...)" if self.network_is_module else f"self.{self.module_name}(...)"
         step = getattr(type(lm), step_name).__get__(lm)
+        # Fetching a batch and running the step up to the network call must not move the run's
+        # random streams (torch CPU and CUDA, Python, numpy): the data order and dropout stay those
+        # of a run without this.
+        python_state = random.getstate()
+        numpy_state = _numpy_state()
+        try:
+            with forked_rng(self.root_device):
+                batch = lm._apply_batch_transfer_handler(next(iter(loader)), device=self.root_device)
+                inputs = capture_network_inputs(lm, attr, call, step, (batch, 0), {})
+        finally:
+            random.setstate(python_state)
+            _restore_numpy_state(numpy_state)
         rank_zero_info(f"PipelineStrategy: no example_input_array; the inputs {call} gets for the first batch of the "
                        f"{step_name.split('_')[0]} dataloader stand in for it (tracing, balance='time')")
-        return capture_network_inputs(lm, attr, call, step, (batch, 0), {})
+        self._first_batch_inputs = inputs
+        return inputs
 
     @property
     def pipelined(self) -> bool:
@@ -418,14 +445,23 @@ class PipelineStrategy(MeshStrategy):
         self._shard_data_parallel(self.runtime.local_module, self.runtime.stage_modules)
         # Groups that sum the gradients of tied parameters held on several stages; new_group is
         # collective over the world, so every rank creates every group in the same order.
+        # Parameters of the LightningModule outside the network (a temperature used in the loss)
+        # are on every pipeline rank; only the stage that runs the loss gives them a gradient,
+        # so they are synchronised like tied copies held by every rank. Same order on every rank.
+        local = self.runtime.local_module
+        in_network = {id(p) for p in local.parameters()}
+        outside = [(list(range(dims.pp)), name) for name, p in self.lightning_module.named_parameters()
+                   if id(p) not in in_network and p.requires_grad]
+        self._outside_parameters = {id(self.lightning_module.get_parameter(name)) for _, name in outside}
         self._tied_groups = []
-        for holders, local_name in self.runtime.tied:
+        for holders, local_name, owner in [*((h, n, local) for h, n in self.runtime.tied),
+                                           *((h, n, self.lightning_module) for h, n in outside)]:
             for dp in range(dims.dp):
                 for tp in range(dims.tp):
                     ranks = [pp * dims.dp * dims.tp + dp * dims.tp + tp for pp in holders]
                     group = dist.new_group(ranks, timeout=self._timeout)
                     if rank in ranks and local_name:
-                        self._tied_groups.append((group, local_name))
+                        self._tied_groups.append((group, owner.get_parameter(local_name)))
         rank_zero_info(f"PipelineStrategy ({frontend}): {self.pipeline_config.schedule}, m={self.runtime.microbatches}\n"
                        f"{plan.describe()}\n{self._stage_param_counts}")
 
@@ -578,9 +614,16 @@ class PipelineStrategy(MeshStrategy):
     # -- gradients ---------------------------------------------------------------------------------
     def finalize_gradients(self) -> None:
         if self.runtime is not None:
-            local = self.runtime.local_module
-            for group, name in self._tied_groups:
-                allreduce_gradients([local.get_parameter(name)], group, average=False)
+            for group, param in self._tied_groups:
+                if self.runtime.traced is not None or id(param) in self._outside_parameters:
+                    # A parameter kept on every rank because no stage graph holds it may get no
+                    # gradient anywhere (unused this step): it must stay without one (an optimizer
+                    # would apply weight decay and momentum to a zero gradient).
+                    used = torch.tensor([float(param.grad is not None)], device=self.root_device)
+                    dist.all_reduce(used, group=group)
+                    if used.item() == 0:
+                        continue
+                allreduce_gradients([param], group, average=False)
         super().finalize_gradients()
 
     def model_parallel_groups(self) -> list[Any]:
@@ -592,7 +635,9 @@ class PipelineStrategy(MeshStrategy):
         primary = {id(p) for p in self.runtime.primary_parameters()}
         network = {id(p) for p in self.runtime.local_module.parameters()}
         assert self.lightning_module is not None
-        return [p for p in self.lightning_module.parameters() if id(p) in primary or id(p) not in network]
+        # Parameters outside the network are on every pipeline rank, in step: counted on pp rank 0.
+        outside = self.coordinate("pp") == 0
+        return [p for p in self.lightning_module.parameters() if id(p) in primary or (id(p) not in network and outside)]
 
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
         if self.pipelined:
@@ -784,14 +829,27 @@ class PipelineStrategy(MeshStrategy):
         call = "self(...)" if self.network_is_module else f"self.{self.module_name}(...)"
         step = type(lm).training_step.__get__(lm)
         outside = lm.__dict__.pop("forward", None)  # the user's forward, if the step calls it
+        problems: list[str] = []  # contract violations seen by the last stage's replays
         try:
-            inputs = il.capture_network_inputs(lm, attr, call, step, args, kwargs)
+            with il.forked_rng(self.root_device):  # the capture does not move the run's random streams
+                inputs = il.capture_network_inputs(lm, attr, call, step, args, kwargs)
             batch_size = il.batch_size_of(inputs)
-            recorder = il.LogRecorder()
             batch, rest = args[0], args[1:]
+            il.check_batch_rows(batch, batch_size, f"PipelineStrategy ({type(lm).__name__})")  # every rank, before p2p
+            recorder = il.LogRecorder()
 
             def loss_of_microbatch(output: Any, rows: Tensor) -> Tensor:
-                return il.replay_loss(lm, attr, call, step, batch, rest, kwargs, output, rows, batch_size, recorder)
+                # An error here would leave the other stages waiting in their receives: keep the
+                # schedule going with a zero loss, and raise on every rank once it is over.
+                if not problems:
+                    try:
+                        with il.forked_rng(self.root_device):
+                            return il.replay_loss(lm, attr, call, step, batch, rest, kwargs, output, rows, batch_size,
+                                                  recorder, inputs)
+                    except Exception as err:  # noqa: BLE001 - any error of the user's step, re-raised below
+                        problems.append(str(err) if isinstance(err, il.StepError) else f"{type(err).__name__}: {err}")
+                tensors = [t for t in (output if isinstance(output, (tuple, list)) else (output,)) if isinstance(t, Tensor)]
+                return sum(t.sum() * 0 for t in tensors)
 
             runtime.loss_fn = loss_of_microbatch
             rows = torch.arange(batch_size, device=self.root_device)  # cut like the inputs: each microbatch's rows
@@ -800,7 +858,11 @@ class PipelineStrategy(MeshStrategy):
             runtime.loss_fn = _no_loss_method
             if outside is not None:
                 lm.__dict__["forward"] = outside
-        logged = runtime.broadcast_from_last_stage(recorder.merged() if runtime.has_last_stage else None)
+        outcome = (problems[0] if problems else None, recorder.merged()) if runtime.has_last_stage else None
+        problem, logged = runtime.broadcast_from_last_stage(outcome)
+        if problem is not None:
+            self._stashed_grads = []
+            raise il.StepError(f"{type(lm).__name__}.training_step under PipelineStrategy (last stage): {problem}")
         for name, (value, options) in logged.items():
             lm.log(name, torch.tensor(value, device=self.root_device), **options)
         return loss
