@@ -149,3 +149,39 @@ def test_bad_arguments_name_the_fix(kwargs: dict, match: str) -> None:
 
     with pytest.raises(ValueError, match=match):
         CostReporter(**kwargs)
+
+
+# -- what the projection shows (pure) -------------------------------------------------------------
+def _projection(gpu: str, fits, usd: float):
+    from lightning_scale.core.cost import Projection
+
+    return Projection(gpu, 80.0, "cloud", "inst", 8, 2.0, 1e15, 1.0, usd, fits)
+
+
+def test_unknown_fit_is_its_own_state_in_the_plot_and_the_table() -> None:
+    from lightning_scale.callbacks.cost import FIT_LABELS, legend_entries, projection_notes
+
+    unknown = [_projection("H100 SXM", None, 3.0), _projection("A100", None, 2.0)]
+    assert legend_entries(unknown) == [("fit unknown (no planner model for this module)", "#9a9a9a")]
+    assert FIT_LABELS[None] == "unknown"
+    assert "fits: unknown for every GPU" in projection_notes(unknown, [], "fp32")[0]
+    mixed = [_projection("H100 SXM", True, 3.0), _projection("A100", False, 2.0)]
+    assert [label for label, _ in legend_entries(mixed)] == ["fits (memory planner)", "does not fit (memory planner)"]
+    assert projection_notes(mixed, [], "fp32") == []
+
+
+def test_gpus_without_a_peak_are_named_in_the_printed_notes() -> None:
+    from lightning_scale.callbacks.cost import projection_notes
+
+    notes = projection_notes([_projection("H100 SXM", True, 3.0)], ["A10G", "L4", "T4"], "fp32")
+    assert notes == ["not projected (no dense fp32 peak in the peak-FLOPs table for this precision): A10G, L4, T4"]
+
+
+def test_dollars_are_printed_with_the_digits_a_reader_needs(tmp_path) -> None:
+    from lightning_scale.callbacks.cost import format_usd, plot_projection
+
+    assert [format_usd(v) for v in (1234.5, 12.34, 0.04213, 0.00031, 3.1e-6)] == [
+        "$1,234", "$12.3", "$0.0421", "$0.00031", "$3.1e-06"]
+    png = plot_projection([_projection("H100 SXM", None, 3e-6), _projection("A100", True, 2e-6)], tmp_path / "p.png",
+                          mfu=0.35, dtype="fp32", prices_date="2026-05-20")
+    assert png.is_file() and png.stat().st_size > 1000

@@ -474,6 +474,11 @@ def projection_notes(projections: list, skipped: list[str], dtype: str) -> list[
     return notes
 
 
+def legend_entries(rows: list) -> list[tuple[str, str]]:
+    """(label, colour) of each fit state present among ``rows``: fits, does not fit, unknown."""
+    return [(_FIT_LEGEND[s], _FIT_COLORS[s]) for s in (True, False, None) if any(p.fits is s for p in rows)]
+
+
 def plot_projection(rows: list, path: Path, *, mfu: float, dtype: str, prices_date: str) -> Path:
     """Bar chart of the projected run cost per (GPU, cloud), coloured by fit: fits, does not fit,
     unknown; the x axis in dollars; the title names the MFU, the peaks' dtype and the prices' date."""
@@ -492,8 +497,8 @@ def plot_projection(rows: list, path: Path, *, mfu: float, dtype: str, prices_da
     ax.set_xlabel("projected cost of the whole run (USD)")
     ax.set_title(f"run cost by GPU and cloud at MFU {mfu:.1%} (same on every GPU), dense {dtype} peaks, "
                  f"prices of {prices_date}", fontsize=8)
-    states = [s for s in (True, False, None) if any(p.fits is s for p in rows)]
-    ax.legend(handles=[Patch(color=_FIT_COLORS[s], label=_FIT_LEGEND[s]) for s in states], fontsize=7, loc="lower right")
+    ax.legend(handles=[Patch(color=color, label=label) for label, color in legend_entries(rows)], fontsize=7,
+              loc="lower right")
     ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
