@@ -21,6 +21,39 @@ class ScaleCLI(LightningCLI):
     """LightningCLI whose model and data are any LightningModule / LightningDataModule subclass."""
 
 
+def _take_price_options(argv: list[str]) -> list[str]:
+    """``--prices FILE`` (YAML/JSON/CSV rows) and ``--gpu-rates "H100 SXM=2.1; A100 (80 GB)=1.2"``:
+    your prices for CostReporter, as one option each. They are passed on as the environment
+    variables the price table reads (``LIGHTNING_SCALE_GPU_PRICES`` / ``LIGHTNING_SCALE_GPU_RATES``),
+    so every rank and every CostReporter of the run sees them; removed from what LightningCLI parses."""
+    import os
+
+    from lightning_scale.core.prices import ENV_VAR, RATES_ENV_VAR, parse_rates
+
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        for flag, env in (("--prices", ENV_VAR), ("--gpu-rates", RATES_ENV_VAR)):
+            if arg == flag or arg.startswith(flag + "="):
+                value = arg.split("=", 1)[1] if "=" in arg and arg.startswith(flag + "=") else None
+                if value is None:
+                    if i + 1 >= len(argv):
+                        raise SystemExit(f"lightning-scale: {flag} needs a value")
+                    value = argv[i + 1]
+                    i += 1
+                if flag == "--gpu-rates":
+                    try:
+                        parse_rates(value)
+                    except ValueError as err:
+                        raise SystemExit(f"lightning-scale: {err}") from None
+                os.environ[env] = value
+                break
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of ``lightning-scale``. ``args`` defaults to ``sys.argv[1:]``.
 
@@ -30,10 +63,13 @@ def main(args: Sequence[str] | None = None) -> None:
     import sys
 
     argv = list(sys.argv[1:] if args is None else args)
+    argv = _take_price_options(argv)
     if argv[:1] == ["plan"]:
         from lightning_scale.plan_cli import main as plan_main
 
         raise SystemExit(plan_main(argv[1:]))
+    if args is None and argv != sys.argv[1:]:
+        sys.argv = [sys.argv[0], *argv]  # the price options were taken out; LightningCLI reads the rest
     # W&B: without an API key (or with WANDB_MODE unset on a machine without network) log
     # offline instead of prompting for a login.
     configure_offline_if_needed()

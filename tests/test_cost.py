@@ -96,8 +96,8 @@ def test_cpu_run_without_a_rate_warns_and_reports_no_dollars(tmp_path) -> None:
 
 
 def test_a_gpu_missing_from_the_table_warns(tmp_path) -> None:
-    with pytest.warns(UserWarning, match="no on-demand price for H100 SXM .*on AWS"):
-        out = ct.fit_cost(str(tmp_path), 1, devices=1, cost_kwargs=dict(gpu="H100 SXM", cloud="AWS", print_table=False))
+    with pytest.warns(UserWarning, match="no on-demand price for H100 PCIe .*on AWS"):
+        out = ct.fit_cost(str(tmp_path), 1, devices=1, cost_kwargs=dict(gpu="H100 PCIe", cloud="AWS", print_table=False))
     assert out["report"]["rate_per_gpu_hour"] is None
 
 

@@ -58,7 +58,7 @@ from torch.utils._pytree import tree_map
 from lightning_scale.core.cost import Projection, dollars, project_across
 from lightning_scale.core import device as dev
 from lightning_scale.core.peak_flops import known_devices, lookup, precision_key
-from lightning_scale.core.prices import PriceTable, load_price_table
+from lightning_scale.core.prices import STALE_MONTHS, TABLE_DATE, PriceTable, load_price_table, months_old
 
 PNG_NAME = "cost_projection.png"
 JSON_NAME = "cost_report.json"
@@ -194,11 +194,26 @@ class CostReporter(Callback):
         rates = [o.price(self.spot) for o in offers]
         if self.cloud:
             self.rate = rates[0]
-            self.rate_note = f"{gpu} {kind}, cheapest {self.cloud} offer ({offers[0].instance or offers[0].gpus} GPUs)"
+            used = offers[:1]
+            self.rate_note = (f"{gpu} {kind}, cheapest {self.cloud} offer ({offers[0].instance or offers[0].gpus} GPUs), "
+                              f"price of {offers[0].date}")
         else:
             self.rate = float(statistics.median(rates))
-            self.rate_note = (f"{gpu} {kind}, median of {len(rates)} offers (${min(rates):.2f}-${max(rates):.2f}) "
-                              f"in the table of {self.table.date}")
+            used = offers
+            dates = sorted({o.date for o in offers})
+            self.rate_note = (f"{gpu} {kind}, median of {len(rates)} offers (${min(rates):.2f}-${max(rates):.2f}), "
+                              f"prices of {', '.join(dates)}")
+        stale = [o for o in used if months_old(o.date) > STALE_MONTHS]
+        named = f"{gpu} ({memory:g} GB)" if memory else gpu
+        if stale and trainer.is_global_zero:
+            oldest = min(o.date for o in stale)
+            warnings.warn(
+                f"CostReporter: {len(stale)} of the {len(used)} price(s) behind this run's rate ({gpu}) are more than "
+                f"{STALE_MONTHS} months old (oldest {oldest}, {months_old(oldest):.0f} months before this run); GPU "
+                f"prices have fallen since (an H100 went from over $7 to about $3 per GPU-hour between early 2024 and "
+                f"mid 2026). Give your rate: CostReporter(prices={{{named!r}: <USD per GPU-hour>}}), a CSV/YAML file with "
+                f"prices=, or `lightning-scale fit ... --gpu-rates '{named}=<USD>'` (LIGHTNING_SCALE_GPU_RATES)",
+                stacklevel=2)
 
     # -- Lightning hooks ----------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module) -> None:
@@ -432,13 +447,13 @@ class CostReporter(Callback):
         if not self.projections:
             return
         table = Table(title="the same run on other GPUs and clouds (cheapest first)", caption=why)
-        for col in ("gpu", "GB", "cloud", "instance", "$/GPU-h", "hours", "$ run", "fits"):
-            table.add_column(col, justify="left" if col in ("gpu", "cloud", "instance") else "right")
+        for col in ("gpu", "GB", "cloud", "instance", "$/GPU-h", "price of", "hours", "$ run", "fits"):
+            table.add_column(col, justify="left" if col in ("gpu", "cloud", "instance", "price of") else "right")
         for p in self.projections[: self.top]:
             table.add_row(p.gpu, f"{p.memory_gb:g}", p.cloud, p.instance or "", f"{p.rate_per_gpu_hour:.2f}",
-                          f"{p.hours:,.3g}", format_usd(p.dollars), FIT_LABELS[p.fits])
+                          p.rate_date, f"{p.hours:,.3g}", format_usd(p.dollars), FIT_LABELS[p.fits])
         console.print(table)
-        for line in projection_notes(self.projections, skipped, self._projection_dtype):
+        for line in projection_notes(self.projections, skipped, self._projection_dtype, self.top):
             console.print(line)
 
     def _plot(self, path: Path, why: str) -> Path:
@@ -462,9 +477,15 @@ def format_usd(value: float) -> str:
     return f"${value:.2g}" if value >= 1e-4 else f"${value:.1e}"
 
 
-def projection_notes(projections: list, skipped: list[str], dtype: str) -> list[str]:
-    """What the projection table leaves out, in words."""
+def projection_notes(projections: list, skipped: list[str], dtype: str, top: int | None = None) -> list[str]:
+    """What the projection table leaves out or rests on, in words."""
     notes = []
+    shown = projections[:top] if top else projections
+    old = [p for p in shown if p.rate_date and months_old(p.rate_date) > STALE_MONTHS]
+    if old:
+        notes.append(f"{len(old)} of the {len(shown)} rows shown are priced from lists more than {STALE_MONTHS} "
+                     f"months old (FSDL table of {TABLE_DATE}): their ranking against 2026 prices can be wrong; "
+                     f"give your rates with prices= or LIGHTNING_SCALE_GPU_RATES")
     if projections and all(p.fits is None for p in projections):
         notes.append("fits: unknown for every GPU: the memory planner has no model of this module (it knows the "
                      "suite's GPT/ViT/ResNet); check memory with MemoryAccountant or lightning-scale plan")

@@ -42,6 +42,7 @@ class Projection:
     dollars: float
     fits: bool | None  # the memory planner's verdict (None: not known)
     rate_source: str = "table"
+    rate_date: str = ""  # when the price was stated (ISO date)
 
 
 def project(total_flops: float, mfu: float, gpus: int, peak_flops: float, rate_per_gpu_hour: float) -> tuple[float, float]:
@@ -78,6 +79,6 @@ def project_across(table, total_flops: float, mfu: float, gpus: int, dtype: str,
         rate = row.price(spot)
         hours, cost = project(total_flops, mfu, gpus, peak, rate)
         out.append(Projection(gpu, memory_gb, cloud, row.instance, gpus, rate, peak, hours, cost,
-                              fits(memory_gb) if fits is not None else None, row.source))
+                              fits(memory_gb) if fits is not None else None, row.source, row.date))
     out.sort(key=lambda p: (p.dollars, p.gpu, p.cloud))
     return out, sorted(skipped)

@@ -113,7 +113,8 @@ class PriceRow:
     on_demand_per_gpu_hour: float | None  # USD per GPU-hour = instance On-demand $/h / gpus
     spot_per_gpu_hour: float | None = None  # USD per GPU-hour = instance Spot $/h / gpus; None when unknown
     instance: str = ""  # the Name column ("" when empty)
-    source: str = "table"  # "table" (the FSDL snapshot) or "user" (an override)
+    source: str = "table"  # "table" (the FSDL snapshot), "2026" (a sourced 2026 figure) or "user"
+    date: str = TABLE_DATE  # when the price was stated (ISO date; a user's row: the day it was given)
 
     def price(self, spot: bool = False) -> float | None:
         """USD per GPU-hour for on-demand (default) or spot."""
@@ -158,6 +159,23 @@ class PriceTable:
         """Distinct (canonical gpu, memory GB per GPU), sorted."""
         return sorted({(row.gpu, row.memory_gb) for row in self.rows})
 
+    def dates(self) -> str:
+        """The rows' dates, for reports: "2023-10-30 (FSDL, 213 rows), 2026-05-18 ... 2026-11-09 (19 rows)"."""
+        old = [r for r in self.rows if r.source == "table"]
+        new = sorted(r.date for r in self.rows if r.source == "2026")
+        user = [r for r in self.rows if r.source == "user"]
+        if not new and not user:
+            return TABLE_DATE
+        parts = []
+        if old:
+            parts.append(f"{TABLE_DATE} (FSDL table, {len(old)} rows)")
+        if new:
+            parts.append(f"{new[0]} to {new[-1]} (sourced 2026 figures, {len(new)} rows)")
+        if user:
+            parts.append(f"yours ({len(user)} rows)")
+        return "; ".join(parts)
+
+
     def with_overrides(self, overrides: Iterable[Mapping[str, Any] | PriceRow] | None) -> PriceTable:
         """A new table with user rows (``source="user"``). Each override is a mapping (or a
         :class:`PriceRow`) with ``cloud``, ``gpu``, ``memory_gb`` (optional when the name carries
@@ -185,7 +203,20 @@ class PriceTable:
         return PriceTable(rows, self.source, self.date, log)
 
 
-_OVERRIDE_KEYS = ("cloud", "gpu", "memory_gb", "gpus", "on_demand_per_gpu_hour", "spot_per_gpu_hour", "instance", "source")
+def months_old(row_date: str, today: "datetime.date | None" = None) -> float:
+    """Age of a price in months (30.44 days) on ``today`` (default: the run's date)."""
+    import datetime
+
+    today = today or datetime.date.today()
+    return (today - datetime.date.fromisoformat(row_date[:10])).days / 30.44
+
+
+#: A price older than this (months) gets a warning naming its date and the override option.
+STALE_MONTHS = 12
+
+
+_OVERRIDE_KEYS = ("cloud", "gpu", "memory_gb", "gpus", "on_demand_per_gpu_hour", "spot_per_gpu_hour", "instance", "date",
+                  "source")
 
 
 def _price_field(value: Any, name: str, where: str, required: bool) -> float | None:
@@ -233,7 +264,15 @@ def _user_row(item: Mapping[str, Any] | PriceRow, index: int) -> PriceRow:
     instance = item.get("instance") or ""
     if not isinstance(instance, str):
         raise ValueError(f"{where}: instance must be a string (instance type name); got {instance!r}")
-    return PriceRow(cloud.strip(), gpu, float(memory), gpus, on_demand, spot, instance.strip(), "user")
+    import datetime
+
+    date = item.get("date") or datetime.date.today().isoformat()  # when you stated it: default today
+    try:
+        datetime.date.fromisoformat(str(date)[:10])
+    except ValueError:
+        raise ValueError(f"{where}: date must be an ISO date such as 2026-05-20 (when the price was stated); got "
+                         f"{date!r}") from None
+    return PriceRow(cloud.strip(), gpu, float(memory), gpus, on_demand, spot, instance.strip(), "user", str(date)[:10])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,12 +379,76 @@ def _clean(raw: list[dict[str, str]]) -> tuple[list[PriceRow], list[str]]:
     return rows, log
 
 
+# ---------------------------------------------------------------------------------------------
+# The 2026 figures (core/data/gpu-prices-2026.csv, sources and gaps in gpu-prices-2026.md)
+# ---------------------------------------------------------------------------------------------
+SUPPLEMENT_FILE = Path(__file__).resolve().parent / "data" / "gpu-prices-2026.csv"
+SUPPLEMENT_SHA256 = "7f105edacc069ab736449985fbe679dc37d01518709635c229bc3cf1bfb3588b"
+# Which rows of the file become table rows, and as what: (gpu column, source date column) ->
+# (canonical gpu, memory GB, cloud label, instance, GPUs per instance, price column). Only a
+# median or a list price is used; ranges (low/high without a median) are left out, never
+# turned into a price. A row for an instance the FSDL table also lists (AWS p4d, p4de, g5.xlarge)
+# replaces that row; market medians and single providers are added as their own "cloud".
+_SUPPLEMENT_USE: dict[tuple[str, str], tuple[str, float, str, str, int, str]] = {
+    ("H100 (all form factors, cohort)", "2026-05-20"):
+        ("H100", 80.0, "market median (aimultiple GPU index, 37 providers)", "", 1, "on_demand_median"),
+    ("H100 SXM 80GB", "2026-05-18"): ("H100 SXM", 80.0, "market median (cliffcenter.com)", "", 1, "on_demand_median"),
+    ("L40S", "2026-06-15 (week of)"):
+        ("L40S", 48.0, "market median (aiminingco.com, 13 marketplaces, tier not stated)", "", 1, "on_demand_median"),
+    ("MI300X 192GB", "2026-05-18"):
+        ("MI300X", 192.0, "market median (cliffcenter.com, one spot quote included)", "", 1, "on_demand_median"),
+    ("H100 SXM 80GB (AWS p5.48xlarge list)", "2026-11-09 (retrieved)"): ("H100 SXM", 80.0, "AWS", "p5.48xlarge", 8, "on_demand_median"),
+    ("A100 80GB SXM (AWS p4de.24xlarge list)", "2026-11-09 (retrieved)"): ("A100", 80.0, "AWS", "p4de.24xlarge", 8, "on_demand_median"),
+    ("A100 40GB SXM (AWS p4d.24xlarge list)", "2026-11-09 (retrieved)"): ("A100", 40.0, "AWS", "p4d.24xlarge", 8, "on_demand_median"),
+    ("A10G 24GB (AWS g5.xlarge list)", "2026-06-17"): ("A10G", 24.0, "AWS", "g5.xlarge", 1, "on_demand_median"),
+    ("B200 180GB (Akash list)", "2026-09-20 (page read)"): ("B200", 180.0, "Akash (list, 'starting at')", "", 1, "on_demand_median"),
+    ("RTX 4090 24GB (OpenRelay list)", "2026-09-20 (page read)"): ("RTX 4090", 24.0, "OpenRelay (list)", "", 1, "on_demand_median"),
+    ("H200 141GB (SXM)", "2026-04-18"): ("H200 SXM", 141.0, "spot market median (GPU Markets, provisional)", "", 1, "spot_median"),
+    ("L40S", "2026-04-18"): ("L40S", 48.0, "spot market median (GPU Markets, provisional)", "", 1, "spot_median"),
+    ("MI300X 192GB", "2026-04-18"): ("MI300X", 192.0, "spot market median (GPU Markets, provisional)", "", 1, "spot_median"),
+}
+
+
+def supplement_rows(path: Path = SUPPLEMENT_FILE) -> list[PriceRow]:
+    """The 2026 rows named in ``_SUPPLEMENT_USE``, each with its own date (the source's)."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        raw = list(csv.DictReader(handle))
+    rows = []
+    found = set()
+    for item in raw:
+        use = _SUPPLEMENT_USE.get((item["gpu"], item["source_date"]))
+        if use is None:
+            continue
+        found.add((item["gpu"], item["source_date"]))
+        gpu, memory, cloud, instance, gpus, column = use
+        price = float(item[column])
+        on_demand, spot = (price, None) if column == "on_demand_median" else (None, price)
+        rows.append(PriceRow(cloud, gpu, memory, gpus, on_demand, spot, instance, "2026", item["source_date"][:10]))
+    missing = sorted(set(_SUPPLEMENT_USE) - found)
+    if missing:
+        raise ValueError(f"{path}: rows {missing} named in prices._SUPPLEMENT_USE are not in the file")
+    return rows
+
+
+def _with_supplement(rows: list[PriceRow], log: list[str]) -> list[PriceRow]:
+    new = supplement_rows()
+    replaced = {(r.cloud.casefold(), r.instance) for r in new if r.instance}
+    kept = [r for r in rows if (r.cloud.casefold(), r.instance) not in replaced]
+    for r in rows:
+        if (r.cloud.casefold(), r.instance) in replaced:
+            log.append(f"2026: {r.cloud} {r.instance} ({r.gpu}) of {TABLE_DATE} replaced by the 2026 list price")
+    log.append(f"2026: {len(new)} sourced rows added (core/data/gpu-prices-2026.md)")
+    return kept + new
+
+
 def _read_overrides(path: str | Path, what: str) -> list[Any]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{what}: GPU price overrides file {str(path)!r} not found; "
                                 "give a YAML/JSON file holding a list of rows")
     text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".csv":
+        return _csv_overrides(path, what)
     if path.suffix.lower() == ".json":
         data = json.loads(text)
     else:
@@ -365,15 +468,87 @@ def _read_overrides(path: str | Path, what: str) -> list[Any]:
     return data
 
 
-def load_price_table(overrides: str | Path | list | None = None) -> PriceTable:
-    """The cleaned FSDL table, then the overrides file named by ``$LIGHTNING_SCALE_GPU_PRICES`` (if
-    set), then ``overrides`` (a YAML/JSON file path or a list of mappings; see
-    :meth:`PriceTable.with_overrides`). Later rows replace earlier ones with the same key."""
+def _csv_overrides(path: Path, what: str) -> list[dict[str, Any]]:
+    """A user's CSV: a header with the override fields (``gpu``, ``on_demand_per_gpu_hour``, and
+    optionally ``cloud``, ``memory_gb``, ``gpus``, ``spot_per_gpu_hour``, ``instance``)."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        rows = []
+        for line, item in enumerate(reader, start=2):
+            row: dict[str, Any] = {"cloud": "yours"}
+            for key, value in item.items():
+                if value is None or value.strip() == "":
+                    continue
+                if key in ("memory_gb", "on_demand_per_gpu_hour", "spot_per_gpu_hour"):
+                    try:
+                        row[key] = float(value)
+                    except ValueError:
+                        raise ValueError(f"{what}: {path} line {line}: {key}={value!r} is not a number") from None
+                elif key == "gpus":
+                    row[key] = int(value)
+                else:
+                    row[key] = value.strip()
+            rows.append(row)
+    return rows
+
+
+def rates_to_rows(rates: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """``{"H100 SXM": 2.5, "A100 (80 GB)": 1.4}``: per-GPU on-demand rates (USD per GPU-hour) as
+    override rows of the cloud "yours" (memory from the name, else the only size the table knows)."""
+    rows = []
+    for gpu, rate in rates.items():
+        row: dict[str, Any] = {"cloud": "yours", "gpu": gpu, "on_demand_per_gpu_hour": rate}
+        name, memory = canonical_gpu(gpu)
+        if memory is None:
+            sizes = sorted({r.memory_gb for r in supplement_rows() if r.gpu == name}
+                           | {r.memory_gb for r in _clean(_read_raw())[0] if r.gpu == name})
+            if len(sizes) != 1:
+                raise ValueError(f"GPU rate for {gpu!r}: give the memory in the name (e.g. '{name} (80 GB)'); "
+                                 f"the table knows sizes {sizes or 'none'}")
+            row["memory_gb"] = sizes[0]
+        rows.append(row)
+    return rows
+
+
+def parse_rates(text: str) -> dict[str, float]:
+    """``"H100 SXM=2.5; A100 (80 GB)=1.4"`` (the CLI and env-var form) -> ``{name: rate}``."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, sep, value = part.rpartition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise ValueError(f"GPU rates {text!r}: each entry is NAME=USD_PER_GPU_HOUR, separated by ';' "
+                             f"(e.g. 'H100 SXM=2.5; A100 (80 GB)=1.4'); got {part!r}")
+    return out
+
+
+RATES_ENV_VAR = "LIGHTNING_SCALE_GPU_RATES"  # "H100 SXM=2.5; A100 (80 GB)=1.4"
+
+
+def load_price_table(overrides: str | Path | list | Mapping | None = None, supplement: bool = True) -> PriceTable:
+    """The cleaned FSDL table with the sourced 2026 rows, then the overrides named by
+    ``$LIGHTNING_SCALE_GPU_PRICES`` (a YAML/JSON/CSV file) and ``$LIGHTNING_SCALE_GPU_RATES``
+    (``"H100 SXM=2.5; ..."``), then ``overrides``: a YAML/JSON/CSV file path, a list of row
+    mappings (see :meth:`PriceTable.with_overrides`), or ``{gpu: USD per GPU-hour}``. Later rows
+    replace earlier ones with the same key. ``supplement=False``: the FSDL table alone."""
     rows, log = _clean(_read_raw())
-    table = PriceTable(rows, TABLE_SOURCE, TABLE_DATE, log)
+    if supplement:
+        rows = _with_supplement(rows, log)
+    source = TABLE_SOURCE + ("; 2026 figures: lightning_scale/core/data/gpu-prices-2026.md" if supplement else "")
+    table = PriceTable(rows, source, TABLE_DATE, log)
     env_path = os.environ.get(ENV_VAR, "").strip()
     if env_path:
         table = table.with_overrides(_read_overrides(env_path, f"${ENV_VAR}"))
+    env_rates = os.environ.get(RATES_ENV_VAR, "").strip()
+    if env_rates:
+        table = table.with_overrides(rates_to_rows(parse_rates(env_rates)))
     if isinstance(overrides, (str, Path)):
         overrides = _read_overrides(overrides, "overrides")
-    return table.with_overrides(overrides)
+    elif isinstance(overrides, Mapping):
+        overrides = rates_to_rows(overrides)
+    table = table.with_overrides(overrides)
+    table.date = table.dates()
+    return table
