@@ -64,6 +64,11 @@ def main(args: Sequence[str] | None = None) -> None:
 
     argv = list(sys.argv[1:] if args is None else args)
     argv = _take_price_options(argv)
+    if argv[:1] in (["-h"], ["--help"]) or not argv:
+        # LightningCLI's help lists its own subcommands; the planner is ours.
+        print("lightning-scale plan ...    predict per-device memory and the layouts that fit (lightning-scale plan --help)\n"
+              "lightning-scale fit ... [--gpu-rates 'H100 SXM=2.1; ...'] [--prices FILE]    your GPU prices for "
+              "CostReporter\n")
     if argv[:1] == ["plan"]:
         from lightning_scale.plan_cli import main as plan_main
 

@@ -233,13 +233,48 @@ def main(args: Sequence[str] | None = None) -> int:
     console.print(_describe(model, workload, hardware))
     console.print(plan_table([asked], "asked layout (GB = 1e9 bytes, per device)"))
     console.print(asked.summary())
+    warnings = precision_warnings(hardware.name, workload.precision)
+    for line in warnings:
+        console.print(f"[bold yellow]warning:[/] {line}")
     found = recommend(model, workload, hardware, limit=a.top)
+    minimum = None
     if found:
         console.print(plan_table(found, "fastest layouts that fit (expected speed order)"))
         console.print(f"recommended: {found[0].layout.describe(found[0].dp)}")
     else:
-        console.print("no layout fits: add GPUs, use larger GPUs, or shorten the sequence / batch")
+        minimum = minimum_gpus(model, workload, hardware)
+        more = (f"at least {minimum} x {hardware.name} (the smallest count tried, doubling from {hardware.gpus}, where "
+                f"a layout fits)" if minimum else f"more than {MAX_GPUS_TRIED} x {hardware.name}, or larger GPUs")
+        console.print(f"[bold red]no layout fits on {hardware.gpus} x {hardware.name}[/]: this run needs {more}; or "
+                      f"shorten the sequence / batch")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"asked": asked.to_dict(), "recommended": [p.to_dict() for p in found]}, f, indent=1)
-    return 0
+            json.dump({"asked": asked.to_dict(), "recommended": [p.to_dict() for p in found], "fits": bool(found),
+                       "minimum_gpus": minimum, "warnings": warnings}, f, indent=1)
+    return 0 if found else 1
+
+
+#: GPUs without bf16 tensor cores (pre-Ampere): bf16 runs there emulated or not at all.
+NO_BF16 = ("T4", "V100", "P100", "P4", "K80", "RTX4000", "RTX5000", "Quadro RTX 6000")
+MAX_GPUS_TRIED = 4096
+
+
+def precision_warnings(gpu_name: str, precision: str) -> list[str]:
+    """What the planner cannot say about a precision on a GPU (printed, and in the JSON)."""
+    if str(precision).startswith("bf16") and any(gpu_name.split()[0] == g.split()[0] for g in NO_BF16):
+        return [f"{gpu_name} has no bf16 tensor cores (pre-Ampere): {precision} would run emulated and slowly, or fail; "
+                f"use --precision 16-mixed (fp16 with loss scaling) on this GPU"]
+    return []
+
+
+def minimum_gpus(model: Any, workload: Any, hardware: Any) -> int | None:
+    """The smallest GPU count, doubling from ``hardware.gpus``, where some layout fits (None: none
+    up to :data:`MAX_GPUS_TRIED`)."""
+    import dataclasses
+
+    gpus = hardware.gpus * 2
+    while gpus <= MAX_GPUS_TRIED:
+        if recommend(model, workload, dataclasses.replace(hardware, gpus=gpus), limit=1):
+            return gpus
+        gpus *= 2
+    return None

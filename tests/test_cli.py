@@ -74,6 +74,7 @@ def test_console_script_help_lists_subcommands() -> None:
     assert proc.returncode == 0, proc.stderr
     for sub in ("fit", "validate", "test", "predict"):
         assert f"    {sub} " in proc.stdout, f"`{sub}` missing from --help:\n{proc.stdout}"
+    assert "lightning-scale plan ..." in proc.stdout and "--gpu-rates" in proc.stdout  # ours, not LightningCLI's
 
 
 def test_fit_help_shows_trainer_model_and_data_options(capsys: pytest.CaptureFixture[str]) -> None:

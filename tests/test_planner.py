@@ -206,3 +206,41 @@ def test_plan_cli_errors_name_the_fix(argv: list[str], message: str) -> None:
 
     with pytest.raises(SystemExit, match=message):
         main(argv)
+
+
+def test_plan_cli_exits_nonzero_when_nothing_fits_and_names_the_minimum_gpu_count(tmp_path, capsys) -> None:
+    import dataclasses
+    import json
+
+    from lightning_scale.core.planner import recommend
+    from lightning_scale.plan_cli import main
+
+    out = tmp_path / "plan.json"
+    code = main(["--model", "gpt2-xl", "--batch-size", "64", "--seq-len", "1024", "--gpus", "1", "--gpu", "T4",
+                 "--precision", "16-mixed", "--json", str(out)])
+    assert code == 1
+    text = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["fits"] is False and "no layout fits on 1 x T4" in text
+    n = data["minimum_gpus"]
+    assert f"at least {n} x T4" in text
+    # Independently: the planner finds a layout on n T4s and none on n / 2.
+    model, work = ModelSpec.from_gpt("gpt2-xl"), Workload(64, 1024, "16-mixed")
+    t4 = Hardware.named("T4", gpus=1)
+    assert recommend(model, work, dataclasses.replace(t4, gpus=n), limit=1)
+    assert not recommend(model, work, dataclasses.replace(t4, gpus=n // 2), limit=1)
+
+
+def test_plan_cli_warns_about_bf16_on_gpus_without_bf16_tensor_cores(tmp_path, capsys) -> None:
+    import json
+
+    from lightning_scale.plan_cli import main
+
+    out = tmp_path / "plan.json"
+    main(["--model", "nano", "--batch-size", "8", "--seq-len", "64", "--gpus", "1", "--gpu", "T4",
+          "--precision", "bf16-mixed", "--json", str(out)])
+    assert "T4 has no bf16 tensor cores" in capsys.readouterr().out.replace("\n", " ")
+    assert json.loads(out.read_text())["warnings"][0].startswith("T4 has no bf16 tensor cores")
+    main(["--model", "nano", "--batch-size", "8", "--seq-len", "64", "--gpus", "1", "--gpu", "A10G",
+          "--precision", "bf16-mixed", "--json", str(out)])
+    assert json.loads(out.read_text())["warnings"] == []
