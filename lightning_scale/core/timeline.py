@@ -75,31 +75,58 @@ def replay_span(events: Sequence[Any]) -> float:
     return max(free.values())
 
 
-def plot_timeline(events: Sequence[Any], path: str | Path, *, title: str = "", num_ranks: int | None = None) -> Path:
-    """Save a PNG Gantt chart of ``events`` to ``path`` and return the path."""
-    import matplotlib
+def legend_labels(events: Sequence[Any]) -> dict[str, str]:
+    """Legend entry of each action kind present: a weight-gradient pass ("W") exists only under
+    the zero-bubble schedules, whose "B" is then the input gradient alone."""
+    kinds = {e.kind for e in events}
+    names = {"F": "forward", "B": "backward (input grad)" if "W" in kinds else "backward", "W": "weight grad"}
+    return {k: names[k] for k in ("F", "B", "W") if k in kinds}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+FIGURE_WIDTH_IN, DPI, LABEL_PX_PER_CHAR = 12.0, 120, 5.5  # fontsize 6 at 120 dpi: about 5.5 px per character
+_PLOT_SHARE = 0.85  # of the figure width taken by the axis (tight_layout leaves the rest to labels)
+
+
+def label_fits(text: str, width_s: float, span_s: float) -> bool:
+    """Whether ``text`` fits inside a box ``width_s`` wide on an axis spanning ``span_s``."""
+    if span_s <= 0:
+        return False
+    box_px = width_s / span_s * FIGURE_WIDTH_IN * DPI * _PLOT_SHARE
+    return box_px >= LABEL_PX_PER_CHAR * len(text) + 4
+
+
+def plot_timeline(events: Sequence[Any], path: str | Path, *, title: str = "", num_ranks: int | None = None) -> Path:
+    """Save a PNG Gantt chart of ``events`` to ``path`` and return the path. Boxes too narrow for
+    their label carry none (the colour says the kind); the legend lists the kinds present."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ranks = num_ranks or (max(e.rank for e in events) + 1 if events else 1)
-    fig, ax = plt.subplots(figsize=(12, 0.7 * ranks + 1.8))
+    fig = Figure(figsize=(FIGURE_WIDTH_IN, 0.7 * ranks + 1.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    span = (max(e.end for e in events) - min(e.start for e in events)) if events else 0.0
     for e in events:
-        ax.barh(e.rank, (e.end - e.start) * 1e3, left=e.start * 1e3, height=0.8, color=_COLORS.get(e.kind, "gray"), edgecolor="black", linewidth=0.4)
         width_ms = (e.end - e.start) * 1e3
-        ax.text((e.start * 1e3) + width_ms / 2, e.rank, f"{e.kind}{e.microbatch}" + (f"/s{e.stage}" if ranks > 1 else ""), ha="center", va="center", fontsize=6, color="white")
+        ax.barh(e.rank, width_ms, left=e.start * 1e3, height=0.8, color=_COLORS.get(e.kind, "gray"),
+                edgecolor="black", linewidth=0.4)
+        label = f"{e.kind}{e.microbatch}" + (f"/s{e.stage}" if ranks > 1 else "")
+        if label_fits(label, e.end - e.start, span):
+            ax.text((e.start * 1e3) + width_ms / 2, e.rank, label, ha="center", va="center", fontsize=6, color="white")
     ax.set_yticks(range(ranks))
     ax.set_yticklabels([f"rank {r}" for r in range(ranks)])
     ax.invert_yaxis()
     ax.set_xlabel("time since step start (ms)")
     bubble = bubble_fraction(events, ranks)
-    ax.set_title(f"{title}  |  measured bubble {bubble:.1%}  (F forward, B backward, W weight grad)")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in _COLORS.values()]
-    ax.legend(handles, ["forward", "backward", "weight grad"], loc="upper center", bbox_to_anchor=(0.5, -0.35),
-              ncol=3, fontsize=7, frameon=False)  # below the axis, never over a box
+    kinds = legend_labels(events)
+    key = ", ".join(f"{k} {name}" for k, name in kinds.items())
+    ax.set_title(f"{title}  |  measured bubble {bubble:.1%}  ({key}; label: kind, microbatch/stage)", fontsize=9)
+    handles = [Rectangle((0, 0), 1, 1, color=_COLORS[k]) for k in kinds]
+    ax.legend(handles, list(kinds.values()), loc="upper center", bbox_to_anchor=(0.5, -0.35),
+              ncol=max(1, len(kinds)), fontsize=7, frameon=False)  # below the axis, never over a box
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.savefig(path, dpi=DPI)
     return path
