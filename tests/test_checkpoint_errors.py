@@ -166,3 +166,38 @@ def test_single_file_errors_name_the_file(content: bytes, match: str, tmp_path: 
     assert file.read_bytes() == content
     with pytest.raises(CheckpointError, match="does not exist"):
         load_file(tmp_path / "nope.ckpt")
+
+
+# -- atomic writes ----------------------------------------------------------------------------------
+def test_a_checkpoint_appears_under_its_name_only_when_complete(tmp_path: Path, monkeypatch) -> None:
+    from lightning_scale.core import checkpoint as ckpt
+
+    path = tmp_path / "epoch=0-step=20.ckpt"
+    tensors = {"state_dict": {"w": torch.arange(4.0)}}
+    real_save = ckpt.dcp.save
+
+    def dies_midway(state, checkpoint_id):  # a rank killed while the shards are written
+        (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"partial")
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(ckpt.dcp, "save", dies_midway)
+    with pytest.raises(SystemExit):
+        ckpt.save_sharded(path, tensors, {"global_step": 20}, is_rank_zero=True)
+    assert not path.exists()  # nothing that looks like a checkpoint
+    assert ckpt.incomplete_path(path).is_dir() and not ckpt.incomplete_path(path).name.endswith(".ckpt")
+    monkeypatch.setattr(ckpt.dcp, "save", real_save)
+    ckpt.save_sharded(path, tensors, {"global_step": 20}, is_rank_zero=True)  # the next save clears it
+    assert not ckpt.incomplete_path(path).exists() and load_meta(path)["global_step"] == 20
+    # Replacing an existing checkpoint (last.ckpt): the old one stays until the new one is complete.
+    ckpt.save_sharded(path, {"state_dict": {"w": torch.ones(4)}}, {"global_step": 21}, is_rank_zero=True)
+    assert load_meta(path)["global_step"] == 21 and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_damage_messages_never_pass_on_torchs_advice_to_disable_weights_only(tmp_path: Path) -> None:
+    file = tmp_path / "meta.pt"
+    torch.save({"global_step": 3}, file)
+    file.write_bytes(file.read_bytes()[:100])
+    with pytest.raises(CheckpointError) as info:
+        load_meta(tmp_path)
+    assert "is corrupt or truncated" in str(info.value)
+    assert "weights_only" not in str(info.value).replace("weights_only loading", "")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import shutil
 import warnings
 import zipfile
 from pathlib import Path
@@ -62,7 +63,8 @@ _TRUST_HINT = (
 # -- single files (torch.save) ------------------------------------------------------------------------
 def _short(err: BaseException) -> str:
     """The informative line of an error (torch's weights_only errors open with a long preamble)."""
-    skip = ("Weights only load failed", "Please file an issue", "Check the documentation", "In PyTorch 2.6")
+    skip = ("Weights only load failed", "Please file an issue", "Check the documentation", "In PyTorch 2.6",
+            "(1) In PyTorch 2.6", "Re-running `torch.load`", "(2) Alternatively", "WeightsUnpickler error")
     lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.strip().startswith(skip)]
     return (lines[0] if lines else str(err))[:300]
 
@@ -146,8 +148,10 @@ def load_meta(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
     """Read ``meta.pt`` with ``weights_only=True`` (or full unpickling if ``trust``)."""
     file = Path(path) / META_FILE
     if not file.is_file():
-        raise CheckpointError(f"checkpoint {path} has no {META_FILE}: it is not a lightning_scale checkpoint or it is "
-                              f"incomplete (copy the whole directory)")
+        raise CheckpointError(f"checkpoint {path} has no {META_FILE}: it is not a lightning_scale checkpoint, or it is "
+                              f"incomplete (its writing was interrupted, or it was copied without every file): resume "
+                              f"from an earlier checkpoint, or copy the whole directory if it is complete where it was "
+                              f"saved")
     meta = load_file(file, trust=trust, what="checkpoint metadata file")
     if not isinstance(meta, dict):
         raise CheckpointError(f"{file} holds a {type(meta).__name__}, not the dict a lightning_scale checkpoint writes")
@@ -160,18 +164,49 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
     return p.is_dir() and (p / DCP_METADATA_FILE).is_file()
 
 
-def save_sharded(path: str | Path, tensors: dict[str, Any], meta: dict[str, Any], is_rank_zero: bool) -> None:
-    """Write ``tensors`` (nested dicts of tensors, the same keys on replicas) with DCP, and ``meta``.
-
-    Every rank must call this (DCP coordinates the write); replicated entries are written once.
-    """
+def incomplete_path(path: str | Path) -> Path:
+    """Where a checkpoint is written before it is complete: a hidden sibling, ``.<name>.incomplete``
+    (not a ``*.ckpt`` name, so nothing that looks for checkpoints picks it up)."""
     path = Path(path)
-    if path.is_file():
+    return path.with_name(f".{path.name}.incomplete")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
         path.unlink()
-    path.mkdir(parents=True, exist_ok=True)
-    dcp.save(tensors, checkpoint_id=path)
+
+
+def save_sharded(path: str | Path, tensors: dict[str, Any], meta: dict[str, Any], is_rank_zero: bool,
+                 barrier: Any = None) -> None:
+    """Write ``tensors`` (nested dicts of tensors, the same keys on replicas) with DCP, and ``meta``,
+    atomically: into :func:`incomplete_path` first, renamed to ``path`` by rank 0 once every rank
+    has written (a rank killed while saving leaves the hidden directory, never a ``path`` that
+    looks complete; the next save of that name clears it). An existing ``path`` (``last.ckpt``) is
+    replaced only after the new one is complete.
+
+    Every rank must call this with the same ``path`` (DCP coordinates the write; replicated
+    entries are written once). ``barrier``: the strategy's barrier (None: one process)."""
+    path = Path(path)
+    wait = barrier or (lambda: None)
+    tmp = incomplete_path(path)
     if is_rank_zero:
-        torch.save(meta, path / META_FILE)
+        _remove(tmp)
+        tmp.mkdir(parents=True)
+    wait()
+    dcp.save(tensors, checkpoint_id=tmp)
+    if is_rank_zero:
+        torch.save(meta, tmp / META_FILE)
+    wait()  # every rank's shard files are written
+    if is_rank_zero:
+        old = path.with_name(f".{path.name}.replaced")
+        _remove(old)
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        _remove(old)
+    wait()
 
 
 def _metadata_globals() -> dict[tuple[str, str], Any]:
@@ -246,8 +281,9 @@ def check_shard_files(path: str | Path, metadata: Metadata) -> None:
         if not file.is_file():
             raise CheckpointError(
                 f"checkpoint {path} is incomplete: shard file {file} is missing (each rank writes its own "
-                f"__<rank>_<n>.distcp file; copy the whole directory from where it was saved, or resume from an "
-                f"earlier checkpoint)"
+                f"__<rank>_<n>.distcp file). If its writing was interrupted (a rank stopped while saving), resume "
+                f"from an earlier checkpoint; if it was copied without every file, copy the whole directory from "
+                f"where it was saved"
             )
         size = file.stat().st_size
         if size < needed[name]:

@@ -471,8 +471,7 @@ class MeshStrategy(ParallelStrategy):
         for i, state in enumerate(checkpoint.pop("optimizer_states", [])):
             tensors[f"optimizer_{i}"] = state
         checkpoint["lightning_scale_layout"] = {"dims": vars(self.resolved_dims) if self.resolved_dims else None}
-        ckpt.save_sharded(path, tensors, checkpoint, self.is_global_zero)
-        self.barrier()
+        ckpt.save_sharded(path, tensors, checkpoint, self.is_global_zero, barrier=self.barrier)
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = self._load_checkpoint_files(checkpoint_path)
