@@ -20,4 +20,21 @@ def _allow_configs_in_checkpoints() -> None:
 
 _allow_configs_in_checkpoints()
 
+
+def _silence_third_party_noise() -> None:
+    """Two deprecation warnings that third-party code raises on every run of the suite and that no
+    user can act on (each matched by its exact message, nothing else is filtered):
+
+    * torchdata's ``StatefulDataLoader`` (the suite's resumable loaders) calls
+      ``torch.set_vital``, deprecated in torch: "'set_vital' is deprecated";
+    * torch's pytree FutureWarning "isinstance(treespec, LeafSpec) is deprecated", raised from
+      code paths inside torch's own export and pipelining while pickling tree specs."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"'set_vital' is deprecated", category=UserWarning)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+
+
+_silence_third_party_noise()
+
 from lightning_scale import strategies  # noqa: E402,F401  (registers the strategies)

@@ -20,6 +20,39 @@ from lightning_scale.utils.wandb_offline import configure_offline_if_needed
 class ScaleCLI(LightningCLI):
     """LightningCLI whose model and data are any LightningModule / LightningDataModule subclass."""
 
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        tidy_trainer_output(trainer)
+        return trainer
+
+
+def tidy_trainer_output(trainer) -> None:
+    """What a recipe run prints should be true and quiet:
+
+    * the rich progress bar writes "Epoch 0/-2" when the run is bounded by ``max_steps``
+      (``max_epochs`` is then -1): it writes "Epoch 0" instead;
+    * W&B warns "git root <save_dir> does not exist" when its directory is made after ``init``:
+      the loggers' save directories are made first."""
+    from pathlib import Path
+
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    bar = getattr(trainer, "progress_bar_callback", None)
+    if isinstance(bar, RichProgressBar):
+        describe = bar._get_train_description
+
+        def without_unknown_total(current_epoch: int) -> str:
+            text = describe(current_epoch)
+            if trainer.max_epochs is None or trainer.max_epochs < 0:
+                text = text.replace(f"Epoch {current_epoch}/{(trainer.max_epochs or 0) - 1}", f"Epoch {current_epoch}")
+            return text
+
+        bar._get_train_description = without_unknown_total
+    for logger in trainer.loggers:
+        save_dir = getattr(logger, "save_dir", None)
+        if save_dir and trainer.is_global_zero:
+            Path(save_dir).mkdir(parents=True, exist_ok=True)
+
 
 def _take_price_options(argv: list[str]) -> list[str]:
     """``--prices FILE`` (YAML/JSON/CSV rows) and ``--gpu-rates "H100 SXM=2.1; A100 (80 GB)=1.2"``:

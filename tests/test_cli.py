@@ -143,3 +143,38 @@ def test_unknown_option_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> 
     code, text = _run_main(["fit", "--config", str(GPT_RECIPE), "--trainer.no_such_option=1"], capsys)
     assert code == 2
     assert "no_such_option" in text
+
+
+def test_a_step_bounded_run_shows_its_epoch_without_a_negative_total(tmp_path) -> None:
+    import lightning as L
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from lightning_scale.cli import tidy_trainer_output
+
+    trainer = L.Trainer(max_steps=5, callbacks=[RichProgressBar()], logger=False, default_root_dir=str(tmp_path))
+    bar = trainer.progress_bar_callback
+    bar._trainer = trainer  # what Lightning's setup hook does
+    trainer.fit_loop.max_epochs = -1  # what fit sets when only max_steps bounds the run (loops/utilities.py)
+    assert bar._get_train_description(0).strip() == "Epoch 0/-2"  # Lightning's own text for max_epochs=-1
+    tidy_trainer_output(trainer)
+    assert bar._get_train_description(0).strip() == "Epoch 0"
+    bounded = L.Trainer(max_epochs=3, callbacks=[RichProgressBar()], logger=False, default_root_dir=str(tmp_path))
+    bounded.progress_bar_callback._trainer = bounded
+    tidy_trainer_output(bounded)
+    assert bounded.progress_bar_callback._get_train_description(1).strip() == "Epoch 1/2"
+
+
+def test_only_the_two_named_third_party_deprecations_are_silenced() -> None:
+    import warnings
+
+    import lightning_scale  # noqa: F401  (installs the filters)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        import importlib
+
+        importlib.reload(lightning_scale)  # re-installs the two filters inside this context
+        warnings.warn("'set_vital' is deprecated, please do not call", UserWarning)
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use isinstance(treespec, TreeSpec)", FutureWarning)
+        warnings.warn("something else is deprecated", FutureWarning)
+    assert [str(w.message) for w in caught] == ["something else is deprecated"]
