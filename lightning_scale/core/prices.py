@@ -488,26 +488,31 @@ def _csv_overrides(path: Path, what: str) -> list[dict[str, Any]]:
                     row[key] = int(value)
                 else:
                     row[key] = value.strip()
-            rows.append(row)
+            rows.append(_with_memory(row))
     return rows
 
 
 def rates_to_rows(rates: Mapping[str, Any]) -> list[dict[str, Any]]:
     """``{"H100 SXM": 2.5, "A100 (80 GB)": 1.4}``: per-GPU on-demand rates (USD per GPU-hour) as
     override rows of the cloud "yours" (memory from the name, else the only size the table knows)."""
-    rows = []
-    for gpu, rate in rates.items():
-        row: dict[str, Any] = {"cloud": "yours", "gpu": gpu, "on_demand_per_gpu_hour": rate}
-        name, memory = canonical_gpu(gpu)
-        if memory is None:
-            sizes = sorted({r.memory_gb for r in supplement_rows() if r.gpu == name}
-                           | {r.memory_gb for r in _clean(_read_raw())[0] if r.gpu == name})
-            if len(sizes) != 1:
-                raise ValueError(f"GPU rate for {gpu!r}: give the memory in the name (e.g. '{name} (80 GB)'); "
-                                 f"the table knows sizes {sizes or 'none'}")
-            row["memory_gb"] = sizes[0]
-        rows.append(row)
-    return rows
+    return [_with_memory({"cloud": "yours", "gpu": gpu, "on_demand_per_gpu_hour": rate}) for gpu, rate in rates.items()]
+
+
+def _with_memory(row: dict[str, Any]) -> dict[str, Any]:
+    """A user row without ``memory_gb``: the size in the GPU's name, else the only size the tables
+    know for that GPU (an A100 comes in 40 and 80 GB: then the name must say which)."""
+    gpu = row.get("gpu")
+    if "memory_gb" in row or not isinstance(gpu, str):
+        return row
+    name, memory = canonical_gpu(gpu)
+    if memory is None:
+        sizes = sorted({r.memory_gb for r in supplement_rows() if r.gpu == name}
+                       | {r.memory_gb for r in _clean(_read_raw())[0] if r.gpu == name})
+        if len(sizes) != 1:
+            raise ValueError(f"GPU rate for {gpu!r}: give the memory in the name (e.g. '{name} (80 GB)') or a "
+                             f"memory_gb column; the price tables know sizes {sizes or 'none'}")
+        row = {**row, "memory_gb": sizes[0]}
+    return row
 
 
 def parse_rates(text: str) -> dict[str, float]:
