@@ -256,6 +256,18 @@ class MeshStrategy(ParallelStrategy):
         self.device_mesh = build_device_mesh(self.resolved_dims, self.root_device.type, self._timeout)
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self.device_mesh
+        from lightning_scale.strategies.peers import gather_processes
+
+        self._rank_processes = gather_processes()  # to name a rank that dies later (peers.py)
+
+    def on_exception(self, exception: BaseException) -> None:
+        """A collective that failed because a peer's process is gone: name that rank in the error."""
+        from lightning_scale.strategies.peers import annotate, explain_lost_peer
+
+        sentence = explain_lost_peer(exception, getattr(self, "_rank_processes", []), self.global_rank)
+        if sentence is not None:
+            annotate(exception, sentence)
+        super().on_exception(exception)
 
     def validate_layout(self, dims: ParallelDims) -> None:
         """Subclass hook: raise a clear error for an impossible layout (no collectives here)."""
