@@ -32,7 +32,8 @@ def tidy_trainer_output(trainer) -> None:
     * the rich progress bar writes "Epoch 0/-2" when the run is bounded by ``max_steps``
       (``max_epochs`` is then -1): it writes "Epoch 0" instead;
     * W&B warns "git root <save_dir> does not exist" when its directory is made after ``init``:
-      the loggers' save directories are made first."""
+      the loggers' save directories are made first;
+    * W&B warns "The anonymous setting has no effect" for Lightning's unset ``anonymous``: dropped."""
     from pathlib import Path
 
     from lightning.pytorch.callbacks import RichProgressBar
@@ -48,7 +49,10 @@ def tidy_trainer_output(trainer) -> None:
             return text
 
         bar._get_train_description = without_unknown_total
+    from lightning_scale.loggers import drop_unset_anonymous
+
     for logger in trainer.loggers:
+        drop_unset_anonymous(logger)  # no "The anonymous setting has no effect" from wandb
         save_dir = getattr(logger, "save_dir", None)
         if save_dir and trainer.is_global_zero:
             Path(save_dir).mkdir(parents=True, exist_ok=True)
@@ -97,6 +101,12 @@ def main(args: Sequence[str] | None = None) -> None:
 
     argv = list(sys.argv[1:] if args is None else args)
     argv = _take_price_options(argv)
+    # `class_path: my_module.MyTask` in a recipe names a module of the project you run from, as
+    # `python -m` would find it (the console script's own directory is on sys.path, not yours).
+    import os
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     if argv[:1] in (["-h"], ["--help"]) or not argv:
         # LightningCLI's help lists its own subcommands; the planner is ours.
         print("lightning-scale plan ...    predict per-device memory and the layouts that fit (lightning-scale plan --help)\n"

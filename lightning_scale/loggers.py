@@ -26,4 +26,15 @@ def wandb_logger(**kwargs: Any) -> Any:
     from lightning.pytorch.loggers import WandbLogger
 
     configure_offline_if_needed()
-    return WandbLogger(**kwargs)
+    logger = WandbLogger(**kwargs)
+    drop_unset_anonymous(logger)
+    return logger
+
+
+def drop_unset_anonymous(logger: Any) -> None:
+    """Lightning's WandbLogger always passes ``anonymous`` to ``wandb.init`` (None unless you set
+    it), and wandb >= 0.31 warns "The anonymous setting has no effect" for any value: the key is
+    dropped when it was not set (before the run starts; a no-op for other loggers)."""
+    init = getattr(logger, "_wandb_init", None)
+    if isinstance(init, dict) and init.get("anonymous", "set") is None:
+        del init["anonymous"]

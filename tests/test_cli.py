@@ -178,3 +178,31 @@ def test_only_the_two_named_third_party_deprecations_are_silenced() -> None:
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use isinstance(treespec, TreeSpec)", FutureWarning)
         warnings.warn("something else is deprecated", FutureWarning)
     assert [str(w.message) for w in caught] == ["something else is deprecated"]
+
+
+def test_a_recipe_names_a_module_of_the_project_it_is_run_from(tmp_path) -> None:
+    # `class_path: my_task.MyTask` works from the project directory without PYTHONPATH.
+    (tmp_path / "my_task.py").write_text(
+        "import lightning as L, torch\n"
+        "from torch.utils.data import DataLoader, TensorDataset\n"
+        "class MyTask(L.LightningModule):\n"
+        "    def __init__(self, width: int = 4):\n"
+        "        super().__init__()\n"
+        "        self.layer = torch.nn.Linear(width, 1)\n"
+        "    def training_step(self, batch, batch_idx):\n"
+        "        return self.layer(batch[0]).pow(2).mean()\n"
+        "    def configure_optimizers(self):\n"
+        "        return torch.optim.SGD(self.parameters(), lr=0.1)\n"
+        "class MyData(L.LightningDataModule):\n"
+        "    def train_dataloader(self):\n"
+        "        return DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4)\n")
+    (tmp_path / "recipe.yaml").write_text(
+        "trainer: {accelerator: cpu, devices: 1, max_steps: 2, logger: false, enable_checkpointing: false,\n"
+        "          enable_progress_bar: false}\n"
+        "model: {class_path: my_task.MyTask, init_args: {width: 4}}\n"
+        "data: {class_path: my_task.MyData}\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([*_console_script(), "fit", "--config", "recipe.yaml"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=180, env={**env, "WANDB_MODE": "disabled"}, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "max_steps=2` reached" in proc.stdout + proc.stderr

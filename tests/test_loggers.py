@@ -20,3 +20,11 @@ def test_a_script_without_credentials_gets_an_offline_wandb_logger(tmp_path, mon
     monkeypatch.setenv("WANDB_MODE", "disabled")  # an explicit choice wins
     wandb_logger(project="p", save_dir=str(tmp_path))
     assert os.environ["WANDB_MODE"] == "disabled"
+
+
+def test_an_unset_anonymous_is_not_passed_to_wandb(tmp_path, monkeypatch) -> None:
+    from lightning_scale.loggers import wandb_logger
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert "anonymous" not in wandb_logger(project="p", save_dir=str(tmp_path))._wandb_init
+    assert wandb_logger(project="p", save_dir=str(tmp_path), anonymous=True)._wandb_init["anonymous"] == "allow"
