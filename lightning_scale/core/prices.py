@@ -495,6 +495,17 @@ def _csv_overrides(path: Path, what: str) -> list[dict[str, Any]]:
 def rates_to_rows(rates: Mapping[str, Any]) -> list[dict[str, Any]]:
     """``{"H100 SXM": 2.5, "A100 (80 GB)": 1.4}``: per-GPU on-demand rates (USD per GPU-hour) as
     override rows of the cloud "yours" (memory from the name, else the only size the table knows)."""
+    fields = set(rates) & set(_OVERRIDE_KEYS)
+    if fields:
+        raise ValueError(
+            f"GPU prices {dict(rates)!r}: a mapping is read as {{gpu: USD per GPU-hour}}, and this one has the row "
+            f"field(s) {sorted(fields)}: a single price row must be a list of mappings like {{cloud: AWS, gpu: H100 SXM, "
+            f"memory_gb: 80, gpus: 8, on_demand_per_gpu_hour: 4.1}}, e.g. prices=[{{...}}]"
+        )
+    bad = {gpu: rate for gpu, rate in rates.items()
+           if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate < 0}
+    if bad:
+        raise ValueError(f"GPU rates {bad!r}: each rate is a number >= 0 in USD per GPU-hour, e.g. {{'H100 SXM': 2.1}}")
     return [_with_memory({"cloud": "yours", "gpu": gpu, "on_demand_per_gpu_hour": rate}) for gpu, rate in rates.items()]
 
 
