@@ -366,3 +366,28 @@ def test_multi_rank_matches_the_plain_single_device_run(kind: str, gpu_report, t
     if kind == "pipeline":
         assert extra["bubble_fraction"] and all(b is not None and 0 <= b < 1 for b in extra["bubble_fraction"])
     _assert_parity(figures)
+
+
+# -- the traced pipeline frontend on the device ---------------------------------------------------------
+@pytest.mark.parametrize(("shape", "split"), [("mha_transformer", "layers.1"), ("cnn", "features.2")])
+def test_traced_pipeline_stages_run_on_the_gpu_and_match_the_model(shape: str, split: str, gpu_report) -> None:
+    """The meta trace records ``device=meta`` for tensors the forward makes (the causal mask of
+    ``mha_transformer``); the stages must run on CUDA with the model's own tensors and give its
+    output (one process: the stages chained by hand; stage-to-stage transfers need one GPU per
+    rank, see the multi-rank check)."""
+    import torch
+
+    import zoo
+    from lightning_scale.core.pipeline_trace import TracedSplit
+
+    device = torch.device("cuda", 0)
+    model = zoo.SHAPES[shape]().to(device)
+    x = zoo.batches(shape, 4)[0].to(device)
+    first, last = TracedSplit(model, [split]).stage_modules((x[:2],), [0, 1], model, device)
+    with torch.no_grad():
+        h = first(x)
+        out = last(*(h if isinstance(h, tuple) else (h,)))
+        ref = model(x)
+    gpu_report(shape=shape, max_abs_diff=float((out - ref).abs().max()), device=str(out.device))
+    assert out.device == device
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
