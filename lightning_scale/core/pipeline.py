@@ -476,6 +476,7 @@ class PipelineRuntime:
     example: tuple | None = None  # traced: example inputs (any batch size) that tell which tensors a stage holds
     record_timeline: bool = False
     timeline: list[TimelineEvent] = field(default_factory=list)
+    unplaced_parameters: set[str] = field(init=False, default_factory=set)  # traced: parameters no stage graph holds
 
     def __post_init__(self) -> None:
         self.stage_indices = [s for s, r in enumerate(self.plan.stage_ranks) if r == self.pp_rank]
@@ -493,6 +494,7 @@ class PipelineRuntime:
             self._traced_holders = {name: ({self.plan.stage_ranks[s] for s in stages} if stages else everyone)
                                     for name, stages in where.items()}
             self._traced_params = {n for n, _ in self.network.named_parameters(remove_duplicate=False)}
+            self.unplaced_parameters = {n for n, stages in where.items() if not stages and n in self._traced_params}
             prune_to(self.network, {n for n, ranks in self._traced_holders.items() if self.pp_rank in ranks})
             self.local_module = self.network
             self.stage_modules = [self.network]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -509,6 +510,15 @@ def rates_to_rows(rates: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [_with_memory({"cloud": "yours", "gpu": gpu, "on_demand_per_gpu_hour": rate}) for gpu, rate in rates.items()]
 
 
+@functools.lru_cache(maxsize=1)
+def _known_sizes() -> dict[str, list[float]]:
+    """Memory sizes (GB) each GPU has in the shipped tables (read and cleaned once)."""
+    sizes: dict[str, set[float]] = {}
+    for row in [*_clean(_read_raw())[0], *supplement_rows()]:
+        sizes.setdefault(row.gpu, set()).add(row.memory_gb)
+    return {gpu: sorted(s) for gpu, s in sizes.items()}
+
+
 def _with_memory(row: dict[str, Any]) -> dict[str, Any]:
     """A user row without ``memory_gb``: the size in the GPU's name, else the only size the tables
     know for that GPU (an A100 comes in 40 and 80 GB: then the name must say which)."""
@@ -517,8 +527,7 @@ def _with_memory(row: dict[str, Any]) -> dict[str, Any]:
         return row
     name, memory = canonical_gpu(gpu)
     if memory is None:
-        sizes = sorted({r.memory_gb for r in supplement_rows() if r.gpu == name}
-                       | {r.memory_gb for r in _clean(_read_raw())[0] if r.gpu == name})
+        sizes = _known_sizes().get(name, [])
         if len(sizes) != 1:
             raise ValueError(f"GPU rate for {gpu!r}: give the memory in the name (e.g. '{name} (80 GB)') or a "
                              f"memory_gb column; the price tables know sizes {sizes or 'none'}")

@@ -72,11 +72,28 @@ def _ignore_logging(*_: Any, **__: Any) -> None:
     return None
 
 
-def forked_rng(device: torch.device) -> Any:
-    """The random state restored afterwards (CPU, and the CUDA device when the run is on one)."""
+@contextlib.contextmanager
+def forked_rng(device: torch.device) -> Iterator[None]:
+    """The random state restored afterwards: torch's (CPU, and the CUDA device when the run is on
+    one), Python's and numpy's, so the capture, the replays and the first-batch fetch leave the
+    run's random streams (data order, dropout) as they were."""
+    import random
+
     from lightning_scale.core import device as dev
 
-    return torch.random.fork_rng(devices=[device] if dev.is_cuda(device) else [])
+    python_state = random.getstate()
+    try:
+        import numpy
+    except ImportError:  # pragma: no cover - numpy comes with torch's usual installs
+        numpy = None
+    numpy_state = numpy.random.get_state() if numpy is not None else None
+    try:
+        with torch.random.fork_rng(devices=[device] if dev.is_cuda(device) else []):
+            yield
+    finally:
+        random.setstate(python_state)
+        if numpy is not None:
+            numpy.random.set_state(numpy_state)
 
 
 class StepError(RuntimeError):
@@ -146,6 +163,14 @@ class LogRecorder:
 
     def __init__(self) -> None:
         self.per_microbatch: list[dict[str, tuple[Tensor, dict]]] = []
+        self._differences: list[Tensor] = []  # per replayed input: does it differ from the captured rows
+
+    def compare(self, differences: list[Tensor]) -> None:
+        self._differences.extend(differences)
+
+    def inputs_differ(self) -> bool:
+        """Whether any replay passed the network other values than the captured rows (one read)."""
+        return bool(torch.stack(self._differences).any()) if self._differences else False
 
     def start_microbatch(self) -> None:
         self.per_microbatch.append({})
@@ -182,6 +207,14 @@ class LogRecorder:
         return {n: (v, self.per_microbatch[0][n][1]) for n, v in zip(names, means)}
 
 
+def _changed_inputs(owner: str, call: str) -> str:
+    return (f"{owner}.training_step passes {call} inputs for a microbatch that are not those rows of what it passed "
+            f"for the whole batch (random numbers drawn, or padding or masking computed per batch, before the "
+            f"network call?). Under PipelineStrategy an inline loss is computed by replaying the step per "
+            f"microbatch on the last stage, which needs the same inputs; add a loss_fn(output, target) method and "
+            f"call loss = self.loss_fn({call.replace('...', 'x')}, y) instead")
+
+
 def replay_loss(lm: nn.Module, network_attr: str, call: str, step: Callable[..., Any], batch: Any, rest: tuple,
                 kwargs: dict, output: Any, rows: Tensor, batch_size: int, recorder: LogRecorder,
                 inputs: tuple) -> Tensor:
@@ -200,16 +233,14 @@ def replay_loss(lm: nn.Module, network_attr: str, call: str, step: Callable[...,
                 f"inline may call the network once. Add a loss_fn(output, target) method for other steps"
             )
         expected = tuple(x.index_select(0, rows.to(x.device)) if isinstance(x, Tensor) and x.dim() else x for x in inputs)
-        if len(args) != len(expected) or not all(
-                torch.equal(a, e) if isinstance(a, Tensor) and isinstance(e, Tensor) else a == e
-                for a, e in zip(args, expected)):
-            raise StepError(
-                f"{owner}.training_step passes {call} inputs for a microbatch that are not those rows of what it passed "
-                f"for the whole batch (random numbers drawn, or padding or masking computed per batch, before the "
-                f"network call?). Under PipelineStrategy an inline loss is computed by replaying the step per "
-                f"microbatch on the last stage, which needs the same inputs; add a loss_fn(output, target) method and "
-                f"call loss = self.loss_fn({call.replace('...', 'x')}, y) instead"
-            )
+        # Shapes and non-tensors are checked here; tensor values on the device, read once after the
+        # schedule (recorder.inputs_differ), so the replay adds no host synchronisation per microbatch.
+        same_layout = len(args) == len(expected) and all(
+            (isinstance(a, Tensor) and isinstance(e, Tensor) and a.shape == e.shape and a.dtype == e.dtype)
+            or (not isinstance(a, Tensor) and not isinstance(e, Tensor) and a == e) for a, e in zip(args, expected))
+        if not same_layout:
+            raise StepError(_changed_inputs(owner, call))
+        recorder.compare([(a != e).any() for a, e in zip(args, expected) if isinstance(a, Tensor)])
         return output
 
     recorder.start_microbatch()

@@ -87,21 +87,6 @@ def _check_pipeline_options(owner: str, balance: Any, split_points: Any, contain
                          f"(e.g. 'runs/timeline.png'), or None for <log_dir>/pipeline_timeline.png")
 
 
-def _numpy_state() -> Any:
-    try:
-        import numpy
-    except ImportError:
-        return None
-    return numpy.random.get_state()
-
-
-def _restore_numpy_state(state: Any) -> None:
-    if state is not None:
-        import numpy
-
-        numpy.random.set_state(state)
-
-
 def _no_loss_method(output: Any, target: Any) -> Tensor:
     raise AssertionError("inline-loss steps set the runtime's loss for each step")
 
@@ -254,7 +239,7 @@ class PipelineStrategy(MeshStrategy):
         self.timeline_path = timeline_path
         self.runtime: PipelineRuntime | None = None
         self._tied_groups: list[tuple[Any, nn.Parameter]] = []  # (group over the holders, this rank's copy)
-        self._outside_parameters: set[int] = set()  # ids of LightningModule parameters outside the network
+        self._maybe_without_grad: set[int] = set()  # ids of synchronised parameters no stage graph uses
         self._proxy: _NetworkProxy | None = None
         self.last_timeline_png: Path | None = None
         self._stashed_grads: list[tuple[nn.Parameter, Tensor]] = []
@@ -322,8 +307,6 @@ class PipelineStrategy(MeshStrategy):
         return tuple(e.to(self.root_device) if isinstance(e, Tensor) else e for e in example)
 
     def _inputs_of_first_batch(self) -> tuple | None:
-        import random
-
         from lightning.pytorch.trainer.states import TrainerFn
 
         from lightning_scale.strategies.inline_loss import capture_network_inputs, forked_rng
@@ -349,17 +332,10 @@ class PipelineStrategy(MeshStrategy):
         call = "self(...)" if self.network_is_module else f"self.{self.module_name}(...)"
         step = getattr(type(lm), step_name).__get__(lm)
         # Fetching a batch and running the step up to the network call must not move the run's
-        # random streams (torch CPU and CUDA, Python, numpy): the data order and dropout stay those
-        # of a run without this.
-        python_state = random.getstate()
-        numpy_state = _numpy_state()
-        try:
-            with forked_rng(self.root_device):
-                batch = lm._apply_batch_transfer_handler(next(iter(loader)), device=self.root_device)
-                inputs = capture_network_inputs(lm, attr, call, step, (batch, 0), {})
-        finally:
-            random.setstate(python_state)
-            _restore_numpy_state(numpy_state)
+        # random streams: the data order and dropout stay those of a run without this.
+        with forked_rng(self.root_device):
+            batch = lm._apply_batch_transfer_handler(next(iter(loader)), device=self.root_device)
+            inputs = capture_network_inputs(lm, attr, call, step, (batch, 0), {})
         rank_zero_info(f"PipelineStrategy: no example_input_array; the inputs {call} gets for the first batch of the "
                        f"{step_name.split('_')[0]} dataloader stand in for it (tracing, balance='time')")
         self._first_batch_inputs = inputs
@@ -384,13 +360,8 @@ class PipelineStrategy(MeshStrategy):
             self.checkpoint_activations(network, self.pipeline_config.block_container)
             self._shard_data_parallel(network, [network])
             return  # one stage: no pipeline
-        if getattr(network, "_lightning_scale_pipeline_part", False):
-            raise RuntimeError(
-                f"{type(self.lightning_module).__name__}.{self.module_name} holds only one pipeline stage's part of the "
-                f"model (it was split by another PipelineStrategy); reuse the same Trainer for fit/validate/test/"
-                f"predict, or load a fresh model from a checkpoint"
-            )
-        if getattr(self.lightning_module, "_lightning_scale_pruned", False):
+        if getattr(network, "_lightning_scale_pipeline_part", False) or getattr(self.lightning_module,
+                                                                                "_lightning_scale_pruned", False):
             raise RuntimeError(
                 f"{type(self.lightning_module).__name__} holds only one pipeline stage's part of the model (it was split "
                 f"by another PipelineStrategy); reuse the same Trainer for fit/validate/test/predict, or load a fresh "
@@ -412,8 +383,9 @@ class PipelineStrategy(MeshStrategy):
         costs = self._measure_block_costs(network) if self.pipeline_config.balance == "time" else None
         plan = plan_pipeline(network, self.pipeline_config, costs, traced=frontend == "trace")
         if frontend == "trace":
+            # Traced (once) when the runtime places the tensors below: an export failure is raised
+            # there, at setup, on every rank.
             traced = TracedSplit(network, [f"{plan.container}.{keys[0]}" for keys in plan.stage_keys[1:]])
-            traced.trace(example)  # fails here, at setup, on every rank, if export cannot capture the forward
         self._full_module_meta = meta_copy(self.lightning_module)  # runs forward outside steps (shapes only)
         self._summarize_whole_model()
         self._frontend = frontend
@@ -452,7 +424,11 @@ class PipelineStrategy(MeshStrategy):
         in_network = {id(p) for p in local.parameters()}
         outside = [(list(range(dims.pp)), name) for name, p in self.lightning_module.named_parameters()
                    if id(p) not in in_network and p.requires_grad]
-        self._outside_parameters = {id(self.lightning_module.get_parameter(name)) for _, name in outside}
+        # Parameters no stage graph uses (outside the network, or used only in training_step) may get
+        # no gradient in a step; finalize_gradients asks their holders before summing.
+        self._maybe_without_grad = {id(self.lightning_module.get_parameter(name)) for _, name in outside}
+        self._maybe_without_grad |= {id(local.get_parameter(name)) for name in self.runtime.unplaced_parameters
+                                     if name in dict(local.named_parameters())}
         self._tied_groups = []
         for holders, local_name, owner in [*((h, n, local) for h, n in self.runtime.tied),
                                            *((h, n, self.lightning_module) for h, n in outside)]:
@@ -486,8 +462,8 @@ class PipelineStrategy(MeshStrategy):
                 callback._summary = lambda trainer, pl_module, cb=callback: summarize(meta, max_depth=cb._max_depth)
 
     def _describe_stage_sizes(self, network: nn.Module, plan: Any) -> str:
-        """Parameter counts of the whole model and of each stage (Lightning's own summary, run on
-        rank 0 after the split, counts rank 0's stages only)."""
+        """Parameter counts of the whole model and of each stage, for the setup log (Lightning's
+        summary shows the whole model; see :meth:`_summarize_whole_model`)."""
         from lightning_scale.core.pipeline import module_costs
 
         blocks, first, last = module_costs(network, plan.container, allow_direct_params=True)
@@ -615,7 +591,7 @@ class PipelineStrategy(MeshStrategy):
     def finalize_gradients(self) -> None:
         if self.runtime is not None:
             for group, param in self._tied_groups:
-                if self.runtime.traced is not None or id(param) in self._outside_parameters:
+                if id(param) in self._maybe_without_grad:
                     # A parameter kept on every rank because no stage graph holds it may get no
                     # gradient anywhere (unused this step): it must stay without one (an optimizer
                     # would apply weight decay and momentum to a zero gradient).
@@ -858,6 +834,8 @@ class PipelineStrategy(MeshStrategy):
             runtime.loss_fn = _no_loss_method
             if outside is not None:
                 lm.__dict__["forward"] = outside
+        if runtime.has_last_stage and not problems and recorder.inputs_differ():
+            problems.append(il._changed_inputs(type(lm).__name__, call))
         outcome = (problems[0] if problems else None, recorder.merged()) if runtime.has_last_stage else None
         problem, logged = runtime.broadcast_from_last_stage(outcome)
         if problem is not None:
