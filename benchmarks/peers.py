@@ -85,10 +85,6 @@ NOT_MEASURED = {
     "parallel_3d": "pipeline schedule: forward and backward run inside one call",
     "fairscale_pipe": "fairscale Pipe computes in worker threads, which the (thread-local) meter does not see",
 }
-#: why the planner's prediction (which MemoryAccountant attaches when it recognises the strategy) does not apply
-NOT_PLANNED = {
-    "fairscale_oss_sdp": "a DDPStrategy subclass, so the planner takes it for ddp; OSS shards the optimizer state",
-}
 FULL_DEFAULTS = dict(preset="nano", variants=list(VARIANTS), batch=16, seq=128, microbatches=4, steps=6, warmup=2,
                      repeats=3, json="benchmarks/results/peers.json", retries=3)
 QUICK_DEFAULTS = dict(preset="tiny", variants=list(VARIANTS), batch=8, seq=32, microbatches=4, steps=2, warmup=2,
@@ -303,8 +299,6 @@ def peer_worker(variant: str, preset: str, layers: int | None, batch: int, seq: 
     if variant in NOT_MEASURED:
         record["activations"] = None
         record["activations_note"] = NOT_MEASURED[variant]
-    if variant in NOT_PLANNED:
-        record["predicted"] = None
     out["memory"] = {k: record.get(k) for k in ("params", "grads", "optimizer", "activations", "ddp_buckets",
                                                   "predicted", "activations_note", "by_device")}
     out["threads"] = torch.get_num_threads()

@@ -103,8 +103,10 @@ def train(strategy: str, steps: int, *, tag: str, log_dir: str, ckpt_dir: str | 
     ``kill=(rank, step)``: that rank sends itself ``signal_name`` in the middle of the step that
     starts at global step ``step``; the time goes to ``<log_dir>/killed.json``. ``timeout_s``: the
     strategy's collective timeout. Returns this rank's per-step losses (exact Python floats) and
-    its final global step.
+    its final global step, and the warnings this rank gave.
     """
+    import warnings
+
     import lightning as L
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
     from torchdata.stateful_dataloader import StatefulDataLoader
@@ -141,13 +143,15 @@ def train(strategy: str, steps: int, *, tag: str, log_dir: str, ckpt_dir: str | 
         task = LanguageModelingTask(model=CFG, optim=base.OPTIM_CONSTANT, sample_tokens=0)
         loader = StatefulDataLoader(base.make_data(N_SAMPLES), batch_size=per_rank_batch(strategy), shuffle=False,
                                     drop_last=True)
-        trainer.fit(task, train_dataloaders=loader, ckpt_path=resume)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(task, train_dataloaders=loader, ckpt_path=resume)
     finally:
         if hook is not None:
             hook.remove()
         os.environ.clear()
         os.environ.update(environ)
-    return {"losses": losses, "global_step": trainer.global_step}
+    return {"losses": losses, "global_step": trainer.global_step, "warnings": [str(w.message) for w in caught]}
 
 
 def reference_then_resume(strategy: str, steps: int, resume: str, log_dir: str) -> dict[str, Any]:

@@ -279,3 +279,17 @@ def test_pipeline_activations_are_the_microbatches_in_flight(tmp_path) -> None:
     assert row["memory/activations_bytes"] == results[0]["record"]["activations"]
     assert row["memory/params_bytes_max"] == max(res["record"]["params"] for res in results)
     assert (tmp_path / "memory_per_rank.png").is_file()
+
+
+def test_the_planner_models_ddp_itself_not_its_subclasses() -> None:
+    """A ``DDPStrategy`` subclass (fairscale's sharded DDP, DeepSpeed) shards or offloads state that
+    plain DDP replicates, so predicting ddp's bytes for it would be wrong: no prediction at all."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lightning_scale.callbacks._run_layout import layout_of
+
+    class ShardedDDP(DDPStrategy):
+        pass
+
+    assert layout_of(DDPStrategy(), 2) == ({}, 2)
+    assert layout_of(ShardedDDP(), 2) is None
