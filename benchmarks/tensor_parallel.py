@@ -15,8 +15,9 @@ What is measured (every process runs with 1 thread, started by
 * **TP=2**: two processes, the same model parallelized with the suite's built-in GPT plan
   (:func:`lightning_scale.core.tensor_parallel.gpt_tp_plan`: q/k/v and MLP up column-wise,
   attention output and MLP down row-wise; embeddings, norms and head replicated; with
-  ``--sequence-parallel`` the norms run on sequence shards) via ``apply_tp``. Both ranks see the
-  same batch. Same step as TP=1.
+  ``--sequence-parallel`` the norms run on sequence shards) via the strategy's own
+  ``parallelize_network``, so every parameter is a DTensor (the replicated ones ``Replicate``),
+  the layout ``TensorParallelStrategy`` trains. Both ranks see the same batch. Same step as TP=1.
 * **2 independent TP=1 processes at once** (no communication): the machine's ceiling. Each rank of
   a TP=2 run does about half the work of TP=1, so its ideal time is t(TP=1) / 2; but two busy cores
   share caches and memory bandwidth, so two processes run slower than one alone, by the factor
@@ -107,10 +108,10 @@ def tp_worker(hidden: int, layers: int, seq: int, batch: int, warmup: int, steps
     if tensor_parallel:
         from torch.distributed.device_mesh import init_device_mesh
 
-        from lightning_scale.core.tensor_parallel import apply_tp, gpt_tp_plan
+        from lightning_scale.strategies.tensor_parallel import parallelize_network
 
         mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
-        apply_tp(model, mesh["tp"], gpt_tp_plan(sequence_parallel=sequence_parallel))
+        parallelize_network(model, mesh["tp"], None, sequence_parallel)  # the strategy's layout
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(1234)
     data = [(torch.randint(0, 256, (batch, seq), generator=g), torch.randint(0, 256, (batch, seq), generator=g))
@@ -121,8 +122,9 @@ def tp_worker(hidden: int, layers: int, seq: int, batch: int, warmup: int, steps
         logits = model(x)
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         loss.backward()
-        if tensor_parallel and sequence_parallel:
-            # Sequence-parallel norm weights get partial gradients (sum over the sequence shards).
+        if tensor_parallel:
+            # As the strategy does: Partial gradients (sequence-parallel norms, replicated weights
+            # used on sharded activations) are summed over the ranks; a no-op where there are none.
             from lightning_scale.core.grads import reduce_partial_gradients
 
             reduce_partial_gradients(list(model.parameters()))
