@@ -116,7 +116,8 @@ def test_zero2_and_zero3_model_states_of_each_rank_equal_the_planner(cfg, stages
     from lightning_scale.core.memory import model_state_bytes
     from lightning_scale.core.optim import param_groups
     from lightning_scale.core.blocks import BlockFinder
-    from lightning_scale.core.sharding import ZeroConfig, ZeroOptimizer, fully_shard_blocks
+    from lightning_scale.core.fsdp import fully_shard_blocks
+    from lightning_scale.core.sharding import ZeroConfig, ZeroOptimizer
 
     for rank in (0, 1):
         fake_two_rank_group(rank)

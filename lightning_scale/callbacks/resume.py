@@ -28,7 +28,7 @@ class ExactResume(L.Callback):
         self._states = saved_loader_states(checkpoint)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from lightning_scale.strategies.mesh import MeshStrategy
+        from lightning_scale.strategies.base import MeshStrategy
 
         states, self._states = self._states, None
         if states and not isinstance(trainer.strategy, MeshStrategy):  # ours do it themselves

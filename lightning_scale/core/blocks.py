@@ -152,3 +152,12 @@ class BlockFinder:
             f"children of one ModuleList/ModuleDict/Sequential ({sorted({n for n, _ in blocks})[:4]} ...); pipeline "
             f"stages are cut between consecutive blocks of one container: put them in one, or give split_points="
         )
+
+
+def tied_parameter_groups(network: nn.Module) -> list[list[str]]:
+    """Groups of parameter names that refer to one tensor (e.g. ['tok_emb.weight', 'head.weight']):
+    what pipeline splitting, tensor parallelism and sharding must keep tied."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in network.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return [names for names in by_id.values() if len(names) > 1]

@@ -136,3 +136,10 @@ def _options_with_timeout(backend: str, timeout: timedelta):
         return None
     options._timeout = timeout
     return options
+
+
+def sharded_over(p: torch.Tensor, dim: str) -> bool:
+    """Whether ``p`` is a DTensor on a mesh with dimension ``dim`` (e.g. FSDP2 parameters on "dp")."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor) and dim in (p.device_mesh.mesh_dim_names or ())

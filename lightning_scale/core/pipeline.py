@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_scale.core.blocks import BlockFinder
+from lightning_scale.core.blocks import BlockFinder, tied_parameter_groups
 from lightning_scale.core.device import DeviceClock
 
 ScheduleName = Literal["gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble", "zbv_zero_bubble"]
@@ -389,14 +389,6 @@ def _set_none(root: nn.Module, path: str) -> None:
 # --------------------------------------------------------------------------------------------
 # Tied parameters
 # --------------------------------------------------------------------------------------------
-
-
-def tied_parameter_groups(network: nn.Module) -> list[list[str]]:
-    """Groups of parameter names that refer to one tensor (e.g. ['tok_emb.weight', 'head.weight'])."""
-    by_id: dict[int, list[str]] = {}
-    for name, p in network.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(p), []).append(name)
-    return [names for names in by_id.values() if len(names) > 1]
 
 
 def owner_stage(plan: PipelinePlan, param_name: str) -> int:

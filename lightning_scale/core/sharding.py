@@ -586,20 +586,14 @@ class ZeroOptimizer:
         return sum(s.padded for s in self.specs)
 
 
-def fully_shard_blocks(blocks: Sequence[nn.Module], roots: Sequence[nn.Module], mesh: Any,
-                       offload_params: bool = False) -> int:
-    """ZeRO-3 with FSDP2: ``fully_shard`` each of ``blocks`` (found by
-    :class:`lightning_scale.core.blocks.BlockFinder`) on ``mesh``, then each of ``roots`` (the
-    module(s) whose forward runs the blocks: the network, or a pipeline rank's stage modules),
-    which hold the remaining parameters. Returns the block count.
 
-    ``offload_params``: FSDP2 ``CPUOffloadPolicy`` (sharded parameters, gradients and the
-    optimizer step on CPU); pinned memory when the mesh is on CUDA (pinning needs an accelerator)."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+def __getattr__(name: str) -> Any:
+    if name == "fully_shard_blocks":  # its former home; ZeRO-3 (FSDP2) lives in core/fsdp.py
+        import warnings
 
-    policy = CPUOffloadPolicy(pin_memory=dev.pin_host_memory(mesh.device_type)) if offload_params else OffloadPolicy()
-    for block in blocks:
-        fully_shard(block, mesh=mesh, offload_policy=policy)
-    for root in roots:
-        fully_shard(root, mesh=mesh, offload_policy=policy)
-    return len(blocks)
+        from lightning_scale.core.fsdp import fully_shard_blocks
+
+        warnings.warn("lightning_scale.core.sharding.fully_shard_blocks is deprecated; import it from "
+                      "lightning_scale.core.fsdp", DeprecationWarning, stacklevel=2)
+        return fully_shard_blocks
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

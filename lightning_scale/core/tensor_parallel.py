@@ -95,7 +95,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from lightning_scale.core.pipeline import tied_parameter_groups
+from lightning_scale.core.blocks import tied_parameter_groups
 
 __all__ = [
     "TPPlan",

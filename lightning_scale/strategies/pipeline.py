@@ -19,7 +19,6 @@ forward only, and the outputs exist on the last stage (``outputs_here(output)``)
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -46,7 +45,8 @@ from lightning_scale.core.pipeline import (
 )
 from lightning_scale.core.pipeline_trace import meta_copy
 from lightning_scale.strategies.interface import PipelineOutput
-from lightning_scale.strategies.mesh import MeshStrategy, check_attribute_name, check_module_path, renamed_option
+from lightning_scale.strategies.base import MeshStrategy
+from lightning_scale.strategies.options import check_attribute_name, check_module_path, renamed_option
 
 StepMode = Literal["train", "eval", "predict"]
 
@@ -247,9 +247,6 @@ class PipelineStrategy(MeshStrategy):
         self._new_accumulation_window = True
 
     # -- validation ------------------------------------------------------------------------------
-    def validate_layout(self, dims: ParallelDims) -> None:
-        pass  # ParallelDims.resolve already names the fix when world size % stages != 0
-
     def _network_and_loss(self) -> tuple[nn.Module, Any]:
         """The network (``module_name``, or the LightningModule itself) and the loss method, checked
         at setup on every rank with errors that name the fix."""
@@ -350,12 +347,7 @@ class PipelineStrategy(MeshStrategy):
         network, loss = self._network_and_loss()
         dims = self.resolved_dims
         assert dims is not None
-        if self.runtime is not None and network is self.runtime.local_module:
-            return  # already split by an earlier fit/validate/test/predict with this strategy
         if dims.pp == 1:
-            if network is getattr(self, "_parallelized", None):
-                return  # an earlier fit/validate/test/predict of this strategy did it
-            self._parallelized = network
             self.after_split(network)
             self.checkpoint_activations(network, self.pipeline_config.block_container)
             self._shard_data_parallel(network, [network])
@@ -521,7 +513,7 @@ class PipelineStrategy(MeshStrategy):
         pipeline schedules recognise FSDP2 stage modules and reduce gradients once per step."""
         if self.zero_stage != 3:
             return
-        from lightning_scale.core.sharding import fully_shard_blocks
+        from lightning_scale.core.fsdp import fully_shard_blocks
 
         mesh = self.device_mesh["dp"]
         blocks = [b for _, b in self.block_finder.find(network, type(self).__name__)]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_scale.strategies.mesh import MeshStrategy
+from lightning_scale.strategies.base import MeshStrategy
 from lightning_scale.strategies.parallel3d import Parallel3DStrategy
 from lightning_scale.strategies.pipeline import PipelineStrategy
 from lightning_scale.strategies.tensor_parallel import TensorParallelStrategy

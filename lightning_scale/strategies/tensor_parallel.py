@@ -24,7 +24,8 @@ from torch.distributed.tensor.parallel import ParallelStyle
 
 from lightning_scale.core.mesh import ParallelDims
 from lightning_scale.core.tensor_parallel import apply_tp, gpt_tp_plan, validate_tp, vit_tp_plan
-from lightning_scale.strategies.mesh import MeshStrategy, check_bool, check_plan, renamed_option
+from lightning_scale.strategies.base import MeshStrategy
+from lightning_scale.strategies.options import check_bool, check_tp_plan, renamed_option
 
 
 def builtin_plan(network: nn.Module, sequence_parallel: bool, shard_vocab: bool = False) -> dict[str, ParallelStyle]:
@@ -137,7 +138,7 @@ class TensorParallelStrategy(MeshStrategy):
         plan = renamed_option(owner, "plan", "tp_plan", plan, tp_plan)
         check_bool(owner, "sequence_parallel", sequence_parallel)
         check_bool(owner, "shard_vocab", shard_vocab)
-        check_plan(owner, "tp_plan", plan)
+        check_tp_plan(owner, "tp_plan", plan)
         super().__init__(
             dims=ParallelDims(pp=1, dp=-1, tp=tensor_parallel_size),
             process_group_backend=process_group_backend,
@@ -149,7 +150,6 @@ class TensorParallelStrategy(MeshStrategy):
         self.sequence_parallel = sequence_parallel
         self.tp_plan = dict(plan) if plan is not None else None
         self.shard_vocab = shard_vocab
-        self._parallelized: nn.Module | None = None
 
     @property
     def tp(self) -> int:
@@ -157,12 +157,9 @@ class TensorParallelStrategy(MeshStrategy):
 
     def parallelize(self) -> None:
         network = self.network()
-        if network is self._parallelized:
-            return  # an earlier fit/validate/test/predict of this strategy did it
         user_plan = relative_plan(self.tp_plan, None if network is self.lightning_module else self.module_name, network)
         plan = parallelize_network(network, self.device_mesh["tp"], user_plan, self.sequence_parallel, self.shard_vocab)
         self.checkpoint_activations(network)  # after TP (design guide order)
-        self._parallelized = network
         rank_zero_info(f"TensorParallelStrategy: tp={self.tp}, sequence_parallel={self.sequence_parallel}, {len(plan)} plan entries")
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:

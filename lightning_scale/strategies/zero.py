@@ -27,7 +27,6 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -39,8 +38,11 @@ from lightning_scale.core import checkpoint as ckpt
 from lightning_scale.core import device as dev
 from lightning_scale.core.grads import allreduce_gradients
 from lightning_scale.core.mesh import ParallelDims
-from lightning_scale.core.sharding import ZeroConfig, ZeroOptimizer, fully_shard_blocks
-from lightning_scale.strategies.mesh import MeshStrategy, check_bool
+from lightning_scale.core.fsdp import fully_shard_blocks
+from lightning_scale.core.sharding import ZeroConfig, ZeroOptimizer
+from lightning_scale.strategies.base import MeshStrategy
+from lightning_scale.strategies.optimizers import unwrap_optimizer
+from lightning_scale.strategies.options import check_bool
 
 
 class ZeroStrategy(MeshStrategy):
@@ -87,7 +89,6 @@ class ZeroStrategy(MeshStrategy):
                          timeout=timeout, trust_checkpoint=trust_checkpoint, module_name=module_name,
                          block_container=block_container, block_class=block_class, **kwargs)
         self._engines: dict[int, ZeroOptimizer] = {}
-        self._sharded: nn.Module | None = None
         self._oss: list[Any] = []  # fairscale backend: the OSS optimizers
 
     def _owner_for_errors(self) -> str:
@@ -106,14 +107,12 @@ class ZeroStrategy(MeshStrategy):
     def model_to_device(self) -> None:
         # A second setup (validate/test after fit) must not move FSDP2's offloaded shards back to
         # the GPU: the sharded network and the rest of the module were placed by the first one.
-        if self._sharded is not None and self._sharded is self.network():
+        if self.is_parallelized():
             return
         super().model_to_device()
 
     def parallelize(self) -> None:
         network = self.network()
-        if network is self._sharded:
-            return  # an earlier fit/validate/test/predict of this strategy did it
         self.checkpoint_activations(network)  # before sharding (design guide order)
         if self.zero.stage == 3:
             self._fully_shard(network)
@@ -122,7 +121,6 @@ class ZeroStrategy(MeshStrategy):
         mesh = self.device_mesh["dp"]
         blocks = [b for _, b in self.block_finder.find(network, self._owner_for_errors())]
         n_blocks = fully_shard_blocks(blocks, [network], mesh, self.zero.offload_params)
-        self._sharded = network
         rank_zero_info(f"ZeroStrategy: stage 3 (FSDP2) over {mesh.size()} ranks, {n_blocks} blocks sharded one by one"
                        + (", parameters offloaded to CPU" if self.zero.offload_params else ""))
 
@@ -134,7 +132,7 @@ class ZeroStrategy(MeshStrategy):
             assert self.lightning_module is not None
             self._engines = {}
             for optimizer in self.optimizers:
-                raw = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+                raw = unwrap_optimizer(optimizer)
                 self._engines[id(raw)] = ZeroOptimizer(self.lightning_module, raw, self.group("dp"), self.zero)
             rank_zero_info(
                 f"ZeroStrategy: stage {self.zero.stage} over {self.resolved_dims.dp if self.resolved_dims else 1} ranks"
@@ -149,7 +147,7 @@ class ZeroStrategy(MeshStrategy):
 
         from lightning_scale.core.sharding_fairscale import make_oss
 
-        raw = [o._optimizer if isinstance(o, LightningOptimizer) else o for o in self.optimizers]
+        raw = [unwrap_optimizer(o) for o in self.optimizers]
         self._oss = [make_oss(o, self.group("dp")) for o in raw]
         self.optimizers = self._oss
         if self.zero.stage == 2:
@@ -190,7 +188,7 @@ class ZeroStrategy(MeshStrategy):
 
     # -- the step -------------------------------------------------------------------------------
     def optimizer_step(self, optimizer, closure: Callable[[], Any], model=None, **kwargs: Any) -> Any:
-        raw = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+        raw = unwrap_optimizer(optimizer)
         engine = self._engines.get(id(raw))
 
         def closure_then_reduce() -> Any:
@@ -234,7 +232,7 @@ class ZeroStrategy(MeshStrategy):
             return None
         if optimizer is None:
             return next(iter(self._engines.values()))
-        raw = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+        raw = unwrap_optimizer(optimizer)
         return self._engines.get(id(raw))
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -242,7 +240,7 @@ class ZeroStrategy(MeshStrategy):
         if self._oss:
             from lightning_scale.core.sharding_fairscale import oss_state_by_name
 
-            raw = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+            raw = unwrap_optimizer(optimizer)
             assert self.lightning_module is not None
             return oss_state_by_name(raw, self.lightning_module, self.global_rank)
         engine = self.engine(optimizer)
