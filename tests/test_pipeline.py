@@ -296,3 +296,17 @@ def test_bf16_mixed_precision_trains_close_to_fp32() -> None:
     for a, b in zip(bf16[0]["losses"], fp32["losses"]):
         assert abs(a - b) <= 2e-2 * abs(b)  # bf16 has ~3 significant digits
     assert bf16[0]["losses"] == bf16[1]["losses"]
+
+
+def test_block_seconds_are_measured_per_block_and_per_outer_part() -> None:
+    # balance='time' measures in core (torch only): one figure per block, one for the modules
+    # before the container (embeddings) and one for those after it (norm, head); the hooks are
+    # removed afterwards. No time is asserted, only where the figures go.
+    from lightning_scale.core.pipeline import measure_block_seconds
+
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=3, n_head=2, n_embd=32))
+    x = torch.randint(0, 64, (2, 16))
+    blocks, first, last = measure_block_seconds(gpt, "blocks", (x,), torch.device("cpu"), repeats=2)
+    assert len(blocks) == 3 and all(s > 0 for s in blocks) and first > 0 and last > 0
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in gpt.modules())

@@ -154,6 +154,49 @@ def find_block_container(network: nn.Module, path: str | None = None, block_clas
     return BlockFinder(container=path, block_class=block_class).container_path(network, _OWNER, _FIX)
 
 
+def measure_block_seconds(network: nn.Module, container: str, example: Sequence[Any], device: torch.device,
+                          repeats: int = 3) -> tuple[list[float], float, float]:
+    """Estimated forward+backward seconds of each block of ``container``, and of the modules before
+    (embeddings) and after it (norm, head), on this rank: the mean of ``repeats`` timed forwards of
+    ``network(*example)`` (after one warm-up) times 3, since a backward costs about two forwards
+    (two matmuls per forward matmul). Timed with marks on the device's stream
+    (:class:`~lightning_scale.core.device.DeviceClock`: CUDA events on a GPU, so kernels and not
+    launches), read after the runs. Returns ``(per block, first, last)``, for ``balance='time'``."""
+    blocks = list(network.get_submodule(container)._modules.values())
+    first, last = _outer_modules(network, container, allow_direct_params=True)
+    slot = {id(b): i for i, b in enumerate(blocks)}
+    slot |= {id(network.get_submodule(p)): len(blocks) for p in first}
+    slot |= {id(network.get_submodule(p)): len(blocks) + 1 for p in last}
+    clock = DeviceClock(device)
+    marks: list[tuple[int, Any, Any]] = []  # (slot, start mark, end mark)
+    starts: dict[int, Any] = {}
+    recording = False
+
+    def pre(mod: nn.Module, *_: Any) -> None:
+        if recording:
+            starts[id(mod)] = clock.mark()
+
+    def post(mod: nn.Module, *_: Any) -> None:
+        if recording:
+            marks.append((slot[id(mod)], starts[id(mod)], clock.mark()))
+
+    timed = [*blocks, *(network.get_submodule(p) for p in first + last)]
+    handles = [h for m in timed for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    try:
+        with torch.no_grad():
+            network(*example)  # warm-up
+            recording = True
+            for _ in range(repeats):
+                network(*example)
+    finally:
+        for h in handles:
+            h.remove()
+    seconds = [0.0] * (len(blocks) + 2)
+    for i, start, end in marks:
+        seconds[i] += 3 * clock.seconds(start, end) / repeats
+    return seconds[: len(blocks)], seconds[-2], seconds[-1]
+
+
 def partition(costs: Sequence[float], parts: int, first_extra: float = 0.0, last_extra: float = 0.0) -> list[int]:
     """Contiguous partition of ``costs`` into ``parts`` non-empty runs minimising the largest run cost.
 

@@ -30,7 +30,6 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_scale.core import device as dev
 from lightning_scale.core.grads import allreduce_gradients
 from lightning_scale.core.mesh import ParallelDims
 from lightning_scale.core.pipeline import (
@@ -528,56 +527,20 @@ class PipelineStrategy(MeshStrategy):
         """
 
     def _measure_block_costs(self, network: nn.Module) -> tuple[list[float], float, float]:
-        """Forward+backward seconds per block on ``example_input_array``, averaged over ranks."""
-        from lightning_scale.core.pipeline import find_block_container, _outer_modules
+        """``balance='time'``: each block's forward+backward seconds on ``example_input_array``
+        (:func:`~lightning_scale.core.pipeline.measure_block_seconds`), averaged over all ranks so
+        that every rank computes the same split."""
+        from lightning_scale.core.pipeline import find_block_container, measure_block_seconds
 
         example = self._example_inputs("with balance='time' measures each block (or use balance='params')")
         cfg = self.pipeline_config
         container = find_block_container(network, cfg.block_container, cfg.block_class)
-        blocks = list(network.get_submodule(container)._modules.values())
-        first, last = _outer_modules(network, container, allow_direct_params=True)
-        timed = {id(b): i for i, b in enumerate(blocks)}
-        outer = {id(network.get_submodule(p)): "first" for p in first} | {id(network.get_submodule(p)): "last" for p in last}
-        # Marks on the device's stream (CUDA events on a GPU: kernels, not launches), read after the runs.
-        clock = dev.DeviceClock(self.root_device)
-        marks: list[tuple[int, Any, Any]] = []  # (slot, start mark, end mark)
-        starts: dict[int, Any] = {}
-        recording = [False]
-
-        def pre(mod: nn.Module, *_: Any) -> None:
-            if recording[0]:
-                starts[id(mod)] = clock.mark()
-
-        def post(mod: nn.Module, *_: Any) -> None:
-            if not recording[0]:
-                return
-            idx = timed.get(id(mod))
-            if idx is None:
-                idx = len(blocks) if outer[id(mod)] == "first" else len(blocks) + 1
-            marks.append((idx, starts[id(mod)], clock.mark()))
-
-        handles = []
-        for mod_id_owner in [*blocks, *[network.get_submodule(p) for p in first + last]]:
-            handles.append(mod_id_owner.register_forward_pre_hook(pre))
-            handles.append(mod_id_owner.register_forward_hook(post))
-        try:
-            with torch.no_grad():
-                network(*example)  # warm-up
-                recording[0] = True
-                for _ in range(3):
-                    network(*example)
-        finally:
-            for h in handles:
-                h.remove()
-        host = [0.0] * (len(blocks) + 2)
-        for idx, start, end in marks:  # forward + backward ~ 3 x forward (backward does 2 matmuls per forward matmul)
-            host[idx] += 3 * clock.seconds(start, end)
+        blocks, first, last = measure_block_seconds(network, container, example, self.root_device)
         # On the root device: NCCL takes device tensors only.
-        seconds = torch.tensor(host, dtype=torch.float64, device=self.root_device)
+        seconds = torch.tensor([*blocks, first, last], dtype=torch.float64, device=self.root_device)
         dist.all_reduce(seconds, op=dist.ReduceOp.SUM)
-        seconds /= dist.get_world_size()
-        values = seconds.tolist()
-        return values[: len(blocks)], values[-2], values[-1]
+        values = (seconds / dist.get_world_size()).tolist()
+        return values[:-2], values[-2], values[-1]
 
     # -- gradients ---------------------------------------------------------------------------------
     def finalize_gradients(self) -> None:
