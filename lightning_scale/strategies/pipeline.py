@@ -7,8 +7,8 @@ computed inline in ``training_step`` is replayed per microbatch on the last stag
 (:mod:`lightning_scale.strategies.inline_loss`); a loss method (``loss_name``, default
 ``"loss_fn"``), ``loss = self.loss_fn(self.model(x), y)``, runs inside the schedule directly.
 
-How a step runs with a loss method: inside ``training_step`` the strategy stands in for the
-network and the loss method. ``self.model(x)`` records the inputs and returns a :class:`PipelineOutput`;
+How a step runs (:mod:`lightning_scale.strategies.pipeline_step`, the step in one place): inside
+``training_step`` the strategy stands in for the network and the loss method. ``self.model(x)`` records the inputs and returns a :class:`PipelineOutput`;
 ``self.loss_fn(output, y)`` runs the schedule (forward and backward of every microbatch on every
 stage) and returns the mean microbatch loss, broadcast from the last stage so every rank logs
 the real loss. Lightning's own ``backward`` becomes a no-op. In eval steps the schedule runs
@@ -18,8 +18,7 @@ forward only, and the outputs exist on the last stage (``outputs_here(output)``)
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -43,11 +42,10 @@ from lightning_scale.core.pipeline import (
     tied_parameter_groups,
 )
 from lightning_scale.core.pipeline_trace import meta_copy
-from lightning_scale.strategies.interface import PipelineOutput
 from lightning_scale.strategies.base import MeshStrategy
 from lightning_scale.strategies.options import check_attribute_name, check_module_path, renamed_option
+from lightning_scale.strategies.pipeline_step import PipelinedStep, no_loss_method
 
-StepMode = Literal["train", "eval", "predict"]
 
 
 def _resolve_callable(spec: str | Callable[..., Any]) -> Callable[..., Any]:
@@ -65,8 +63,7 @@ def _resolve_callable(spec: str | Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _check_pipeline_options(owner: str, balance: Any, split_points: Any, container: Any, module_name: Any,
-                            loss_name: Any, timeline_step: Any, timeline_path: Any) -> None:
+def _check_pipeline_options(owner: str, balance: Any, split_points: Any, container: Any, loss_name: Any, timeline_step: Any, timeline_path: Any) -> None:
     """Options PipelineConfig does not check, with errors naming the fix (before any collective)."""
     if balance not in ("params", "time"):
         raise ValueError(f"{owner}(balance={balance!r}): balance must be 'params' (split blocks by parameter count) or "
@@ -76,43 +73,13 @@ def _check_pipeline_options(owner: str, balance: Any, split_points: Any, contain
         raise ValueError(f"{owner}(split_points={split_points!r}): split_points must be a list of block names where a new "
                          f"stage starts, e.g. ['blocks.2'] for 2 stages (one name fewer than stages), or None")
     check_module_path(owner, "block_container", container)
-    check_attribute_name(owner, "module_name", module_name)
-    check_attribute_name(owner, "loss_name", loss_name)
+    check_attribute_name(owner, "loss_name", loss_name)  # module_name: checked by MeshStrategy
     if timeline_step is not None and (isinstance(timeline_step, bool) or not isinstance(timeline_step, int) or timeline_step < 0):
         raise ValueError(f"{owner}(timeline_step={timeline_step!r}): timeline_step must be a global step >= 0 to record "
                          f"(e.g. 5), or None for no timeline")
     if timeline_path is not None and (not isinstance(timeline_path, (str, Path)) or not str(timeline_path)):
         raise ValueError(f"{owner}(timeline_path={timeline_path!r}): timeline_path must be a file path for the PNG "
                          f"(e.g. 'runs/timeline.png'), or None for <log_dir>/pipeline_timeline.png")
-
-
-def _no_loss_method(output: Any, target: Any) -> Tensor:
-    raise AssertionError("inline-loss steps set the runtime's loss for each step")
-
-
-class _NetworkProxy:
-    """Takes the network's place on the LightningModule during a step (not an nn.Module)."""
-
-    def __init__(self, strategy: PipelineStrategy, mode: StepMode) -> None:
-        self._strategy = strategy
-        self._mode = mode
-        self.calls: list[PipelineOutput] = []
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if kwargs:
-            raise TypeError(
-                f"under PipelineStrategy pass the network's inputs positionally (got keyword arguments {sorted(kwargs)})"
-            )
-        if self._mode == "predict" or (self._mode == "eval" and self._strategy.inline_loss):
-            # Forward-only schedule; the outputs are sent to every rank of the pipeline, so the
-            # user's step (metrics, an inline loss, logging) runs unchanged on each.
-            return self._strategy._predict(args)
-        out = PipelineOutput(args, kwargs)
-        self.calls.append(out)
-        return out
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._strategy.runtime.local_module, name)
 
 
 class PipelineStrategy(MeshStrategy):
@@ -182,7 +149,7 @@ class PipelineStrategy(MeshStrategy):
             raise ValueError(f"{type(self).__name__}(frontend={frontend!r}): frontend must be 'auto', 'trace' (torch's "
                              f"tracer splits your unchanged forward) or 'views' (your forward skips None modules)")
         self.frontend = frontend
-        _check_pipeline_options(type(self).__name__, balance, split_points, block_container, module_name, loss_name,
+        _check_pipeline_options(type(self).__name__, balance, split_points, block_container, loss_name,
                                 timeline_step, timeline_path)
         self.pipeline_config = PipelineConfig(
             stages=stages,
@@ -229,7 +196,6 @@ class PipelineStrategy(MeshStrategy):
                 f"runs in two passes through each block; drop compile (eager checkpointing works with it) or use "
                 f"schedule='1f1b' / 'interleaved_1f1b'"
             )
-        self.module_name = module_name
         self.loss_name = loss_name
         self.stage_forward = _resolve_callable(stage_forward) if stage_forward is not None else None
         self.timeline_step = timeline_step
@@ -239,11 +205,9 @@ class PipelineStrategy(MeshStrategy):
         self.runtime: PipelineRuntime | None = None
         self._tied_groups: list[tuple[Any, nn.Parameter]] = []  # (group over the holders, this rank's copy)
         self._maybe_without_grad: set[int] = set()  # ids of synchronised parameters no stage graph uses
-        self._proxy: _NetworkProxy | None = None
         self.last_timeline_png: Path | None = None
-        self._stashed_grads: list[tuple[nn.Parameter, Tensor]] = []
+        self.step = PipelinedStep(self)  # how a Lightning step drives the schedule (pipeline_step.py)
         self._first_batch_inputs: tuple | None = None  # example inputs taken from the first batch (once)
-        self._new_accumulation_window = True
 
     # -- validation ------------------------------------------------------------------------------
     def _network_and_loss(self) -> tuple[nn.Module, Any]:
@@ -262,7 +226,7 @@ class PipelineStrategy(MeshStrategy):
         # microbatch on the last stage (lightning_scale/strategies/inline_loss.py).
         self.inline_loss = not callable(loss)
         if self.inline_loss:
-            loss = _no_loss_method
+            loss = no_loss_method
         return network, loss
 
     def _choose_frontend(self, network: nn.Module) -> str:
@@ -580,9 +544,7 @@ class PipelineStrategy(MeshStrategy):
             trainer = self.lightning_module.trainer
             call._call_callback_hooks(trainer, "on_before_backward", closure_loss)
             call._call_lightning_module_hook(trainer, "on_before_backward", closure_loss)
-            for p, grad in self._stashed_grads:
-                p.grad = grad
-            self._stashed_grads = []
+            self.step.restore_gradients()
             call._call_callback_hooks(trainer, "on_after_backward")
             call._call_lightning_module_hook(trainer, "on_after_backward")
             return closure_loss.detach()
@@ -590,115 +552,10 @@ class PipelineStrategy(MeshStrategy):
 
     def optimizer_step(self, optimizer, closure, model=None, **kwargs: Any) -> Any:
         out = super().optimizer_step(optimizer, closure, model, **kwargs)
-        self._new_accumulation_window = True
+        self.step.end_accumulation_window()
         return out
 
     # -- steps -------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _intercept(self, mode: StepMode) -> Iterator[None]:
-        if not self.pipelined:
-            yield
-            return
-        lm = self.lightning_module
-        proxy = _NetworkProxy(self, mode)
-        self._proxy = proxy
-        outside = lm.__dict__.pop("forward", None)  # the user's forward runs in the step
-        # The proxy shadows the registered submodule (or, layers on the LightningModule, its forward).
-        shadowed = "forward" if self.network_is_module else self.module_name
-        lm.__dict__[shadowed] = proxy
-        lm.__dict__[self.loss_name] = self._make_loss(mode)
-        try:
-            yield
-        finally:
-            lm.__dict__.pop(shadowed, None)
-            lm.__dict__.pop(self.loss_name, None)
-            if outside is not None:
-                lm.__dict__["forward"] = outside
-            self._proxy = None
-        unused = [c for c in proxy.calls if not c.consumed]
-        if unused:
-            call = "self(...)" if self.network_is_module else f"self.{self.module_name}(...)"
-            raise RuntimeError(
-                f"{type(lm).__name__} called {call} in its {mode} step but never passed the "
-                f"output to self.{self.loss_name}(output, target); under PipelineStrategy the schedule runs inside "
-                f"the loss method, so every network call must go through it"
-            )
-
-    def _make_loss(self, mode: StepMode):
-        runtime = self.runtime
-        assert runtime is not None
-
-        def pipelined_loss(output: Any, target: Any, *args: Any, **kwargs: Any) -> Tensor:
-            if not isinstance(output, PipelineOutput):
-                return runtime.loss_fn(output, target, *args, **kwargs)
-            if args or kwargs:
-                raise TypeError(f"under PipelineStrategy {self.loss_name} takes exactly (output, target)")
-            output.consumed = True
-            batch = self._batch_size(output.args, target)
-            if mode == "train":
-                return self._train_schedule(output.args, target, batch)
-            self._check_forward_only()
-            with self._explained_stage_errors():
-                value, loss = runtime.eval_step(output.args, target, batch)
-            output.value = value
-            return loss
-
-        return pipelined_loss
-
-    def _train_schedule(self, inputs: tuple, target: Any, batch: int) -> Tensor:
-        """Forward and backward of every microbatch through the schedule; gradients kept aside
-        for :meth:`backward`; returns the mean microbatch loss on every rank of the pipeline."""
-        runtime = self.runtime
-        assert runtime is not None
-        runtime.check_batch(batch)
-        png = self.timeline_step is not None and self.lightning_module.trainer.global_step == self.timeline_step
-        record = png or self.record_timeline_requested
-        runtime.record_timeline = record
-        accumulate = self.lightning_module.trainer.accumulate_grad_batches
-        params = [p for p in self.lightning_module.parameters() if p.requires_grad]
-        if self._new_accumulation_window:
-            for p in params:
-                p.grad = None
-            self._new_accumulation_window = False
-        with self._explained_stage_errors():
-            loss = runtime.train_step(inputs, target, grad_divisor=accumulate)
-        # Lightning zeroes gradients after the step's forward and before backward (its
-        # closure order); the schedule has already run backward, so keep its gradients
-        # aside and hand them back in backward().
-        self._stashed_grads = [(p, p.grad) for p in params if p.grad is not None]
-        for p, _ in self._stashed_grads:
-            p.grad = None
-        # Busy time of this rank's compute actions (seconds), for ScaleProfiler's bubble.
-        self.last_busy_s = sum(e.end - e.start for e in runtime.timeline) if record else None
-        if record:
-            runtime.record_timeline = False
-        if png:
-            self._save_timeline()
-        return loss
-
-    @contextlib.contextmanager
-    def _explained_stage_errors(self) -> Iterator[None]:
-        """A stage view's forward that calls a module the stage does not own fails inside torch's
-        schedule with a bare TypeError; say what it means and what to do."""
-        try:
-            yield
-        except TypeError as err:
-            if getattr(self, "_frontend", None) != "views" or "'NoneType' object is not callable" not in str(err):
-                raise
-            raise TypeError(
-                f"PipelineStrategy(frontend='views'): {type(self.runtime.local_module).__name__}.forward calls a module "
-                f"this pipeline stage does not own (stage views set those to None) ({err}). Use frontend='trace', which "
-                f"splits an unchanged forward, or make the forward skip None modules "
-                f"(`if self.embed is not None: x = self.embed(x)`)"
-            ) from err
-
-    @staticmethod
-    def _batch_size(args: tuple, target: Any) -> int:
-        for t in (*args, target):
-            if isinstance(t, Tensor):
-                return t.shape[0]
-        raise TypeError("PipelineStrategy needs tensor inputs or targets to cut the batch into microbatches")
-
     @property
     def supports_forward_only(self) -> bool:
         """False for torch's V-shaped zero-bubble schedule, whose runtime has no forward-only mode
@@ -723,93 +580,33 @@ class PipelineStrategy(MeshStrategy):
         """
         runtime = self.runtime
         assert runtime is not None, "pipelined_forward needs a set-up strategy (inside or after fit)"
-        b = self._batch_size(inputs, None)
+        b = self.step.batch_size(inputs, None)
         floor = self.pipeline_config.stages if self.pipeline_config.schedule in NEEDS_M_GE_P else 1
         if b >= floor:
-            return self._predict(inputs)
+            return self.step.predict(inputs)
         reps = -(-floor // b)  # ceil
         padded = tuple(torch.cat([t] * reps)[:floor] if isinstance(t, Tensor) else t for t in inputs)
-        out = self._predict(padded)
+        out = self.step.predict(padded)
         return out[:b] if isinstance(out, Tensor) else out
-
-    def _predict(self, args: tuple) -> Any:
-        self._check_forward_only()
-        runtime = self.runtime
-        assert runtime is not None
-        out = runtime.predict_step(args, self._batch_size(args, None))
-        return runtime.broadcast_from_last_stage(out)
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         if self.pipelined and self.inline_loss:
             args, kwargs = self.precision_plugin.convert_input((args, kwargs))
             with self.precision_plugin.train_step_context():
-                return self._inline_training_step(args, kwargs)
-        with self._intercept("train"):
+                return self.step.inline_training_step(args, kwargs)
+        with self.step.intercept("train"):
             return super().training_step(*args, **kwargs)
 
-    def _inline_training_step(self, args: tuple, kwargs: dict) -> Tensor:
-        """``training_step`` with its loss computed inline (see :mod:`.inline_loss`): capture the
-        network's inputs, run the schedule with the step replayed per microbatch on the last
-        stage as the loss, then log the microbatch-averaged values once on every rank."""
-        from lightning_scale.strategies import inline_loss as il
-
-        lm = self.lightning_module
-        runtime = self.runtime
-        assert runtime is not None
-        attr = "forward" if self.network_is_module else self.module_name
-        call = "self(...)" if self.network_is_module else f"self.{self.module_name}(...)"
-        step = type(lm).training_step.__get__(lm)
-        outside = lm.__dict__.pop("forward", None)  # the user's forward, if the step calls it
-        problems: list[str] = []  # contract violations seen by the last stage's replays
-        try:
-            with il.forked_rng(self.root_device):  # the capture does not move the run's random streams
-                inputs = il.capture_network_inputs(lm, attr, call, step, args, kwargs)
-            batch_size = il.batch_size_of(inputs)
-            batch, rest = args[0], args[1:]
-            il.check_batch_rows(batch, batch_size, f"PipelineStrategy ({type(lm).__name__})")  # every rank, before p2p
-            recorder = il.LogRecorder()
-
-            def loss_of_microbatch(output: Any, rows: Tensor) -> Tensor:
-                # An error here would leave the other stages waiting in their receives: keep the
-                # schedule going with a zero loss, and raise on every rank once it is over.
-                if not problems:
-                    try:
-                        with il.forked_rng(self.root_device):
-                            return il.replay_loss(lm, attr, call, step, batch, rest, kwargs, output, rows, batch_size,
-                                                  recorder, inputs)
-                    except Exception as err:  # noqa: BLE001 - any error of the user's step, re-raised below
-                        problems.append(str(err) if isinstance(err, il.StepError) else f"{type(err).__name__}: {err}")
-                tensors = [t for t in (output if isinstance(output, (tuple, list)) else (output,)) if isinstance(t, Tensor)]
-                return sum(t.sum() * 0 for t in tensors)
-
-            runtime.loss_fn = loss_of_microbatch
-            rows = torch.arange(batch_size, device=self.root_device)  # cut like the inputs: each microbatch's rows
-            loss = self._train_schedule(inputs, rows, batch_size)
-        finally:
-            runtime.loss_fn = _no_loss_method
-            if outside is not None:
-                lm.__dict__["forward"] = outside
-        if runtime.has_last_stage and not problems and recorder.inputs_differ():
-            problems.append(il._changed_inputs(type(lm).__name__, call))
-        outcome = (problems[0] if problems else None, recorder.merged()) if runtime.has_last_stage else None
-        problem, logged = runtime.broadcast_from_last_stage(outcome)
-        if problem is not None:
-            self._stashed_grads = []
-            raise il.StepError(f"{type(lm).__name__}.training_step under PipelineStrategy (last stage): {problem}")
-        for name, (value, options) in logged.items():
-            lm.log(name, torch.tensor(value, device=self.root_device), **options)
-        return loss
-
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
-        with self._intercept("eval"):
+        with self.step.intercept("eval"):
             return super().validation_step(*args, **kwargs)
 
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
-        with self._intercept("eval"):
+        with self.step.intercept("eval"):
             return super().test_step(*args, **kwargs)
 
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
-        with self._intercept("predict"):
+        with self.step.intercept("predict"):
             return super().predict_step(*args, **kwargs)
 
     def share_from_output_ranks(self, value: Tensor) -> Tensor:
