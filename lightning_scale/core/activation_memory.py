@@ -97,6 +97,8 @@ class HeldActivationMeter(TorchDispatchMode):
         exclude: tensors whose storage is not an activation (parameters, buffers, the batch).
     """
 
+    count_meta = False  # meta tensors have no bytes on a device; MetaHeldMeter counts them (planning)
+
     def __init__(self, exclude: Iterable[Any] = ()) -> None:
         super().__init__()
         self._skip = _exclusions(exclude)
@@ -120,7 +122,7 @@ class HeldActivationMeter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            if isinstance(t, torch.Tensor) and (self.count_meta or t.device.type != "meta"):
                 local = _local(t)
                 storage = local.untyped_storage()
                 key = storage._cdata

@@ -43,10 +43,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
+
+from lightning_scale.core.activation_memory import HeldActivationMeter
 
 __all__ = [
     "CudaAutocastEmulation",
@@ -57,45 +57,29 @@ __all__ = [
 ]
 
 
-def _key(t: torch.Tensor) -> int:
-    return t.untyped_storage()._cdata
-
-
 def _keys(tensors: Iterable[Any]) -> set[int]:
-    return {_key(t) for t in tree_leaves(list(tensors)) if isinstance(t, torch.Tensor)}
+    return {t.untyped_storage()._cdata for t in tree_leaves(list(tensors)) if isinstance(t, torch.Tensor)}
 
 
-class MetaHeldMeter(TorchDispatchMode):
-    """:class:`~lightning_scale.core.activation_memory.HeldActivationMeter`'s count, on any device
-    including ``meta``: after the forward it wraps, :meth:`held` = bytes of the storages created
-    inside it that are still alive (each storage once, its full size even when only a view is kept).
+class MetaHeldMeter(HeldActivationMeter):
+    """:class:`~lightning_scale.core.activation_memory.HeldActivationMeter`'s count (the same
+    storage tracking), on any device including ``meta``: after the forward it wraps, :meth:`held`
+    = bytes of the storages created inside it that are still alive (each storage once, its full
+    size even when only a view is kept), summed over devices.
 
     Args:
-        exclude: tensors whose storage is not an activation (parameters, buffers, the batch).
+        exclude: tensors (or nested containers of them) whose storage is not an activation
+            (parameters, buffers, the batch).
     """
 
+    count_meta = True
+
     def __init__(self, exclude: Iterable[Any] = ()) -> None:
-        super().__init__()
-        self._skip = _keys(exclude)
-        self._created: dict[int, tuple[StorageWeakRef, int]] = {}
+        super().__init__(tree_leaves(list(exclude)))
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key = storage._cdata
-                if key in self._skip:
-                    continue
-                known = self._created.get(key)
-                if known is None or known[0].expired():
-                    self._created[key] = (StorageWeakRef(storage), storage.nbytes())
-        return out
-
-    def held(self, exclude: Iterable[Any] = ()) -> int:
+    def held(self, exclude: Iterable[Any] = ()) -> int:  # type: ignore[override]
         """Bytes still alive, leaving out ``exclude`` (e.g. the logits and the loss)."""
-        skip = _keys(exclude)
-        return sum(n for key, (ref, n) in self._created.items() if key not in skip and not ref.expired())
+        return sum(super().held(exclude).values())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,7 +205,7 @@ def _instrumented_forward(network: nn.Module, inputs: torch.Tensor, labels: torc
     def pack(t: torch.Tensor) -> torch.Tensor:
         if current:
             path, own_inputs = current[-1]
-            key = _key(t)
+            key = t.untyped_storage()._cdata
             if key not in skip and key not in own_inputs:
                 seen[path][key] = t.untyped_storage().nbytes()
         return t
