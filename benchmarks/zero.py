@@ -52,8 +52,8 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "zero1_offload": dict(stage=1, offload_optimizer=True),
     "zero2_offload": dict(stage=2, offload_optimizer=True),
     "zero3_offload": dict(stage=3, offload_params=True),
-    "fairscale_zero1": dict(stage=1, backend="fairscale"),
-    "fairscale_zero2": dict(stage=2, backend="fairscale"),
+    "fairscale_zero1": dict(stage=1, implementation="fairscale"),
+    "fairscale_zero2": dict(stage=2, implementation="fairscale"),
     "lightning_fsdp2": None,
 }
 FULL_DEFAULTS = dict(presets=["nano", "micro"], variants=list(VARIANTS), batch=8, seq=128, steps=4, warmup=2, repeats=3,

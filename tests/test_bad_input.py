@@ -250,7 +250,7 @@ TABLE: list[Bad] = [
     Bad("zero stage=4", lambda t: _zero(stage=4), ValueError, r"stage must be 1, 2 or 3"),
     Bad("zero offload_params without stage 3", lambda t: _zero(stage=2, offload_params=True), ValueError,
         r"offload_params=True needs stage=3"),
-    Bad("zero fairscale stage 3", lambda t: _zero(stage=3, backend="fairscale"), ValueError, r"needs CUDA"),
+    Bad("zero fairscale stage 3", lambda t: _zero(stage=3, implementation="fairscale"), ValueError, r"needs CUDA"),
     Bad("zero bucket_mb=0", lambda t: _zero(bucket_mb=0), ValueError, r"bucket_mb must be > 0"),
     Bad("zero offload_optimizer='yes'", lambda t: _zero(offload_optimizer="yes"), ValueError,
         r"offload_optimizer must be True or False"),

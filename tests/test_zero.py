@@ -25,15 +25,15 @@ CASES = [
     pytest.param(dict(stage=3, offload_params=True), id="stage3-offload"),
     # fairscale 0.4.13: ShardedDataParallel + zero_grad(set_to_none=True) diverges from step 3;
     # this parity test fails if ZeroOSS stops forcing in-place zeroing.
-    pytest.param(dict(stage=1, backend="fairscale"), id="fairscale-stage1"),
-    pytest.param(dict(stage=2, backend="fairscale"), id="fairscale-stage2"),
+    pytest.param(dict(stage=1, implementation="fairscale"), id="fairscale-stage1"),
+    pytest.param(dict(stage=2, implementation="fairscale"), id="fairscale-stage2"),
 ]
 
 
 @pytest.mark.parametrize("zero", CASES)
 def test_two_rank_parity_with_clipping(zero: dict) -> None:
     # Small buckets (several per model) so bucketing, padding and in-flight reductions are exercised.
-    small_buckets = zero["stage"] < 3 and zero.get("backend", "native") == "native"
+    small_buckets = zero["stage"] < 3 and zero.get("implementation", "native") == "native"
     kwargs = dict(zero=True, bucket_mb=0.02, **zero) if small_buckets else dict(zero=True, **zero)
     results = run_distributed(targets.fit, 2, kwargs, STEPS, 4, clip=0.05, validate=True, init_process_group=False,
                               timeout=300)
@@ -95,7 +95,7 @@ def test_model_state_bytes_equal_the_zero_formulas(world: int, zero: dict) -> No
 def test_fairscale_partitions_the_optimizer_state_by_whole_parameters() -> None:
     import _zero_targets as zt
 
-    results = run_distributed(zt.memory, 2, dict(stage=2, backend="fairscale"), init_process_group=False, timeout=240)
+    results = run_distributed(zt.memory, 2, dict(stage=2, implementation="fairscale"), init_process_group=False, timeout=240)
     per_rank = [sum(r["counts"]["optimizer"].values()) for r in results]
     psi, n_params = results[0]["psi"], results[0]["n_params"]
     # Every parameter's moments (8 bytes per element) and step (4 bytes) live on exactly one rank.
@@ -121,8 +121,8 @@ def _mean_losses(results: list[dict]) -> list[float]:
     ((4, dict(stage=1, offload_optimizer=True)), (2, dict(stage=2))),  # 4 -> 2 ranks, stage 1 -> 2
     ((2, dict(stage=2)), (4, dict(stage=3))),  # stage 2 -> FSDP2
     ((4, dict(stage=3)), (2, dict(stage=1, bucket_mb=0.02))),  # FSDP2 -> stage 1
-    ((2, dict(stage=2, backend="fairscale")), (4, dict(stage=2, backend="fairscale"))),  # fairscale 2 -> 4
-    ((4, dict(stage=2)), (2, dict(stage=1, backend="fairscale"))),  # native -> fairscale
+    ((2, dict(stage=2, implementation="fairscale")), (4, dict(stage=2, implementation="fairscale"))),  # fairscale 2 -> 4
+    ((4, dict(stage=2)), (2, dict(stage=1, implementation="fairscale"))),  # native -> fairscale
 ], ids=["2to2", "2to4", "4to2-stage1to2", "stage2to3", "stage3to1", "fairscale-2to4", "native-to-fairscale"])
 def test_resume_is_exact_across_world_sizes_and_stages(tmp_path, save, load) -> None:
     (w_save, z_save), (w_load, z_load) = save, load
@@ -153,7 +153,7 @@ def test_zero_checkpoint_consolidates_to_a_plain_state_dict(tmp_path) -> None:
     torch.testing.assert_close(task.model.head.weight, results[0]["state"]["model.head.weight"], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("zero", [dict(stage=2, bucket_mb=0.02), dict(stage=3), dict(stage=2, backend="fairscale")],
+@pytest.mark.parametrize("zero", [dict(stage=2, bucket_mb=0.02), dict(stage=3), dict(stage=2, implementation="fairscale")],
                          ids=["stage2", "stage3", "fairscale-stage2"])
 def test_four_rank_parity_with_gradient_accumulation(zero: dict) -> None:
     # Stage 2 reduce-scatters every micro-step and accumulates the chunks; FSDP2 accumulates shards.
@@ -168,8 +168,8 @@ def test_four_rank_parity_with_gradient_accumulation(zero: dict) -> None:
     (dict(stage=4), "stage must be 1, 2 or 3"),
     (dict(stage=2, offload_params=True), "offload_params=True needs stage=3"),
     (dict(stage=3, offload_optimizer=True), "set offload_params=True"),
-    (dict(stage=3, backend="fairscale"), "needs CUDA"),
-    (dict(stage=2, backend="deepspeed"), "backend must be one of"),
+    (dict(stage=3, implementation="fairscale"), "needs CUDA"),
+    (dict(stage=2, implementation="deepspeed"), "implementation must be one of"),
     (dict(stage=2, bucket_mb=0), "bucket_mb must be > 0"),
 ])
 def test_bad_configurations_name_the_fix(kwargs: dict, match: str) -> None:

@@ -34,7 +34,7 @@ def layout_of(strategy: Any, world_size: int) -> tuple[dict[str, Any], int] | No
     if isinstance(s, MeshStrategy):
         dims = s.resolved_dims or s.dims.resolve(world_size)
     if isinstance(s, ZeroStrategy):
-        if s.zero.backend != "native":
+        if s.zero.implementation != "native":
             return None
         fields.update(zero_stage=s.zero.stage, offload=s.zero.offload_optimizer or s.zero.offload_params,
                       bucket_mb=s.zero.bucket_mb, ddp_buckets=False)

@@ -85,7 +85,7 @@ def _all_gather_flat(output: torch.Tensor, input: torch.Tensor, **kwargs: Any) -
 
 STAGES = (1, 2, 3)
 SCALAR_STATE_KEYS = frozenset({"step"})  # optimizer state entries that are one value per parameter
-BACKENDS = ("native", "fairscale")
+IMPLEMENTATIONS = ("native", "fairscale")
 
 
 @dataclass(frozen=True)
@@ -97,22 +97,24 @@ class ZeroConfig:
         offload_optimizer: keep optimizer state (and fp32 master weights) on CPU and step there.
         offload_params: stage 3 only: keep sharded parameters on CPU between uses (FSDP2
             ``CPUOffloadPolicy``, which also moves gradients and the optimizer step to CPU).
-        backend: ``"native"`` (this module, FSDP2 for stage 3) or ``"fairscale"`` (stages 1, 2:
-            ``fairscale.optim.OSS`` + ``ShardedDataParallel``).
+        implementation: ``"native"`` (this module, FSDP2 for stage 3) or ``"fairscale"`` (stages
+            1, 2: ``fairscale.optim.OSS`` + ``ShardedDataParallel``). Formerly ``backend`` (a word
+            that also names the process group's gloo or nccl); reading ``.backend`` still works,
+            with a DeprecationWarning.
         bucket_mb: target bucket size in MiB for the gradient reductions and all-gathers.
     """
 
     stage: int = 2
     offload_optimizer: bool = False
     offload_params: bool = False
-    backend: str = "native"
+    implementation: str = "native"
     bucket_mb: float = 25.0
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"ZeRO stage must be 1, 2 or 3; got {self.stage!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"ZeRO backend must be one of {BACKENDS}; got {self.backend!r}")
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"ZeRO implementation must be one of {IMPLEMENTATIONS}; got {self.implementation!r}")
         if self.offload_params and self.stage != 3:
             raise ValueError(
                 f"offload_params=True needs stage=3 (only stage 3 shards parameters); got stage={self.stage}. "
@@ -123,15 +125,24 @@ class ZeroConfig:
                 "stage 3 offloads the optimizer together with the sharded parameters (FSDP2 CPUOffloadPolicy): "
                 "set offload_params=True (and offload_optimizer=True or False)"
             )
-        if self.backend == "fairscale" and self.stage == 3:
+        if self.implementation == "fairscale" and self.stage == 3:
             raise ValueError(
-                "backend='fairscale' supports stages 1 and 2 here: fairscale's FullyShardedDataParallel needs CUDA. "
-                "Use backend='native' for stage 3 (FSDP2)."
+                "implementation='fairscale' supports stages 1 and 2 here: fairscale's FullyShardedDataParallel needs "
+                "CUDA. Use implementation='native' for stage 3 (FSDP2)."
             )
-        if self.backend == "fairscale" and self.offload_optimizer:
-            raise ValueError("backend='fairscale' has no optimizer offload; use backend='native' with offload_optimizer=True")
+        if self.implementation == "fairscale" and self.offload_optimizer:
+            raise ValueError("implementation='fairscale' has no optimizer offload; use implementation='native' with "
+                             "offload_optimizer=True")
         if not self.bucket_mb > 0:
             raise ValueError(f"bucket_mb must be > 0; got {self.bucket_mb}")
+
+    def __getattr__(self, name: str) -> Any:  # only for names the instance lacks
+        if name == "backend":
+            import warnings
+
+            warnings.warn("ZeroConfig.backend is deprecated; read .implementation", DeprecationWarning, stacklevel=2)
+            return self.implementation
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from lightning_scale.core.fsdp import fully_shard_blocks
 from lightning_scale.core.sharding import ZeroConfig, ZeroOptimizer
 from lightning_scale.strategies.base import MeshStrategy
 from lightning_scale.strategies.optimizers import unwrap_optimizer
-from lightning_scale.strategies.options import check_bool
+from lightning_scale.strategies.options import check_bool, renamed_option
 
 
 class ZeroStrategy(MeshStrategy):
@@ -52,7 +52,8 @@ class ZeroStrategy(MeshStrategy):
         stage: 1, 2 or 3.
         offload_optimizer: optimizer state, fp32 master weights and the optimizer step on CPU.
         offload_params: stage 3: sharded parameters (and gradients, and the step) on CPU.
-        backend: ``"native"`` (default) or ``"fairscale"`` (stages 1 and 2).
+        implementation: ``"native"`` (default: torch primitives, FSDP2 for stage 3) or
+            ``"fairscale"`` (stages 1 and 2); ``backend=`` is its deprecated name.
         bucket_mb: bucket size in MiB of the stage 1/2 reductions and all-gathers.
         module_name: the LightningModule attribute holding the network (default: ``model`` if
             present, else the LightningModule itself).
@@ -69,7 +70,7 @@ class ZeroStrategy(MeshStrategy):
         stage: int = 2,
         offload_optimizer: bool = False,
         offload_params: bool = False,
-        backend: str = "native",
+        implementation: str = "native",
         bucket_mb: float = 25.0,
         module_name: str = "model",
         block_container: str | None = None,
@@ -77,19 +78,21 @@ class ZeroStrategy(MeshStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         trust_checkpoint: bool = False,
+        backend: str | None = None,
         **kwargs: Any,
     ) -> None:
         # Validated here, on every rank, before any process group exists.
         owner = type(self).__name__
+        implementation = renamed_option(owner, "backend", "implementation", backend, implementation, default="native")
         check_bool(owner, "offload_optimizer", offload_optimizer)
         check_bool(owner, "offload_params", offload_params)
         self.zero = ZeroConfig(stage=stage, offload_optimizer=offload_optimizer, offload_params=offload_params,
-                               backend=backend, bucket_mb=bucket_mb)
+                               implementation=implementation, bucket_mb=bucket_mb)
         super().__init__(dims=ParallelDims(pp=1, dp=-1, tp=1), process_group_backend=process_group_backend,
                          timeout=timeout, trust_checkpoint=trust_checkpoint, module_name=module_name,
                          block_container=block_container, block_class=block_class, **kwargs)
         self._engines: dict[int, ZeroOptimizer] = {}
-        self._oss: list[Any] = []  # fairscale backend: the OSS optimizers
+        self._oss: list[Any] = []  # implementation="fairscale": the OSS optimizers
 
     def _owner_for_errors(self) -> str:
         return f"ZeroStrategy(stage={self.zero.stage})"
@@ -126,7 +129,7 @@ class ZeroStrategy(MeshStrategy):
 
     def setup(self, trainer) -> None:
         super().setup(trainer)
-        if self.zero.backend == "fairscale" and trainer.state.fn == TrainerFn.FITTING:
+        if self.zero.implementation == "fairscale" and trainer.state.fn == TrainerFn.FITTING:
             self._setup_fairscale()
         elif self.zero.stage in (1, 2) and trainer.state.fn == TrainerFn.FITTING:
             assert self.lightning_module is not None
@@ -158,7 +161,7 @@ class ZeroStrategy(MeshStrategy):
 
     def _patch_gradient_clipping(self) -> None:
         super()._patch_gradient_clipping()
-        if self.zero.backend != "fairscale":
+        if self.zero.implementation != "fairscale":
             return
         strategy = self
 
@@ -210,7 +213,7 @@ class ZeroStrategy(MeshStrategy):
         """Stage 3: FSDP2 reduced the sharded gradients; average any plain (unsharded) ones.
         fairscale: stage 1 all-reduces the full gradients; stage 2's ShardedDataParallel did it."""
         assert self.lightning_module is not None
-        if self.zero.backend == "fairscale" and self.zero.stage == 2:
+        if self.zero.implementation == "fairscale" and self.zero.stage == 2:
             return
         plain = [p for p in self.lightning_module.parameters() if not isinstance(p, DTensor)]
         if plain:
