@@ -231,12 +231,35 @@ class MeshStrategy(DistributedCheckpointing, ParallelStrategy):
         return self.lightning_module is not None and any(self.network() is n for n in self._parallelized)
 
     def parallelize(self) -> None:
-        """Transform ``self.lightning_module`` in place (subclasses: split, TP, AC, shard), once per
-        network (:meth:`setup` skips it when :meth:`is_parallelized`).
+        """Transform the network in place, once per network (:meth:`setup` skips it when
+        :meth:`is_parallelized`), in the design guide's order, one hook per parallelism:
 
-        Here (data parallelism only): activation checkpointing, if asked for."""
-        if self.activation_checkpointing is not None:
-            self.checkpoint_activations(self.network())
+        1. :meth:`split_pipeline`: this rank's part of the model (the whole network unless pipelined);
+        2. :meth:`apply_tensor_parallel` on that part;
+        3. :meth:`checkpoint_activations` (and ``compile``) on its blocks;
+        4. :meth:`shard_data_parallel` (ZeRO-3 / FSDP2) last, over the transformed modules.
+
+        Subclasses override the hooks, not this order. Here (plain data parallelism) only step 3
+        does something, when ``activation_checkpointing`` is set."""
+        local = self.split_pipeline(self.network())
+        self.apply_tensor_parallel(local)
+        self.checkpoint_activations(local, self.split_block_container())
+        self.shard_data_parallel(local)
+
+    def split_pipeline(self, network: torch.nn.Module) -> torch.nn.Module:
+        """Step 1 of :meth:`parallelize`: this rank's part of ``network`` (no pipeline: all of it)."""
+        return network
+
+    def split_block_container(self) -> str | None:
+        """The block container's path where step 1 determined it (pipeline plan), else None."""
+        return None
+
+    def apply_tensor_parallel(self, local: torch.nn.Module) -> None:
+        """Step 2 of :meth:`parallelize` (no tensor parallelism: nothing)."""
+
+    def shard_data_parallel(self, local: torch.nn.Module) -> None:
+        """Step 4 of :meth:`parallelize` (plain data parallelism: nothing; gradients are
+        all-reduced over ``dp`` at the optimizer step, :meth:`finalize_gradients`)."""
 
     def network(self) -> torch.nn.Module:
         """The nn.Module in LightningModule attribute ``module_name``; with the default name

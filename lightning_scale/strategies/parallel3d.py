@@ -58,7 +58,9 @@ class Parallel3DStrategy(PipelineStrategy):
         self.sequence_parallel = sequence_parallel
         self.tp_plan = dict(tp_plan) if tp_plan is not None else None
 
-    def after_split(self, local_network: nn.Module) -> None:
+    def apply_tensor_parallel(self, local_network: nn.Module) -> None:
+        """Tensor parallelism on this rank's pipeline stage(s): the stage modules share every leaf
+        module with ``local_network``, so they run what this does."""
         assert self.resolved_dims is not None
         if self.resolved_dims.tp == 1:
             return

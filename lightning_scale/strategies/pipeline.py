@@ -307,14 +307,23 @@ class PipelineStrategy(MeshStrategy):
 
     # -- setup -------------------------------------------------------------------------------------
     def parallelize(self) -> None:
+        """MeshStrategy's order (split, TP, AC, FSDP2: :meth:`split_pipeline` builds the runtime),
+        then the groups that keep tied and outside-the-network parameters in step."""
+        super().parallelize()
+        if self.runtime is not None:
+            self._create_tied_groups()
+            rank_zero_info(f"PipelineStrategy ({self._frontend}): {self.pipeline_config.schedule}, "
+                           f"m={self.runtime.microbatches}\n{self.runtime.plan.describe()}\n{self._stage_param_counts}")
+
+    def split_pipeline(self, network: nn.Module) -> nn.Module:
+        """Step 1: plan the split (params or measured time; traced or views), build this rank's
+        stages and schedule (:class:`~lightning_scale.core.pipeline.PipelineRuntime`); returns
+        this rank's part of the network. With one stage: the whole network, no runtime."""
         network, loss = self._network_and_loss()
         dims = self.resolved_dims
         assert dims is not None
         if dims.pp == 1:
-            self.after_split(network)
-            self.checkpoint_activations(network, self.pipeline_config.block_container)
-            self._shard_data_parallel(network, [network])
-            return  # one stage: no pipeline
+            return network  # one stage: no pipeline
         if getattr(network, "_lightning_scale_pipeline_part", False) or getattr(self.lightning_module,
                                                                                 "_lightning_scale_pruned", False):
             raise RuntimeError(
@@ -367,9 +376,15 @@ class PipelineStrategy(MeshStrategy):
         # LightningModule's forward runs on a meta copy of the whole model: shapes, no numbers, no
         # collective, no crash on the parts this rank does not hold.
         self.lightning_module.__dict__["forward"] = self._outside_step_forward
-        self.after_split(self.runtime.local_module)
-        self.checkpoint_activations(self.runtime.local_module, plan.container)
-        self._shard_data_parallel(self.runtime.local_module, self.runtime.stage_modules)
+        return self.runtime.local_module
+
+    def split_block_container(self) -> str | None:
+        return self.runtime.plan.container if self.runtime is not None else self.pipeline_config.block_container
+
+    def _create_tied_groups(self) -> None:
+        dims = self.resolved_dims
+        assert dims is not None and self.runtime is not None
+        rank = self.global_rank
         # Groups that sum the gradients of tied parameters held on several stages; new_group is
         # collective over the world, so every rank creates every group in the same order.
         # Parameters of the LightningModule outside the network (a temperature used in the loss)
@@ -393,8 +408,6 @@ class PipelineStrategy(MeshStrategy):
                     group = dist.new_group(ranks, timeout=self._timeout)
                     if rank in ranks and local_name:
                         self._tied_groups.append((group, owner.get_parameter(local_name)))
-        rank_zero_info(f"PipelineStrategy ({frontend}): {self.pipeline_config.schedule}, m={self.runtime.microbatches}\n"
-                       f"{plan.describe()}\n{self._stage_param_counts}")
 
     def _summarize_whole_model(self) -> None:
         """Lightning's ModelSummary (``on_fit_start``, every rank, after the split) summarizes the
@@ -467,8 +480,8 @@ class PipelineStrategy(MeshStrategy):
                     aliases[prefix + name] = prefix + canonical
         return aliases
 
-    def _shard_data_parallel(self, network: nn.Module, stage_modules: list[nn.Module]) -> None:
-        """``zero_stage=3``: FSDP2 ``fully_shard`` on the dp sub-mesh, per block and per stage module.
+    def shard_data_parallel(self, local: nn.Module) -> None:
+        """Step 4, ``zero_stage=3``: FSDP2 ``fully_shard`` on the dp sub-mesh, per block and per stage module.
 
         The last step of the design guide's order (after split, TP and AC). Each block is its own
         FSDP2 unit (all-gathered for its forward and backward); each stage module is the root
@@ -478,17 +491,12 @@ class PipelineStrategy(MeshStrategy):
             return
         from lightning_scale.core.fsdp import fully_shard_blocks
 
+        network, stage_modules = local, (self.runtime.stage_modules if self.runtime is not None else [local])
+
         mesh = self.device_mesh["dp"]
         blocks = [b for _, b in self.block_finder.find(network, type(self).__name__)]
         fully_shard_blocks(blocks, stage_modules, mesh)
         rank_zero_info(f"{type(self).__name__}: ZeRO-3 (FSDP2) over dp={mesh.size()} for each stage's blocks and stage modules")
-
-    def after_split(self, local_network: nn.Module) -> None:
-        """Hook for composed strategies: transform this rank's part of the network (e.g. TP).
-
-        Stage modules share every leaf module with ``local_network``, so changes made here are
-        what the pipeline stages run.
-        """
 
     def _measure_block_costs(self, network: nn.Module) -> tuple[list[float], float, float]:
         """``balance='time'``: each block's forward+backward seconds on ``example_input_array``

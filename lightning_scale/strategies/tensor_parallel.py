@@ -155,11 +155,10 @@ class TensorParallelStrategy(MeshStrategy):
     def tp(self) -> int:
         return self.dims.tp
 
-    def parallelize(self) -> None:
-        network = self.network()
+    def apply_tensor_parallel(self, local: nn.Module) -> None:
+        network = local
         user_plan = relative_plan(self.tp_plan, None if network is self.lightning_module else self.module_name, network)
         plan = parallelize_network(network, self.device_mesh["tp"], user_plan, self.sequence_parallel, self.shard_vocab)
-        self.checkpoint_activations(network)  # after TP (design guide order)
         rank_zero_info(f"TensorParallelStrategy: tp={self.tp}, sequence_parallel={self.sequence_parallel}, {len(plan)} plan entries")
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:

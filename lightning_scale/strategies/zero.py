@@ -114,11 +114,11 @@ class ZeroStrategy(MeshStrategy):
             return
         super().model_to_device()
 
-    def parallelize(self) -> None:
-        network = self.network()
-        self.checkpoint_activations(network)  # before sharding (design guide order)
+    def shard_data_parallel(self, local: nn.Module) -> None:
+        """Stage 3: FSDP2 on each block, then the network (after activation checkpointing). Stages
+        1 and 2 shard the optimizer and gradients in :meth:`setup`, once the optimizers exist."""
         if self.zero.stage == 3:
-            self._fully_shard(network)
+            self._fully_shard(local)
 
     def _fully_shard(self, network: nn.Module) -> None:
         mesh = self.device_mesh["dp"]
