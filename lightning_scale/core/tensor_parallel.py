@@ -78,8 +78,8 @@ Gradients: the DTensor-aware norm and collectives are in :mod:`lightning_scale.c
 from __future__ import annotations
 
 import fnmatch
-import weakref
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -467,10 +467,36 @@ def _check_ties(
 # Applying
 # --------------------------------------------------------------------------------------------
 
-# Modules already parallelized (by any apply_tp call) -> repr of the style applied. Stage views
-# share module objects (a parameter-free ``drop`` sits in every view), and hooking one twice would
-# e.g. slice an already-sliced sequence.
-_APPLIED: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
+_TP_STATE = "_lightning_scale_tp"  # attribute set on each module apply_tp changed: its _TPState
+
+
+@dataclass
+class _TPState:
+    """What :func:`apply_tp` did to one module, kept on the module itself (so it travels with the
+    module, e.g. into a deepcopy, along with the hooks that read it).
+
+    Stage views share module objects (a parameter-free ``drop`` sits in every view), and hooking
+    one twice would e.g. slice an already-sliced sequence: ``styles`` lets a later call skip it."""
+
+    styles: set[str] = field(default_factory=set)  # _style_key of each style applied, and replication markers
+    own_replicated: list[str] = field(default_factory=list)  # own parameters made Replicate DTensors
+    hooked: bool = False  # the local-view hooks of _replicate_own_parameters are registered
+    depth: int = 0  # forward calls of the module running (nested calls keep the views bound)
+
+
+def _state(module: nn.Module) -> _TPState:
+    """The module's :class:`_TPState`, created empty on first use."""
+    state = module.__dict__.get(_TP_STATE)
+    if state is None:
+        state = module.__dict__[_TP_STATE] = _TPState()
+    return state
+
+
+def _styles_applied(module: nn.Module) -> set[str]:
+    state = module.__dict__.get(_TP_STATE)
+    return set(state.styles) if state is not None else set()
+
+
 _REPLICATED = "ReplicateRest:replicated parameters (replicate_rest=True)"
 _REPLICATED_OWN = "ReplicateRest:own parameters replicated, local views in forward (replicate_rest=True)"
 _REPLICATION_KEYS = {_REPLICATED, _REPLICATED_OWN}
@@ -500,7 +526,7 @@ def check_plan(
     resolved = resolve_plan(model, plan, strict=strict)
     todo: dict[str, ParallelStyle] = {}
     for path, style in resolved.items():
-        done = _APPLIED.get(model.get_submodule(path), set()) - _REPLICATION_KEYS
+        done = _styles_applied(model.get_submodule(path)) - _REPLICATION_KEYS
         if not done:
             todo[path] = style
         elif _style_key(style) not in done:
@@ -555,7 +581,7 @@ def apply_tp(
     for path, style in todo.items():
         module = model.get_submodule(path)
         parallelize_module(module, tp_mesh, style, src_data_rank=src_data_rank)
-        _APPLIED.setdefault(module, set()).add(_style_key(style))
+        _state(module).styles.add(_style_key(style))
     if replicate_rest:
         wrapped, own = _replication_plan(model, {})
         for path in wrapped:
@@ -563,11 +589,11 @@ def apply_tp(
             # Params -> Replicate DTensors (broadcast from TP-rank 0); inputs -> Replicate DTensors;
             # outputs -> local tensors, so the module looks unchanged to its neighbours.
             distribute_module(module, tp_mesh, None, _replicated_inputs, _local_outputs)
-            _APPLIED.setdefault(module, set()).add(_REPLICATED)
+            _state(module).styles.add(_REPLICATED)
         for path in own:  # the root, or a module that also holds TP parameters: its own parameters only
             module = model.get_submodule(path)
             _replicate_own_parameters(module, tp_mesh, src_data_rank)
-            _APPLIED.setdefault(module, set()).add(_REPLICATED_OWN)
+            _state(module).styles.add(_REPLICATED_OWN)
     _retie(model, ties)
     return model
 
@@ -605,12 +631,6 @@ def _replication_plan(model: nn.Module, planned: Mapping[str, ParallelStyle]) ->
     return wrapped, own
 
 
-# Module -> names of its own parameters replicated by ``_replicate_own_parameters`` (read by its hooks).
-_OWN_REPLICATED: weakref.WeakKeyDictionary[nn.Module, list[str]] = weakref.WeakKeyDictionary()
-# Module -> how many of its forward calls are running (nested calls keep the views bound).
-_OWN_DEPTH: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
-
-
 def _replicate_own_parameters(module: nn.Module, mesh: DeviceMesh, src_data_rank: int | None) -> None:
     """Turn ``module``'s own plain parameters into ``Replicate`` DTensor parameters (same names),
     seen by its forward as local tensors (a pre-hook binds ``to_local()`` views as instance
@@ -623,30 +643,30 @@ def _replicate_own_parameters(module: nn.Module, mesh: DeviceMesh, src_data_rank
         p = module._parameters[name]
         replicated = distribute_tensor(p.detach(), mesh, [Replicate()], src_data_rank=src_data_rank)
         module._parameters[name] = nn.Parameter(replicated, requires_grad=p.requires_grad)
-    if module not in _OWN_REPLICATED:
-        _OWN_REPLICATED[module] = []
+    state = _state(module)
+    if not state.hooked:
         module.register_forward_pre_hook(_bind_local_views)
         module.register_forward_hook(_unbind_local_views, always_call=True)
-    _OWN_REPLICATED[module].extend(n for n in names if n not in _OWN_REPLICATED[module])
+        state.hooked = True
+    state.own_replicated.extend(n for n in names if n not in state.own_replicated)
 
 
 def _bind_local_views(module: nn.Module, args: Any) -> None:
-    depth = _OWN_DEPTH.get(module, 0)
-    _OWN_DEPTH[module] = depth + 1
-    if depth:
+    state = _state(module)
+    state.depth += 1
+    if state.depth > 1:
         return  # a nested call: the outer call's views are bound
-    for name in _OWN_REPLICATED[module]:
+    for name in state.own_replicated:
         p = module._parameters.get(name)
         if isinstance(p, DTensor):
             module.__dict__[name] = p.to_local()  # differentiable: its gradient lands on p (Replicate)
 
 
 def _unbind_local_views(module: nn.Module, args: Any, output: Any) -> None:
-    depth = _OWN_DEPTH.get(module, 1) - 1
-    _OWN_DEPTH[module] = depth
-    if depth <= 0:
-        _OWN_DEPTH[module] = 0
-        for name in _OWN_REPLICATED[module]:
+    state = _state(module)
+    state.depth = max(state.depth - 1, 0)
+    if state.depth == 0:
+        for name in state.own_replicated:
             module.__dict__.pop(name, None)
 
 
