@@ -143,6 +143,85 @@ def _is_oom(exception: BaseException) -> bool:
         isinstance(exception, RuntimeError) and "out of memory" in str(exception).lower())
 
 
+class _ActivationWindow:
+    """The activation measurement of the sampled training step, from the start of its first
+    micro-batch to its end: a :class:`HeldActivationMeter` opened at construction and read once.
+
+    * Forward then backward (every strategy but the pipelines): :meth:`before_backward` closes the
+      meter and reads what the forward left for the backward (the loss left out).
+    * Pipelines (forward and backward of every microbatch inside the step): a forward hook on each
+      of this rank's stage modules reads the meter after every microbatch forward; the largest
+      reading (the microbatches in flight) is the figure, parameters' gradients left out.
+
+    :meth:`close` (at the step's end) returns ``(activations {device type: bytes} or None, note)``;
+    with a read at backward, it subtracts what the step still keeps beyond its backward (the outputs,
+    Lightning's copy of the loss, logged values, DDP's gradient buckets rebuilt in its second
+    forward). :meth:`abort` (exception, end of training) releases the meter and hooks.
+    """
+
+    def __init__(self, exclude: list[torch.Tensor], stage_modules: list[torch.nn.Module] | None,
+                 params: list[torch.Tensor], settle: float) -> None:
+        self.settle = settle
+        self._meter: HeldActivationMeter | None = HeldActivationMeter(exclude=exclude)
+        self._hooks: list[Any] = []
+        self._peak: dict[str, int] = {}
+        self._at_backward: dict[str, int] | None = None  # the read at on_before_backward
+        self._measured_by: HeldActivationMeter | None = None  # the meter of that read (closed)
+        self._loss: torch.Tensor | None = None
+        if stage_modules is not None:
+            def after_forward(module, args, output) -> None:
+                if self._meter is None:
+                    return
+                grads = [p.grad for p in params if p.grad is not None]  # from earlier backwards: not activations
+                now = self._meter.held(exclude=grads)
+                if sum(now.values()) > sum(self._peak.values()):
+                    self._peak = now
+
+            self._hooks = [m.register_forward_hook(after_forward) for m in stage_modules]
+        self._meter.__enter__()
+
+    def _close_meter(self) -> HeldActivationMeter | None:
+        meter, self._meter = self._meter, None
+        if meter is not None:
+            meter.__exit__(None, None, None)
+        return meter
+
+    def _remove_hooks(self) -> bool:
+        hooks, self._hooks = self._hooks, []
+        for h in hooks:
+            h.remove()
+        return bool(hooks)
+
+    def before_backward(self, loss: torch.Tensor) -> None:
+        if self._hooks:  # pipeline: the backwards run inside the schedule; read at close()
+            return
+        meter = self._close_meter()
+        if meter is not None:  # the first backward of the step (accumulation: its first micro-batch)
+            self._at_backward = meter.held(exclude=[loss], settle=self.settle)
+            self._measured_by, self._loss = meter, loss
+
+    def close(self) -> tuple[dict[str, int] | None, str | None]:
+        if self._remove_hooks():
+            self._close_meter()
+            return (self._peak or None), "pipeline: largest held bytes after a microbatch forward (microbatches in flight)"
+        if self._close_meter() is not None:  # no backward ran (training_step returned None, manual optimization)
+            warnings.warn("MemoryAccountant: the sampled step ran no backward (on_before_backward was not called); "
+                          "activations are not measured", stacklevel=3)
+            return None, "no backward ran in the sampled step"
+        activations = self._at_backward
+        if activations is not None and self._measured_by is not None:
+            kept = self._measured_by.held(exclude=[self._loss], settle=self.settle)
+            for device, nbytes in kept.items():
+                activations[device] = activations.get(device, 0) - nbytes
+        self._loss = None
+        return activations, None
+
+    def abort(self) -> None:
+        self._remove_hooks()
+        self._close_meter()
+        self._loss = None
+
+
 class MemoryAccountant(Callback):
     """Per-rank memory of parameters, gradients, optimizer state and activations, measured on one
     sampled training step (see the module docstring for what is measured where, and the metrics).
@@ -185,14 +264,10 @@ class MemoryAccountant(Callback):
         self._reset()
 
     def _reset(self) -> None:
-        self._meter: HeldActivationMeter | None = None
         self._started = False  # the sampled step's first micro-batch has begun
-        self._activations: dict[str, int] | None = None
+        self._window: _ActivationWindow | None = None  # open from that start to the step's end
+        self._activations: dict[str, int] | None = None  # {device type: bytes}, once the window closed
         self._activations_note: str | None = None
-        self._measured_by: HeldActivationMeter | None = None
-        self._loss: torch.Tensor | None = None
-        self._hooks: list[Any] = []
-        self._pipeline_peak: dict[str, int] = {}
         self._run_dir: Path | None = None
 
     # -- fit -------------------------------------------------------------------------------------
@@ -210,69 +285,22 @@ class MemoryAccountant(Callback):
         if self._started or trainer.global_step != self.sample_step:
             return
         self._started = True
-        exclude = [*pl_module.parameters(), *pl_module.buffers(), *_batch_tensors(batch)]
-        self._meter = HeldActivationMeter(exclude=exclude)
         runtime = getattr(trainer.strategy, "runtime", None)
-        if runtime is not None:
-            self._watch_pipeline_stages(runtime.stage_modules, list(pl_module.parameters()))
-        self._meter.__enter__()  # closed in on_before_backward (or on_train_batch_end / on_exception)
-
-    def _watch_pipeline_stages(self, stage_modules: list[torch.nn.Module], params: list[torch.Tensor]) -> None:
-        """Read the meter after every microbatch forward of this rank's stage(s); keep the largest."""
-        self._pipeline_peak = {}
-        self._activations_note = "pipeline: largest held bytes after a microbatch forward (microbatches in flight)"
-
-        def after_forward(module, args, output) -> None:
-            meter = self._meter
-            if meter is None:
-                return
-            grads = [p.grad for p in params if p.grad is not None]  # created by earlier backwards: not activations
-            now = meter.held(exclude=grads)
-            if sum(now.values()) > sum(self._pipeline_peak.values()):
-                self._pipeline_peak = now
-
-        self._hooks = [m.register_forward_hook(after_forward) for m in stage_modules]
-
-    def _unwatch_pipeline_stages(self) -> dict[str, int] | None:
-        hooks, self._hooks = self._hooks, []
-        for h in hooks:
-            h.remove()
-        return self._pipeline_peak if hooks else None
-
-    def _close_meter(self) -> HeldActivationMeter | None:
-        meter, self._meter = self._meter, None
-        if meter is not None:
-            meter.__exit__(None, None, None)
-        return meter
+        self._window = _ActivationWindow(
+            exclude=[*pl_module.parameters(), *pl_module.buffers(), *_batch_tensors(batch)],
+            stage_modules=runtime.stage_modules if runtime is not None else None,
+            params=list(pl_module.parameters()),
+            settle=0.5 if trainer.world_size > 1 else 0.0,  # a gloo worker may hold a finished collective's buffers
+        )
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
-        if self._hooks:  # pipeline: the backwards ran inside the schedule; read at on_train_batch_end
-            return
-        meter = self._close_meter()
-        if meter is not None:
-            # settle: a gloo worker may hold a finished collective's buffers for a moment.
-            settle = 0.5 if trainer.world_size > 1 else 0.0
-            self._activations = meter.held(exclude=[loss], settle=settle)
-            self._measured_by, self._loss = meter, loss
+        if self._window is not None:
+            self._window.before_backward(loss)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        peak = self._unwatch_pipeline_stages()
-        if peak is not None:
-            self._close_meter()
-            self._activations = peak or None  # {} if no stage forward ran
-        elif self._close_meter() is not None:  # no backward ran (training_step returned None, manual optimization)
-            self._activations_note = "no backward ran in the sampled step"
-            warnings.warn("MemoryAccountant: the sampled step ran no backward (on_before_backward was not called); "
-                          "activations are not measured", stacklevel=2)
-        meter, self._measured_by = self._measured_by, None
-        if meter is not None and self._activations is not None:
-            # What the forward created and the step keeps beyond its backward is not activation
-            # memory: the outputs (Lightning's copy of the loss), logged values, DDP's gradient
-            # buckets (rebuilt in its second forward), lazily built state.
-            settle = 0.5 if trainer.world_size > 1 else 0.0
-            for device, nbytes in meter.held(exclude=[self._loss], settle=settle).items():
-                self._activations[device] = self._activations.get(device, 0) - nbytes
-            self._loss = None
+        window, self._window = self._window, None
+        if window is not None:
+            self._activations, self._activations_note = window.close()
         if not self._started or self.record is not None or trainer.global_step <= self.sample_step:
             return  # not the sampled step, or an accumulation micro-batch before its optimizer step
         self.record = self._measure(trainer, pl_module, batch)
@@ -283,7 +311,9 @@ class MemoryAccountant(Callback):
                 logger.log_metrics(row, step=trainer.global_step)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._close_meter()
+        window, self._window = self._window, None
+        if window is not None:
+            window.abort()
         if self.record is None:
             if trainer.is_global_zero:
                 warnings.warn(f"MemoryAccountant: training ended before optimizer step {self.sample_step} finished; "
@@ -306,9 +336,9 @@ class MemoryAccountant(Callback):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # Lightning re-raises the exception after this hook: write what is known, never swallow it.
-        self._unwatch_pipeline_stages()
-        self._close_meter()
-        self._measured_by = self._loss = None
+        window, self._window = self._window, None
+        if window is not None:
+            window.abort()
         if self.oom_dump and _is_oom(exception):
             try:
                 self.oom_path = self._dump_oom(trainer, pl_module, exception)
