@@ -74,3 +74,31 @@ def test_the_private_attribute_check_can_fail(tmp_path) -> None:
     calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "getattr"
              and _strategy_chain(n.args[0])]
     assert len(hits) == 1 and len(calls) == 1
+
+
+def test_moved_paths_keep_working_for_one_release_with_a_deprecation_warning() -> None:
+    import pytest
+
+    from lightning_scale.strategies.base import MeshStrategy
+    from lightning_scale.strategies.options import check_tp_plan
+
+    with pytest.warns(DeprecationWarning, match="import MeshStrategy from lightning_scale.strategies.base"):
+        from lightning_scale.strategies.mesh import MeshStrategy as old
+    assert old is MeshStrategy
+    with pytest.warns(DeprecationWarning, match="import check_tp_plan from lightning_scale.strategies.options"):
+        from lightning_scale.strategies.mesh import check_plan
+    assert check_plan is check_tp_plan
+    with pytest.warns(DeprecationWarning, match="lightning_scale.core.fsdp"):
+        from lightning_scale.core.sharding import fully_shard_blocks
+    from lightning_scale.core.fsdp import fully_shard_blocks as new
+
+    assert fully_shard_blocks is new
+    from lightning_scale.strategies import ZeroStrategy
+
+    with pytest.warns(DeprecationWarning, match="use implementation="):
+        strategy = ZeroStrategy(stage=1, backend="fairscale")
+    assert strategy.zero.implementation == "fairscale"
+    with pytest.warns(DeprecationWarning, match="read .implementation"):
+        assert strategy.zero.backend == "fairscale"
+    with pytest.raises(ValueError, match="pass only implementation="):
+        ZeroStrategy(stage=1, backend="fairscale", implementation="fairscale")
