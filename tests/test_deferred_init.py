@@ -1,0 +1,108 @@
+"""Deferred initialization (``lightning_scale.core.deferred_init``): a model built on the meta
+device and materialized later has exactly the values eager construction gives with the same seed,
+for the suite's models and for modules written the way users write them, whole or split or
+sharded, with host memory near the largest tensor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import _deferred_targets as targets
+import zoo
+from lightning_scale.core.blocks import tied_parameter_groups
+from lightning_scale.core.deferred_init import DeferredInitError, is_deferred, materialize, record_init
+from lightning_scale.models import GPT, GPTConfig, ResNet, ViT, ViTConfig
+from lightning_scale.models.resnet import RESNET_PRESETS
+from lightning_scale.testing import run_distributed
+
+BUILDS = {
+    **{f"zoo-{name}": (cls, ()) for name, cls in zoo.ALL.items()},
+    "gpt-default": (GPT, (GPTConfig(),)),
+    "gpt-16-layers": (GPT, (GPTConfig(vocab_size=256, block_size=64, n_layer=16, n_head=4, n_embd=128),)),
+    "vit": (ViT, (ViTConfig(),)),
+    "resnet20": (ResNet, (RESNET_PRESETS["resnet20"],)),
+}
+
+
+def _storages(module: nn.Module) -> list[torch.Tensor]:
+    return list({t.untyped_storage()._cdata: t for t in [*module.parameters(), *module.buffers()]}.values())
+
+
+@pytest.mark.parametrize("name", list(BUILDS))
+def test_materialized_values_equal_eager_construction_bit_for_bit(name) -> None:
+    cls, args = BUILDS[name]
+    torch.manual_seed(0)
+    eager = cls(*args)
+    after_eager = torch.rand(4)  # the global generator continues where eager construction left it
+    torch.manual_seed(0)
+    model = record_init(cls, *args)
+    assert is_deferred(model) and all(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    stats = materialize(model, "cpu")
+    assert not is_deferred(model)
+    assert torch.equal(torch.rand(4), after_eager)
+    expected, got = eager.state_dict(), model.state_dict()
+    assert list(got) == list(expected)
+    assert [k for k in expected if not torch.equal(got[k], expected[k])] == []
+    assert tied_parameter_groups(model) == tied_parameter_groups(eager)  # ties survive to_empty
+    # Host memory of the replay: about the largest tensor, not the model (exact count of the
+    # storages the replay held at once).
+    sizes = [t.untyped_storage().nbytes() for t in _storages(eager)]
+    if sizes:
+        assert stats.peak_host_bytes <= 2 * max(sizes) + 64 * 1024, (stats.peak_host_bytes, max(sizes), sum(sizes))
+    if name == "gpt-16-layers":
+        assert stats.peak_host_bytes < 0.05 * sum(sizes)
+
+
+def test_only_the_local_part_is_materialized() -> None:
+    # A pipeline rank's part: one block of the model, named as in the whole model.
+    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=3, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    eager = GPT(cfg)
+    torch.manual_seed(0)
+    model = record_init(GPT, cfg)
+    stats = materialize(model.blocks["1"], "cpu", root=model, prefix="blocks.1.")
+    assert stats.tensors == len(list(eager.blocks["1"].parameters()))
+    for name, p in model.blocks["1"].named_parameters():
+        assert torch.equal(p, eager.blocks["1"].get_parameter(name)), name
+    assert all(p.is_meta for name, p in model.named_parameters() if not name.startswith("blocks.1."))
+
+
+@pytest.mark.parametrize("layout", ["fsdp2", "tp"])
+def test_sharded_while_meta_then_each_rank_materializes_its_shards(layout) -> None:
+    results = run_distributed(targets.sharded_materialize, 2, layout, timeout=120)
+    for res in results:
+        assert res["mismatched"] == [] and res["all_dtensors"]
+        assert res["local_numel"] < res["total_numel"]  # each rank holds only its shards
+    if layout == "fsdp2":  # FSDP2 splits every parameter in two: the ranks' parts add up to the model
+        assert sum(r["local_numel"] for r in results) == results[0]["total_numel"]
+
+
+class ReadsAValue(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4))
+        self.scale = float(self.weight.abs().max())  # data-dependent: meta tensors have no values
+
+
+class ParameterAddedLater(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+
+def test_a_construction_that_reads_values_is_refused_with_the_fix() -> None:
+    with pytest.raises(DeferredInitError, match=r"ReadsAValue cannot be built on the meta device.*reads tensor values"
+                       r".*build it eagerly"):
+        record_init(ReadsAValue)
+
+
+def test_a_parameter_made_after_the_recording_is_named() -> None:
+    model = record_init(ParameterAddedLater)
+    with torch.device("meta"):
+        model.extra = nn.Parameter(torch.empty(3))
+    with pytest.raises(DeferredInitError, match=r"got no value from the recorded construction \(e\.g\. 'extra'\)"):
+        materialize(model, "cpu")
+    with pytest.raises(DeferredInitError, match="was not built with record_init"):
+        materialize(nn.Linear(2, 2), "cpu")
