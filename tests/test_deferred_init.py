@@ -17,7 +17,18 @@ from lightning_scale.models import GPT, GPTConfig, ResNet, ViT, ViTConfig
 from lightning_scale.models.resnet import RESNET_PRESETS
 from lightning_scale.testing import run_distributed
 
+class Reseeds(nn.Module):
+    """Re-seeds the default generator in the middle of its construction (as zoo.ConfigureModel does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        torch.manual_seed(5)
+        self.b = nn.Linear(4, 4)
+
+
 BUILDS = {
+    "reseeds-mid-construction": (Reseeds, ()),
     **{f"zoo-{name}": (cls, ()) for name, cls in zoo.ALL.items()},
     "gpt-default": (GPT, (GPTConfig(),)),
     "gpt-16-layers": (GPT, (GPTConfig(vocab_size=256, block_size=64, n_layer=16, n_head=4, n_embd=128),)),

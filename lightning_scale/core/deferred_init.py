@@ -33,6 +33,8 @@ weights are still exact, later random streams, e.g. dropout, may differ from an 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +47,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 from lightning_scale.core import device as dev
 from lightning_scale.core.blocks import tied_parameter_groups
 
-__all__ = ["DeferredInitError", "InitRecord", "deferred", "is_deferred", "materialize", "record_init"]
+__all__ = ["DeferredInitError", "InitRecord", "MaterializeStats", "attach", "deferred", "is_deferred", "materialize",
+           "record_init", "recording"]
 
 _RECORD_ATTR = "_lightning_scale_init_record"  # set on the module built under record_init
 
@@ -68,6 +71,7 @@ class _Op:
     kwargs: Any
     outputs: list[int | None]  # node id of each tensor output (flattened), None for non-tensors
     random: bool  # takes a generator
+    reseed: torch.Tensor | None = None  # the default generator's state, when it was re-seeded before this op
     written: list[int] = field(default_factory=list)  # nodes of the arguments the op writes in place
     overwrites: int | None = None  # the node it overwrites whole without reading it (normal_, fill_, ...)
 
@@ -127,6 +131,7 @@ class _Recorder(TorchDispatchMode):
     def __init__(self, record: InitRecord) -> None:
         super().__init__()
         self.record = record
+        self._state = record.rng_state  # meta draws do not move the generator: only a re-seed does
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
@@ -144,7 +149,12 @@ class _Recorder(TorchDispatchMode):
         overwrites = None
         if func in _OVERWRITE and args and isinstance(args[0], torch.Tensor) and _covers_storage(args[0]):
             overwrites = rec.node(args[0])
-        rec.ops.append(_Op(func, recorded_args, recorded_kwargs, outputs, _has_generator(func), written, overwrites))
+        op = _Op(func, recorded_args, recorded_kwargs, outputs, _has_generator(func), None, written, overwrites)
+        if op.random and kwargs.get("generator") is None:
+            state = torch.get_rng_state()
+            if not torch.equal(state, self._state):  # torch.manual_seed(...) inside the construction
+                op.reseed, self._state = state, state
+        rec.ops.append(op)
         return out
 
 
@@ -179,15 +189,15 @@ def _covers_storage(t: torch.Tensor) -> bool:
             and t.numel() * t.element_size() == t.untyped_storage().nbytes())
 
 
-def record_init(fn: Any, *args: Any, **kwargs: Any) -> nn.Module:
-    """``fn(*args, **kwargs)`` (a module class or factory) built on the meta device, recorded so
-    that :func:`materialize` can produce its eager values later. Returns the meta module, marked
-    deferred (:func:`is_deferred`)."""
+@contextlib.contextmanager
+def recording(owner: str = "the module") -> Iterator[InitRecord]:
+    """Everything built inside is built on the meta device and recorded into the yielded
+    :class:`InitRecord`; :func:`attach` it to the module that holds what was built (the way
+    ``configure_model`` builds layers inside Lightning's init context). Errors name ``owner``."""
     record = InitRecord(rng_state=torch.get_rng_state())
-    owner = getattr(fn, "__name__", repr(fn))
     try:
         with torch.device("meta"), _DataOnHost(), _Recorder(record):
-            module = fn(*args, **kwargs)
+            yield record
     except DeferredInitError as err:
         raise DeferredInitError(
             f"{owner} cannot be built on the meta device for deferred initialization: its construction "
@@ -202,13 +212,28 @@ def record_init(fn: Any, *args: Any, **kwargs: Any) -> nn.Module:
             f"{owner} cannot be built on the meta device for deferred initialization: {err}. Build it eagerly "
             f"(deferred_init=False: every rank then holds the whole model at setup), or avoid the op in its construction"
         ) from err
-    if not isinstance(module, nn.Module):
-        raise DeferredInitError(f"{owner} returned {type(module).__name__}, not an nn.Module")
     record.end_state = torch.get_rng_state()
+
+
+def attach(module: nn.Module, record: InitRecord) -> nn.Module:
+    """Mark ``module`` deferred with ``record``: its meta parameters and buffers (by name) are what
+    :func:`materialize` gives values. Tensors of ``module`` that are not meta are left out."""
     for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
-        record.targets.setdefault(record.node(t), []).append(name)
+        if t.is_meta:
+            record.targets.setdefault(record.node(t), []).append(name)
     module.__dict__[_RECORD_ATTR] = record
     return module
+
+
+def record_init(fn: Any, *args: Any, **kwargs: Any) -> nn.Module:
+    """``fn(*args, **kwargs)`` (a module class or factory) built on the meta device, recorded so
+    that :func:`materialize` can produce its eager values later. Returns the meta module, marked
+    deferred (:func:`is_deferred`)."""
+    with recording(getattr(fn, "__name__", repr(fn))) as record:
+        module = fn(*args, **kwargs)
+    if not isinstance(module, nn.Module):
+        raise DeferredInitError(f"{getattr(fn, '__name__', fn)} returned {type(module).__name__}, not an nn.Module")
+    return attach(module, record)
 
 
 def deferred(fn: Any, *args: Any, **kwargs: Any) -> nn.Module:
@@ -262,7 +287,10 @@ def materialize(module: nn.Module, device: torch.device | str, root: nn.Module |
         raise DeferredInitError(f"{type(root).__name__} was not built with record_init / deferred")
     device = dev.as_device(device)
     ties = tied_parameter_groups(module)
-    module.to_empty(device=device)
+    dests_before = {name for name, t in [*module.named_parameters(remove_duplicate=False),
+                                          *module.named_buffers(remove_duplicate=False)] if t.is_meta}
+    # to_empty for the meta tensors only: real ones (made outside the recording) keep their values.
+    module._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
     for names in ties:  # to_empty gives each name of a tied parameter its own tensor: tie them again
         first = module.get_parameter(names[0])
         for name in names[1:]:
@@ -270,7 +298,8 @@ def materialize(module: nn.Module, device: torch.device | str, root: nn.Module |
             setattr(module.get_submodule(owner) if owner else module, leaf, first)
     dests: dict[str, torch.Tensor] = {}
     for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
-        dests[prefix + name] = t
+        if name in dests_before:
+            dests[prefix + name] = t
     written: set[str] = set()
     local = {record.storage_of[node] for node, names in record.targets.items() if any(n in dests for n in names)}
     needed, finished = _plan(record, local)
@@ -328,7 +357,9 @@ def materialize(module: nn.Module, device: torch.device | str, root: nn.Module |
                 args, kwargs = tree_map(real, op.args), tree_map(real, op.kwargs)
                 if "device" in kwargs:
                     kwargs["device"] = torch.device("cpu")  # replayed on the host, as eager construction
-                if op.random:
+                if op.reseed is not None:
+                    gen.set_state(op.reseed)  # the construction re-seeded the default generator here
+                if op.random and kwargs.get("generator") is None:
                     kwargs["generator"] = gen
                 out = op.func(*args, **kwargs)
                 flat, _ = tree_flatten(out)
