@@ -38,3 +38,4 @@ def _silence_third_party_noise() -> None:
 _silence_third_party_noise()
 
 from lightning_scale import strategies  # noqa: E402,F401  (registers the strategies)
+from lightning_scale.core.deferred_init import deferred  # noqa: E402,F401  (build a module on meta, materialize per rank)

@@ -22,7 +22,7 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def fit(shape: str, strategy: Any, steps: int, batch_size: int, strategy_kwargs: dict | None = None,
         loss_method: bool = False, summary: bool = False, validate: bool = False, ckpt_dir: str | None = None,
         ckpt_every: int | None = None, resume: str | None = None, samples: int | None = None,
-        precision: str = "32-true") -> dict:
+        precision: str = "32-true", deferred: bool = False) -> dict:
     """Fit zoo ``shape`` for ``steps`` on this rank with ``strategy`` (a registered name, or a
     strategy class path with ``strategy_kwargs``); returns per-step losses and the weights."""
     import lightning as L
@@ -42,7 +42,13 @@ def fit(shape: str, strategy: Any, steps: int, batch_size: int, strategy_kwargs:
             losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
 
     os.environ["PL_GLOBAL_SEED"] = "0"
-    model = (zoo.with_loss_method(shape) if loss_method else zoo.ALL[shape])()
+    cls = zoo.with_loss_method(shape) if loss_method else zoo.ALL[shape]
+    if deferred:  # built on the meta device; the strategy materializes this rank's part at setup
+        from lightning_scale import deferred as build_deferred
+
+        model = build_deferred(cls)
+    else:
+        model = cls()
     world = int(os.environ["WORLD_SIZE"])
     data = TensorDataset(*zoo.batches(shape, samples or steps * batch_size * world))
     callbacks: list = [Record()]
@@ -62,7 +68,8 @@ def fit(shape: str, strategy: Any, steps: int, batch_size: int, strategy_kwargs:
     summaries = [cb._summary(trainer, model) for cb in trainer.callbacks if isinstance(cb, ModelSummary)]
     out = {"losses": losses, "state": _state(model),
            "summary": [(s.total_parameters, s.in_sizes[:1], s.out_sizes[:1]) for s in summaries],
-           "logged": {k: float(v) for k, v in trainer.callback_metrics.items()}}
+           "logged": {k: float(v) for k, v in trainer.callback_metrics.items()},
+           "deferring": bool(getattr(trainer.strategy, "deferring", False))}
     if validate:
         val = TensorDataset(*zoo.batches(shape, VAL_SAMPLES, seed=2))
         out["val"] = {k: float(v) for k, v in trainer.validate(model, DataLoader(val, batch_size=batch_size), verbose=False)[0].items()}

@@ -117,3 +117,29 @@ def test_a_parameter_made_after_the_recording_is_named() -> None:
         materialize(model, "cpu")
     with pytest.raises(DeferredInitError, match="was not built with record_init"):
         materialize(nn.Linear(2, 2), "cpu")
+
+
+# -- under the strategies: deferred construction trains exactly like eager construction ------------
+# configure_model under deferred_init=True (Lightning's convention), or a module built in __init__
+# with lightning_scale.deferred(MyModule): the model is split / sharded while meta, each rank
+# materializes its part, and training matches one process of eager PyTorch (the zoo's reference).
+DEFERRED = [("configure_model", s, {"deferred_init": True}, 2, False)
+            for s in ("zero1", "zero2_offload", "zero3_offload", "ddp_ac")]
+DEFERRED += [("configure_model", "tensor_parallel", {"deferred_init": True, "tp_plan": {}}, 1, False),
+             ("configure_model", "pipeline", {"deferred_init": True}, 1, False),
+             ("layers_on_module", "zero3_offload", None, 2, True),
+             ("layers_on_module", "pipeline", None, 1, True),
+             ("blocks_in_dict", "zero2", None, 2, True)]
+
+
+@pytest.mark.parametrize(("shape", "strategy", "kwargs", "replicas", "built_deferred"), DEFERRED,
+                         ids=[f"{s}-{t}" + ("-deferred()" if d else "") for s, t, _, _, d in DEFERRED])
+def test_deferred_construction_trains_like_eager_construction(shape, strategy, kwargs, replicas, built_deferred) -> None:
+    import _zoo_targets as zoo_targets
+    from _parity import STEPS, assert_parity
+
+    batch = 4
+    results = run_distributed(zoo_targets.fit, 2, shape, strategy, STEPS, batch, kwargs, deferred=built_deferred,
+                              init_process_group=False, timeout=180)
+    assert all(r["deferring"] for r in results)  # the model was meta until this rank's part was materialized
+    assert_parity(results, zoo_targets.reference(shape, STEPS, batch, replicas=replicas, samples=STEPS * batch * 2))

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from lightning_scale.core import device as dev
 from lightning_scale.core.blocks import tied_parameter_groups
@@ -221,8 +221,37 @@ def attach(module: nn.Module, record: InitRecord) -> nn.Module:
     for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
         if t.is_meta:
             record.targets.setdefault(record.node(t), []).append(name)
+    _materialize_plain_attributes(module, record)
     module.__dict__[_RECORD_ATTR] = record
     return module
+
+
+def _materialize_plain_attributes(module: nn.Module, record: InitRecord) -> None:
+    """Tensors the construction kept as plain attributes (``example_input_array``, a lookup
+    table), not parameters or buffers: no strategy shards them and they are needed before setup
+    (a pipeline traces with the example inputs), so they get their eager values (on the host)
+    now, by a replay that computes only what they need."""
+    found: list[tuple[nn.Module, str, Any, list[Any]]] = []  # (owner, attribute, spec, leaves)
+    for sub in module.modules():
+        for attr, value in list(sub.__dict__.items()):
+            if attr in ("_parameters", "_buffers", "_modules", _RECORD_ATTR):
+                continue
+            leaves, spec = tree_flatten(value)
+            if any(isinstance(x, torch.Tensor) and x.is_meta for x in leaves):
+                found.append((sub, attr, spec, leaves))
+    if not found:
+        return
+    nodes = {id(x): record.node(x) for _, _, _, leaves in found for x in leaves
+             if isinstance(x, torch.Tensor) and x.is_meta}
+    computed: dict[int, torch.Tensor] = {}
+
+    def keep(node: int, value: torch.Tensor, transfers: list[dev.Transfer]) -> None:
+        computed[node] = value.clone()
+
+    _replay(record, sorted(set(nodes.values())), keep)
+    for sub, attr, spec, leaves in found:
+        real = [computed[nodes[id(x)]] if isinstance(x, torch.Tensor) and x.is_meta else x for x in leaves]
+        sub.__dict__[attr] = tree_unflatten(real, spec)
 
 
 def record_init(fn: Any, *args: Any, **kwargs: Any) -> nn.Module:
@@ -301,17 +330,48 @@ def materialize(module: nn.Module, device: torch.device | str, root: nn.Module |
         if name in dests_before:
             dests[prefix + name] = t
     written: set[str] = set()
-    local = {record.storage_of[node] for node, names in record.targets.items() if any(n in dests for n in names)}
+    from torch.distributed.tensor import DTensor
+
+    def write(node: int, value: torch.Tensor, transfers: list[dev.Transfer]) -> None:
+        for name in record.targets.get(node, ()):
+            dest = dests.get(name)
+            if dest is None or name in written:
+                continue  # another rank's part (another stage, or not in this module)
+            part = _local_slice(value, dest)
+            transfers.append(dev.copy_(dest.to_local() if isinstance(dest, DTensor) else dest, part))
+            written.add(name)
+
+    wanted = [node for node, names in record.targets.items() if any(n in dests for n in names)]
+    stats, gen = _replay(record, wanted, write)
+    stats.tensors = len(written)
+    missing = sorted(set(dests) - written)
+    if missing:
+        raise DeferredInitError(
+            f"{len(missing)} tensors of {type(module).__name__} got no value from the recorded construction "
+            f"(e.g. {missing[0]!r}): they were created or replaced after record_init returned. Create every parameter "
+            f"and buffer inside the deferred construction"
+        )
+    if torch.equal(torch.get_rng_state(), record.end_state):  # nothing drew since: continue as eager would
+        torch.set_rng_state(gen.get_state())
+    root.__dict__.pop(_RECORD_ATTR, None)  # materialized: the record (ops, constants) is not needed again
+    return stats
+
+
+def _replay(record: InitRecord, wanted: list[int], write: Any) -> tuple[MaterializeStats, torch.Generator]:
+    """Replay the recorded construction on the host and call ``write(node, value, transfers)`` for
+    every node of ``wanted`` once its value is final (no later op touches its storage); ``write``
+    may start host-to-device copies, which are waited on before the host memory is released.
+    Returns the stats and the private generator (in the state eager construction ends with)."""
+    local = {record.storage_of[node] for node in wanted}
     needed, finished = _plan(record, local)
-    targets_on: dict[int, list[int]] = {}  # storage key -> parameter/buffer nodes on it
-    for node in record.targets:
-        targets_on.setdefault(record.storage_of[node], []).append(node)
+    wanted_on: dict[int, list[int]] = {}  # storage key -> wanted nodes on it
+    for node in wanted:
+        wanted_on.setdefault(record.storage_of[node], []).append(node)
     gen = torch.Generator(device="cpu")
     gen.set_state(record.rng_state)
     values: dict[int, torch.Tensor] = dict(record.constants)  # node -> its real (host) tensor
     bases: dict[int, torch.UntypedStorage] = {}  # storage key -> its real storage
     nodes_on: dict[int, set[int]] = {}  # storage key -> nodes holding a value on it
-    transfers: list[dev.Transfer] = []
     stats = MaterializeStats(ops=len(record.ops))
 
     def held() -> int:
@@ -349,8 +409,6 @@ def materialize(module: nn.Module, device: torch.device | str, root: nn.Module |
     def real(x: Any) -> Any:
         return value(x.node) if isinstance(x, _Ref) else x
 
-    from torch.distributed.tensor import DTensor
-
     with torch.no_grad():
         for i, op in enumerate(record.ops):
             if needed[i] or op.random:  # a random op that is not needed still draws, in order
@@ -373,30 +431,12 @@ def materialize(module: nn.Module, device: torch.device | str, root: nn.Module |
                         if key >= 0:
                             drop(key)
             for key in finished.get(i, ()):  # no later op touches these storages
-                for node in targets_on.get(key, ()):
-                    for name in record.targets.get(node, ()):
-                        dest = dests.get(name)
-                        if dest is None or name in written:
-                            continue  # another rank's part (another stage, or not in this module)
-                        part = _local_slice(value(node), dest)
-                        transfers.append(dev.copy_(dest.to_local() if isinstance(dest, DTensor) else dest, part))
-                        written.add(name)
-                if transfers:  # land before the host memory is released
-                    dev.wait_all(transfers)
-                    transfers = []
+                transfers: list[dev.Transfer] = []
+                for node in wanted_on.get(key, ()):
+                    write(node, value(node), transfers)
+                dev.wait_all(transfers)  # land before the host memory is released
                 drop(key)
-    stats.tensors = len(written)
-    missing = sorted(set(dests) - written)
-    if missing:
-        raise DeferredInitError(
-            f"{len(missing)} tensors of {type(module).__name__} got no value from the recorded construction "
-            f"(e.g. {missing[0]!r}): they were created or replaced after record_init returned. Create every parameter "
-            f"and buffer inside the deferred construction"
-        )
-    if torch.equal(torch.get_rng_state(), record.end_state):  # nothing drew since: continue as eager would
-        torch.set_rng_state(gen.get_state())
-    root.__dict__.pop(_RECORD_ATTR, None)  # materialized: the record (ops, constants) is not needed again
-    return stats
+    return stats, gen
 
 
 def _plan(record: InitRecord, local: set[int]) -> tuple[list[bool], dict[int, list[int]]]:

@@ -46,7 +46,7 @@ from lightning_scale.core.grads import allreduce_gradients, clip_grad_norm_, red
 from lightning_scale.core.mesh import MESH_DIM_NAMES, ParallelDims, build_device_mesh, sharded_over
 from lightning_scale.strategies.checkpointing import DistributedCheckpointing
 from lightning_scale.strategies.loader_state import resume_loaders_mid_epoch
-from lightning_scale.strategies.options import check_mesh_options, check_module_path
+from lightning_scale.strategies.options import check_bool, check_mesh_options, check_module_path
 
 
 class MeshStrategy(DistributedCheckpointing, ParallelStrategy):
@@ -88,9 +88,12 @@ class MeshStrategy(DistributedCheckpointing, ParallelStrategy):
         module_name: str = "model",
         block_container: str | None = None,
         block_class: BlockClass | None = None,
+        deferred_init: bool = False,
     ) -> None:
         # Validated here, on every rank, before any process group exists.
         owner = type(self).__name__
+        check_bool(owner, "deferred_init", deferred_init)
+        self.deferred_init = deferred_init
         check_mesh_options(owner, process_group_backend, timeout, trust_checkpoint, module_name)
         check_module_path(owner, "block_container", block_container)
         check_block_class(owner, block_class)
@@ -115,6 +118,7 @@ class MeshStrategy(DistributedCheckpointing, ParallelStrategy):
         self.resolved_dims: ParallelDims | None = None
         self.device_mesh = None
         self._parallelized: tuple[torch.nn.Module, ...] = ()  # the network before and after parallelize()
+        self.deferring = False  # set in setup: this setup materializes a deferred model
 
     # -- environment ---------------------------------------------------------------------------
     @property
@@ -211,11 +215,22 @@ class MeshStrategy(DistributedCheckpointing, ParallelStrategy):
     def setup(self, trainer) -> None:
         assert self.model is not None and self.accelerator is not None
         self.accelerator.setup(trainer)
+        deferred = self._deferred_parts()  # [(path in the LightningModule, the module built on meta)]
+        self.deferring = bool(deferred)  # parallelize() then works on meta tensors: no collective on values
+        if self.deferred_init and not deferred and not self.is_parallelized():
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(
+                f"{type(self).__name__}(deferred_init=True): {type(self.lightning_module).__name__} built no layers in "
+                f"configure_model, so every rank holds the whole model at setup. Build the layers in configure_model, or "
+                f"construct the module with lightning_scale.deferred({type(self.lightning_module).__name__}, ...)"
+            )
         self.model_to_device()
         if not self.is_parallelized():
             before = self.network()
-            self.parallelize()
+            self.parallelize()  # on meta tensors where the model is deferred: nothing is allocated yet
             self._parallelized = (before, self.network())
+            self._materialize(deferred)
         self.model = self.precision_plugin.convert_module(self.model)
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
@@ -296,7 +311,61 @@ class MeshStrategy(DistributedCheckpointing, ParallelStrategy):
 
     def model_to_device(self) -> None:
         assert self.model is not None
-        self.model.to(self.root_device)
+        device = self.root_device
+        # Meta tensors (a deferred model) stay meta until parallelize() has split or sharded them.
+        self.model._apply(lambda t: t if t.is_meta else t.to(device))
+
+    # -- deferred initialization (core/deferred_init.py) -------------------------------------------
+    @contextmanager
+    def tensor_init_context(self, empty_init: bool | None = None):
+        """Lightning's init context (``configure_model``, ``trainer.init_module()``). With
+        ``deferred_init=True``, what it builds goes on the meta device and is recorded; setup
+        materializes only this rank's part after splitting / sharding (:meth:`_materialize`)."""
+        if not self.deferred_init or self.lightning_module is None:
+            with super().tensor_init_context(empty_init):
+                yield
+            return
+        from lightning_scale.core.deferred_init import attach, recording
+
+        lm = self.lightning_module
+        with recording(f"{type(lm).__name__} (built in configure_model)") as record, \
+                self.precision_plugin.tensor_init_context():
+            yield
+        if record.ops:
+            attach(lm, record)
+
+    def _deferred_parts(self) -> list[tuple[str, torch.nn.Module]]:
+        """The LightningModule (``configure_model`` under ``deferred_init=True``) or its submodules
+        built with :func:`lightning_scale.deferred`, by path, before the model is transformed."""
+        from lightning_scale.core.deferred_init import is_deferred
+
+        lm = self.lightning_module
+        if lm is None:
+            return []
+        if is_deferred(lm):
+            return [("", lm)]
+        return [(path, m) for path, m in lm.named_modules() if path and is_deferred(m)]
+
+    def _materialize(self, parts: list[tuple[str, torch.nn.Module]]) -> None:
+        """Give this rank's part of each deferred module its eager values on the root device."""
+        if not parts:
+            return
+        from lightning_scale.core.deferred_init import materialize
+
+        lm = self.lightning_module
+        count = 0
+        for path, root in parts:
+            local = lm.get_submodule(path) if path else lm  # after a pipeline split: this rank's view
+            count += materialize(local, self.root_device, root=root).tensors
+        left = [n for n, t in [*lm.named_parameters(), *lm.named_buffers()] if t.is_meta]
+        if left:
+            raise RuntimeError(
+                f"{type(self).__name__}(deferred_init=True): {len(left)} tensors of {type(lm).__name__} are still on the "
+                f"meta device after materialization (e.g. {left[0]!r}); build every layer inside configure_model (or "
+                f"with lightning_scale.deferred), or use deferred_init=False"
+            )
+        rank_zero_info(f"{type(self).__name__}: deferred init: this rank's {count} tensors materialized on "
+                       f"{self.root_device} (eager values, replayed on the host)")
 
     def model_parallel_groups(self) -> list[dist.ProcessGroup | None]:
         """Groups over which one logical model is split (for the global gradient norm)."""

@@ -65,6 +65,7 @@ class Parallel3DStrategy(PipelineStrategy):
         if self.resolved_dims.tp == 1:
             return
         user_plan = relative_plan(self.tp_plan, None if self.network_is_module else self.module_name, local_network)
-        parallelize_network(local_network, self.device_mesh["tp"], user_plan, self.sequence_parallel)
+        parallelize_network(local_network, self.device_mesh["tp"], user_plan, self.sequence_parallel,
+                            src_data_rank=None if self.deferring else 0)
         dims = self.resolved_dims
         rank_zero_info(f"Parallel3DStrategy: mesh pp x dp x tp = {dims.pp} x {dims.dp} x {dims.tp}")

@@ -79,6 +79,7 @@ def parallelize_network(
     plan: Mapping[str, ParallelStyle] | None,
     sequence_parallel: bool,
     shard_vocab: bool = False,
+    src_data_rank: int | None = 0,
 ) -> dict[str, ParallelStyle]:
     """Apply ``plan`` (default: the built-in plan) to ``network`` over ``tp_mesh``; returns the plan.
 
@@ -100,7 +101,9 @@ def parallelize_network(
     # One layout on every device: every parameter a DTensor (the ones the plan leaves alone
     # Replicate), so the layout tested on CPU is the layout a GPU runs. CUDA needs it anyway:
     # torch's default foreach/fused optimizers reject a mix of DTensors and plain tensors.
-    apply_tp(network, tp_mesh, plan, replicate_rest=True)
+    # src_data_rank=None on a deferred (meta) model: each rank keeps its own slice, no broadcast of
+    # values that do not exist yet (materialization gives every rank the same eager values).
+    apply_tp(network, tp_mesh, plan, replicate_rest=True, src_data_rank=src_data_rank)
     return plan
 
 
@@ -158,7 +161,8 @@ class TensorParallelStrategy(MeshStrategy):
     def apply_tensor_parallel(self, local: nn.Module) -> None:
         network = local
         user_plan = relative_plan(self.tp_plan, None if network is self.lightning_module else self.module_name, network)
-        plan = parallelize_network(network, self.device_mesh["tp"], user_plan, self.sequence_parallel, self.shard_vocab)
+        plan = parallelize_network(network, self.device_mesh["tp"], user_plan, self.sequence_parallel, self.shard_vocab,
+                                   src_data_rank=None if self.deferring else 0)
         rank_zero_info(f"TensorParallelStrategy: tp={self.tp}, sequence_parallel={self.sequence_parallel}, {len(plan)} plan entries")
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
