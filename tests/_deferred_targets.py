@@ -36,3 +36,34 @@ def sharded_materialize(layout: str) -> dict:
     return {"mismatched": mismatched, "local_numel": local, "tensors": stats.tensors,
             "all_dtensors": all(isinstance(p, DTensor) for p in model.parameters()),
             "total_numel": sum(p.numel() for p in eager.parameters())}
+
+
+def fit_unbuildable(strategy: str) -> None:
+    """configure_model whose construction reads a value: refused under deferred_init=True."""
+    import lightning as L
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import lightning_scale  # noqa: F401  (registers the strategies by name)
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    class Unbuildable(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = None
+
+        def configure_model(self) -> None:
+            self.model = nn.Linear(4, 4)
+            self.scale = float(self.model.weight.norm())  # reads a value: meta tensors have none
+
+        def training_step(self, batch, batch_idx):
+            return self.model(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    entry = StrategyRegistry[strategy]
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=entry["strategy"](**{**entry["init_params"], "deferred_init": True}),
+                        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(Unbuildable(), DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=2))

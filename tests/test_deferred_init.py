@@ -143,3 +143,14 @@ def test_deferred_construction_trains_like_eager_construction(shape, strategy, k
                               init_process_group=False, timeout=180)
     assert all(r["deferring"] for r in results)  # the model was meta until this rank's part was materialized
     assert_parity(results, zoo_targets.reference(shape, STEPS, batch, replicas=replicas, samples=STEPS * batch * 2))
+
+
+def test_a_configure_model_that_cannot_be_deferred_fails_on_every_rank_naming_the_fix() -> None:
+    from lightning_scale.testing import RankFailedError
+
+    with pytest.raises(RankFailedError) as info:
+        run_distributed(targets.fit_unbuildable, 2, "zero3", init_process_group=False, timeout=120)
+    message = str(info.value)
+    assert "2 of 2 ranks failed" in message  # every rank, at configure_model: before any collective of the step
+    assert "Unbuildable (built in configure_model) cannot be built on the meta device" in message
+    assert "deferred_init=False" in message

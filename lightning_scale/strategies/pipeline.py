@@ -344,6 +344,12 @@ class PipelineStrategy(MeshStrategy):
                     f"({', '.join(' = '.join(g) for g in tied[:2])}); the traced path cannot keep copies on two stages in "
                     f"step. Use frontend='views' with a forward that skips None modules, or untie them"
                 )
+        if self.pipeline_config.balance == "time" and self.deferring:
+            raise ValueError(
+                f"{type(self).__name__}(balance='time') times each block by running it, and this model is deferred "
+                f"(on the meta device until each rank materializes its part): use balance='params' (the default), or "
+                f"split_points=[...], or build the model eagerly"
+            )
         costs = self._measure_block_costs(network) if self.pipeline_config.balance == "time" else None
         plan = plan_pipeline(network, self.pipeline_config, costs, traced=frontend == "trace")
         if frontend == "trace":
