@@ -67,3 +67,52 @@ def fit_unbuildable(strategy: str) -> None:
                         max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
     trainer.fit(Unbuildable(), DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=2))
+
+
+def load_sharded(path: str) -> dict:
+    """A meta GPT, FSDP2-sharded over 2 ranks while meta, filled from ``path``: this rank reads
+    only its shards."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from lightning_scale.core.fsdp import fully_shard_blocks
+    from lightning_scale.core.pretrained import load_into
+
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("x",))
+    with torch.device("meta"):
+        model = GPT(CFG)
+    fully_shard_blocks(list(model.blocks.values()), [model], mesh)
+    stats = load_into(model, path, "cpu")
+    saved = torch.load(path, weights_only=True) if not path.endswith(("safetensors", "hf")) else None
+    if saved is None:
+        from safetensors.torch import load_file
+
+        saved = load_file(path if path.endswith("safetensors") else f"{path}/model.safetensors")
+    saved = saved.get("state_dict", saved)
+    mismatched = [n for n, p in model.named_parameters() if not torch.equal(p.full_tensor(), saved[n])]
+    local = sum(t.to_local().numel() for t in {id(p): p for p in model.parameters()}.values())
+    local += sum(b.numel() for b in model.buffers() if not isinstance(b, DTensor))
+    return {"mismatched": mismatched, "elements_read": stats.elements_read, "local": local}
+
+
+def fit_from_weights(strategy: str, path: str, shape: str) -> dict:
+    """A deferred zoo module under ``strategy`` with ``weights_from=path``: after setup (no step),
+    this rank's tensors equal the file's."""
+    import lightning as L
+    from lightning.pytorch.strategies import StrategyRegistry
+    from torch.distributed.tensor import DTensor
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import zoo
+    from lightning_scale import deferred
+
+    entry = StrategyRegistry[strategy]
+    strat = entry["strategy"](**{**entry["init_params"], "weights_from": path})
+    model = deferred(zoo.ALL[shape])
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strat, max_steps=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, DataLoader(TensorDataset(*zoo.batches(shape, 16)), batch_size=4))
+    saved = torch.load(path, weights_only=True)
+    held = {n: (p.full_tensor() if isinstance(p, DTensor) else p) for n, p in model.named_parameters()}
+    return {"mismatched": [n for n, p in held.items() if not torch.equal(p, saved[n])], "held": len(held),
+            "meta": [n for n, p in model.named_parameters() if p.is_meta]}

@@ -154,3 +154,64 @@ def test_a_configure_model_that_cannot_be_deferred_fails_on_every_rank_naming_th
     assert "2 of 2 ranks failed" in message  # every rank, at configure_model: before any collective of the step
     assert "Unbuildable (built in configure_model) cannot be built on the meta device" in message
     assert "deferred_init=False" in message
+
+
+# -- pretrained weights straight into the split / sharded model ------------------------------------
+def _saved_gpt(tmp_path, kind: str) -> str:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    state = {k: v.clone() for k, v in GPT(targets.CFG).state_dict().items()}  # clone: save ties as two tensors
+    if kind == "torch":
+        torch.save(state, tmp_path / "gpt.pt")
+        return str(tmp_path / "gpt.pt")
+    if kind == "lightning":
+        torch.save({"state_dict": state, "epoch": 0}, tmp_path / "gpt.ckpt")
+        return str(tmp_path / "gpt.ckpt")
+    (tmp_path / "hf").mkdir()
+    save_file(state, str(tmp_path / "hf" / "model.safetensors"))  # a Hugging Face model directory
+    return str(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("kind", ["torch", "lightning", "safetensors-dir"])
+def test_pretrained_weights_load_into_fsdp2_shards_each_rank_reading_its_part(tmp_path, kind) -> None:
+    path = _saved_gpt(tmp_path, kind)
+    results = run_distributed(targets.load_sharded, 2, path, timeout=120)
+    for res in results:
+        assert res["mismatched"] == []
+        assert res["elements_read"] == res["local"]  # this rank's shards (and buffers), not the model
+    total = sum(p.numel() for p in GPT(targets.CFG).parameters())
+    assert sum(r["elements_read"] for r in results) < 1.1 * total
+
+
+def test_pretrained_weights_load_into_one_pipeline_stage_and_name_what_is_missing(tmp_path) -> None:
+    from lightning_scale.core.pretrained import load_into
+
+    path = _saved_gpt(tmp_path, "torch")
+    saved = torch.load(path, weights_only=True)
+    with torch.device("meta"):
+        model = GPT(targets.CFG)
+    stats = load_into(model.blocks["1"], path, "cpu", prefix="blocks.1.")
+    assert stats.tensors == len(list(model.blocks["1"].parameters()))
+    assert stats.elements_read == sum(p.numel() for p in model.blocks["1"].parameters())
+    assert all(torch.equal(p, saved[f"blocks.1.{n}"]) for n, p in model.blocks["1"].named_parameters())
+    assert all(p.is_meta for n, p in model.named_parameters() if not n.startswith("blocks.1."))
+    del saved["blocks.0.ln_1.weight"]
+    torch.save(saved, tmp_path / "partial.pt")
+    with torch.device("meta"):
+        model = GPT(targets.CFG)
+    with pytest.raises(ValueError, match=r"'blocks\.0\.ln_1\.weight' is not in .*partial\.pt"):
+        load_into(model, tmp_path / "partial.pt", "cpu")
+
+
+@pytest.mark.parametrize("strategy", ["zero3", "pipeline"])
+def test_strategy_weights_from_fills_a_deferred_model_with_the_files_values(tmp_path, strategy) -> None:
+    # Values the module's own construction cannot give: they must come from the file.
+    state = {k: v + 0.5 if v.is_floating_point() else v for k, v in zoo.ALL["layers_on_module"]().state_dict().items()}
+    torch.save(state, tmp_path / "weights.pt")
+    results = run_distributed(targets.fit_from_weights, 2, strategy, str(tmp_path / "weights.pt"), "layers_on_module",
+                              init_process_group=False, timeout=120)
+    for res in results:
+        assert res["mismatched"] == [] and res["meta"] == [] and res["held"] > 0
+    if strategy == "pipeline":  # each stage holds its part only
+        assert results[0]["held"] + results[1]["held"] >= len(zoo.ALL["layers_on_module"]().state_dict()) - 1

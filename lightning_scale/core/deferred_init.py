@@ -47,7 +47,8 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from lightning_scale.core import device as dev
 from lightning_scale.core.blocks import tied_parameter_groups
 
-__all__ = ["DeferredInitError", "InitRecord", "MaterializeStats", "attach", "deferred", "is_deferred", "materialize",
+__all__ = ["DeferredInitError", "InitRecord", "MaterializeStats", "attach", "deferred", "discard_record", "is_deferred",
+           "materialize",
            "record_init", "recording"]
 
 _RECORD_ATTR = "_lightning_scale_init_record"  # set on the module built under record_init
@@ -273,6 +274,11 @@ def deferred(fn: Any, *args: Any, **kwargs: Any) -> nn.Module:
 def is_deferred(module: nn.Module) -> bool:
     """Whether ``module`` was built by :func:`record_init` and is not materialized yet."""
     return _RECORD_ATTR in module.__dict__
+
+
+def discard_record(module: nn.Module) -> None:
+    """Forget ``module``'s recorded construction (its values come from elsewhere, e.g. a file)."""
+    module.__dict__.pop(_RECORD_ATTR, None)
 
 
 def _local_slice(full: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:

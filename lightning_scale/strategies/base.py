@@ -23,6 +23,7 @@ Subclasses (:class:`~lightning_scale.strategies.PipelineStrategy`, ...) transfor
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import timedelta
@@ -89,11 +90,16 @@ class MeshStrategy(DistributedCheckpointing, ParallelStrategy):
         block_container: str | None = None,
         block_class: BlockClass | None = None,
         deferred_init: bool = False,
+        weights_from: str | None = None,
     ) -> None:
         # Validated here, on every rank, before any process group exists.
         owner = type(self).__name__
         check_bool(owner, "deferred_init", deferred_init)
+        if weights_from is not None and not isinstance(weights_from, (str, os.PathLike)):
+            raise ValueError(f"{owner}(weights_from={weights_from!r}): give the path of a state dict, a Lightning "
+                             f"checkpoint, a .safetensors file or a Hugging Face model directory, or None")
         self.deferred_init = deferred_init
+        self.weights_from = weights_from
         check_mesh_options(owner, process_group_backend, timeout, trust_checkpoint, module_name)
         check_module_path(owner, "block_container", block_container)
         check_block_class(owner, block_class)
@@ -230,7 +236,10 @@ class MeshStrategy(DistributedCheckpointing, ParallelStrategy):
             before = self.network()
             self.parallelize()  # on meta tensors where the model is deferred: nothing is allocated yet
             self._parallelized = (before, self.network())
-            self._materialize(deferred)
+            if self.weights_from is not None:
+                self._load_weights(deferred)
+            else:
+                self._materialize(deferred)
         self.model = self.precision_plugin.convert_module(self.model)
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
@@ -345,6 +354,21 @@ class MeshStrategy(DistributedCheckpointing, ParallelStrategy):
         if is_deferred(lm):
             return [("", lm)]
         return [(path, m) for path, m in lm.named_modules() if path and is_deferred(m)]
+
+    def _load_weights(self, parts: list[tuple[str, torch.nn.Module]]) -> None:
+        """``weights_from``: each rank reads only the slices it holds from the file, straight into
+        the split / sharded model (meta tensors are allocated at their local size first); a
+        deferred model's recorded construction is not replayed."""
+        from lightning_scale.core.deferred_init import discard_record
+        from lightning_scale.core.pretrained import load_into
+
+        lm = self.lightning_module
+        strip = None if self.network() is lm else f"{self.module_name}."
+        stats = load_into(lm, self.weights_from, self.root_device, strip_prefix=strip)
+        for _, root in parts:
+            discard_record(root)
+        rank_zero_info(f"{type(self).__name__}: {stats.tensors} tensors loaded from {self.weights_from} "
+                       f"({stats.elements_read:,} elements read on rank 0: its part only)")
 
     def _materialize(self, parts: list[tuple[str, torch.nn.Module]]) -> None:
         """Give this rank's part of each deferred module its eager values on the root device."""
