@@ -193,6 +193,7 @@ def test_stage2_rejects_tensor_parallel_parameters_on_every_rank() -> None:
     ("bf16-mixed", dict(stage=2, bucket_mb=0.02)),
     ("bf16-true", dict(stage=2, bucket_mb=0.02)),  # bf16 parameters: fp32 master chunks on the device
     ("bf16-true", dict(stage=1, offload_optimizer=True)),
+    ("bf16-mixed", dict(stage=3)),  # FSDP2 MixedPrecisionPolicy: bf16 all-gathers and compute, fp32 reduction
 ])
 def test_bf16_trains_close_to_fp32(precision: str, zero: dict) -> None:
     bf16 = run_distributed(targets.fit, 2, dict(zero=True, **zero), 5, 4, precision=precision,

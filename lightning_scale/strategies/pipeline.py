@@ -495,14 +495,19 @@ class PipelineStrategy(MeshStrategy):
         pipeline schedules recognise FSDP2 stage modules and reduce gradients once per step."""
         if self.zero_stage != 3:
             return
-        from lightning_scale.core.fsdp import fully_shard_blocks
+        from lightning_scale.core.fsdp import fully_shard_blocks, mixed_precision_policy
 
         network, stage_modules = local, (self.runtime.stage_modules if self.runtime is not None else [local])
-
         mesh = self.device_mesh["dp"]
         blocks = [b for _, b in self.block_finder.find(network, type(self).__name__)]
-        fully_shard_blocks(blocks, stage_modules, mesh)
-        rank_zero_info(f"{type(self).__name__}: ZeRO-3 (FSDP2) over dp={mesh.size()} for each stage's blocks and stage modules")
+        mp_policy = mixed_precision_policy(self.precision_plugin.precision)
+        # Pipelined: several microbatches' forwards run before their backwards; resharding after
+        # each forward would all-gather every block again per microbatch (torchtitan does the same).
+        fully_shard_blocks(blocks, stage_modules, mesh, mp_policy=mp_policy,
+                           reshard_after_forward=self.runtime is None)
+        rank_zero_info(f"{type(self).__name__}: ZeRO-3 (FSDP2) over dp={mesh.size()} for each stage's blocks and stage "
+                       f"modules" + (", parameters kept gathered from forward to backward" if self.runtime else "")
+                       + (f", all-gathers in {mp_policy.param_dtype}" if mp_policy else ""))
 
     def _measure_block_costs(self, network: nn.Module) -> tuple[list[float], float, float]:
         """``balance='time'``: each block's forward+backward seconds on ``example_input_array``

@@ -38,7 +38,7 @@ from lightning_scale.core import checkpoint as ckpt
 from lightning_scale.core import device as dev
 from lightning_scale.core.grads import allreduce_gradients
 from lightning_scale.core.mesh import ParallelDims
-from lightning_scale.core.fsdp import fully_shard_blocks
+from lightning_scale.core.fsdp import fully_shard_blocks, mixed_precision_policy
 from lightning_scale.core.sharding import ZeroConfig, ZeroOptimizer
 from lightning_scale.strategies.base import MeshStrategy
 from lightning_scale.strategies.optimizers import unwrap_optimizer
@@ -123,9 +123,11 @@ class ZeroStrategy(MeshStrategy):
     def _fully_shard(self, network: nn.Module) -> None:
         mesh = self.device_mesh["dp"]
         blocks = [b for _, b in self.block_finder.find(network, self._owner_for_errors())]
-        n_blocks = fully_shard_blocks(blocks, [network], mesh, self.zero.offload_params)
+        mp_policy = mixed_precision_policy(self.precision_plugin.precision)
+        n_blocks = fully_shard_blocks(blocks, [network], mesh, self.zero.offload_params, mp_policy=mp_policy)
         rank_zero_info(f"ZeroStrategy: stage 3 (FSDP2) over {mesh.size()} ranks, {n_blocks} blocks sharded one by one"
-                       + (", parameters offloaded to CPU" if self.zero.offload_params else ""))
+                       + (", parameters offloaded to CPU" if self.zero.offload_params else "")
+                       + (f", all-gathers in {mp_policy.param_dtype} (gradients reduced in fp32)" if mp_policy else ""))
 
     def setup(self, trainer) -> None:
         super().setup(trainer)
