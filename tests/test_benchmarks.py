@@ -164,3 +164,21 @@ def test_callback_overhead_rows(smoke) -> None:
     assert list(rows) == ["off", "default", "memory", "cost"] and rows["off"]["overhead"] == 0
     assert rows["default"]["target_met"] in (True, False) and all(r["step_s"]["median"] > 0 for r in rows.values())
     assert rows["memory"]["one_off_s"] is not None and rows["default"]["one_off_s"] is None
+
+
+def test_deferred_init_benchmark_writes_its_rows(tmp_path) -> None:
+    # benchmarks/deferred_init.py --quick: a small GPT under ZeRO-3 and a 2-stage pipeline, eager and
+    # deferred; the per-rank figures exist, the model-state share is the exact arithmetic, and the
+    # deferred rank holds what it owns (ZeRO-3: half of the parameters on each of 2 ranks).
+    out = tmp_path / "deferred_init.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "deferred_init.py"), "--quick", "--json", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    rows = {(r["layout"], r["mode"]): r for r in data["rows"]}
+    assert set(rows) == {(layout, mode) for layout in ("zero3:2", "pipeline:2") for mode in ("eager", "deferred")}
+    for row in rows.values():
+        assert row["setup_peak_max"] > 0 and row["step_peak_max"] >= row["setup_peak_max"] > 0
+        assert row["model_state_share"] == 16 * max(r["params_held"] for r in row["ranks"])
+    zero3 = rows[("zero3:2", "deferred")]["ranks"]
+    assert sum(r["params_held"] for r in zero3) == data["parameters"]
