@@ -148,7 +148,8 @@ def test_every_strategy_counts_its_replicas(kind: str, world: int, batch: int, r
         assert per_token > 0
         # Communication by mesh dimension: the dimensions this layout communicates over, and no other.
         dims = {"tp": {"tp"}, "zero3": {"dp"}, "3d": {"tp", "pp"}, "mesh_ac": {"dp"}}[kind]
-        seen = {k[len("perf/comm_"):-2] for k in row if k.startswith("perf/comm_") and k != "perf/comm_s"}
+        seen = {k[len("perf/comm_"):-2] for k in row if k.startswith("perf/comm_") and k.endswith("_s")
+                and k != "perf/comm_s"}
         assert seen == dims, seen
         assert all(row[f"perf/comm_{d}_s"] > 0 for d in dims)
         assert 0 < row["perf/comm_s"] < row["perf/step_s"]
@@ -217,3 +218,35 @@ def test_the_final_table_reports_ranges_and_counts_straggling_steps_per_rank() -
     assert rows[0] == ("perf/step_s", "2", "1", "3")
     assert all(r[0] != "perf/slowest_rank" for r in rows)  # a rank index has no median
     assert rows[-1] == ("straggling steps (spread > 20%)", "rank 1: 2 of 3", "", "")
+
+
+
+@pytest.mark.parametrize("kind, batch", [("mesh", 4), ("zero3", 4), ("tp", 4), ("pipeline", 8)])
+def test_communication_bytes_equal_the_closed_forms(kind: str, batch: int) -> None:
+    """perf/comm_bytes_<dim>: the payload each rank handed to communication in one step, byte for
+    byte the layout's formula (fp32; P parameters, L blocks, hidden h, batch B x T tokens)."""
+    from _pipeline_targets import CFG
+
+    from lightning_scale.models.gpt import gpt_param_count
+
+    P, L, h, V, T = gpt_param_count(CFG), CFG.n_layer, CFG.n_embd, CFG.vocab_size, SEQ
+    expected = {
+        # data parallel: one all-reduce of every gradient
+        "mesh": {"dp": 4 * P},
+        # ZeRO-3 (FSDP2, blocks resharded after forward): all-gather in forward, again in backward,
+        # reduce-scatter of the gradients (no padding: every dim 0 divides by 2 here)
+        "zero3": {"dp": 3 * 4 * P},
+        # Megatron TP (separate q, k, v): per block 2 all-reduces of (B, T, h) in forward (after
+        # out_proj and down_proj) and 4 in backward (input gradients of q, k, v and up_proj)
+        "tp": {"tp": 6 * L * batch * T * h * 4},
+        # 2 stages, 4 microbatches: every microbatch's activation forward (stage 0) or its gradient
+        # backward (stage 1), the mean loss broadcast (an fp32 scalar), the tied embedding / head
+        # gradient all-reduced between the two stages holding it (V x h)
+        "pipeline": {"pp": batch * T * h * 4 + 4 + V * h * 4},
+    }[kind]
+    results = run_distributed(targets.fit_profiled, 2, kind, 3, batch, init_process_group=False, timeout=300)
+    for r in results:
+        row = r["history"][-1]
+        counted = {k[len("perf/comm_bytes_"):]: v for k, v in row.items() if k.startswith("perf/comm_bytes_")}
+        assert counted == expected, (kind, counted, expected)
+        assert row["perf/comm_bytes"] == sum(expected.values())

@@ -31,6 +31,13 @@ rank 0; all times in seconds, per optimizer step):
                                (pipeline send/recv waits and the loss broadcast: part of
                                ``perf/bubble_s``), ``other``. Lightning's own ``ddp`` all-reduce runs
                                inside DDP's C++ reducer, overlapped with the backward: not seen
+``perf/comm_bytes``            logged steps, CPU and CUDA: payload bytes this rank handed to
+                               communication during the step (all-reduce: the tensor; all-gather:
+                               the gathered tensor; reduce-scatter: the reduced input; p2p: what
+                               it sends), from :class:`~lightning_scale.core.comm_bytes.CommBytes`;
+                               ``perf/comm_bytes_<dim>`` per mesh dimension as above (``objects``:
+                               pickled object collectives, counted by call, 0 bytes). Not under
+                               Lightning's ``ddp`` (its C++ reducer is not seen)
 ``perf/compute_s``             forward + backward + grad_sync + optimizer - ``perf/comm_s``
                                (logged steps, with ``perf/comm_s``; under pipeline parallelism
                                it still contains the bubble's idle time not spent in a p2p wait)
@@ -71,6 +78,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_scale.core import device as dev
 from lightning_scale.core import flops as flops_mod
+from lightning_scale.core.comm_bytes import CommBytes
 from lightning_scale.core.comm_timer import CommTimer
 from lightning_scale.core.peak_flops import known_devices, lookup, peak_flops, precision_key
 
@@ -182,6 +190,7 @@ class ScaleProfiler(Callback):
         self.print_summary = print_summary
         self.comm = comm
         self._comm_timer: CommTimer | None = None  # set in on_train_start when communication is timed
+        self._comm_bytes: CommBytes | None = None  # set in on_train_start when communication is counted
         self.history: list[dict[str, float]] = []  # logged rows (every rank keeps its own)
         self._reset_step()
         self._last_end: float | None = None
@@ -248,6 +257,19 @@ class ScaleProfiler(Callback):
         if self.trace_steps is not None:
             self._trace_folder = Path(self.trace_dir) if self.trace_dir else Path(trainer.log_dir or ".") / "traces"
         self._comm_timer = self._setup_comm_timer(trainer) if self.comm else None
+        self._comm_bytes = self._setup_comm_bytes(trainer) if self.comm else None
+
+    @staticmethod
+    def _setup_comm_bytes(trainer) -> CommBytes | None:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        if not (dist.is_available() and dist.is_initialized()) or isinstance(trainer.strategy, DDPStrategy):
+            return None  # (DDP: warned with the timer) its all-reduce is launched by C++: not seen
+        counter = CommBytes.get()
+        counter.install()
+        groups = getattr(trainer.strategy, "communication_groups", None)
+        counter.name_groups(groups() if groups is not None else [], world=None if groups is not None else "dp")
+        return counter
 
     @staticmethod
     def _setup_comm_timer(trainer) -> CommTimer | None:
@@ -286,6 +308,8 @@ class ScaleProfiler(Callback):
             self._maybe_start_trace(trainer)
             if self._sampled and self._comm_timer is not None:
                 self._comm_timer.start()
+            if self._sampled and self._comm_bytes is not None:
+                self._comm_bytes.start()
         if hasattr(trainer.strategy, "record_timeline_requested"):  # the pipeline strategy
             trainer.strategy.record_timeline_requested = self._sampled
         if self._last_end is not None:
@@ -363,6 +387,7 @@ class ScaleProfiler(Callback):
 
     def _finish_step(self, trainer, step: float) -> None:
         comm = self._comm_timer.stop() if self._comm_timer is not None and self._comm_timer.active else None
+        sent = self._comm_bytes.stop() if self._comm_bytes is not None and self._comm_bytes.active else None
         self._maybe_stop_trace(trainer)
         global_step = trainer.global_step
         if global_step % self.log_every_n_steps != 0:
@@ -401,6 +426,9 @@ class ScaleProfiler(Callback):
             row.update({f"perf/comm_{name}_s": seconds for name, seconds in sorted(comm.items())})
             busy = self._t["forward"] + self._t["backward"] + self._t["grad_sync"] + self._t["optimizer"]
             row["perf/compute_s"] = max(0.0, busy - row["perf/comm_s"])
+        if sent is not None:
+            row["perf/comm_bytes"] = float(sum(sent.values()))
+            row.update({f"perf/comm_bytes_{name}": float(n) for name, n in sorted(sent.items())})
         self._track_stragglers(trainer, global_step, forwards)
         self.history.append(row)
         if trainer.is_global_zero:
@@ -519,6 +547,10 @@ class ScaleProfiler(Callback):
             self._comm_timer.stop()
             self._comm_timer.uninstall()
             self._comm_timer = None
+        if getattr(self, "_comm_bytes", None) is not None:
+            self._comm_bytes.stop()
+            self._comm_bytes.uninstall()
+            self._comm_bytes = None
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._release_comm_timer()

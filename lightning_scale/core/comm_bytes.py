@@ -1,0 +1,220 @@
+"""Bytes a rank hands to communication, by mesh dimension. Torch only.
+
+Counted where the suite's communication happens (the same calls :mod:`.comm_timer` times, plus
+their asynchronous launches): ``torch.distributed`` collectives and point-to-point calls (FSDP2's
+all-gathers and reduce-scatters, the suite's gradient all-reduces, ZeRO-1/2's collectives, the
+pipeline's ``batch_isend_irecv``) and the functional collectives DTensor launches for tensor and
+sequence parallelism (``torch.distributed._functional_collectives``).
+
+The unit is the **payload** of each call, in bytes, per rank, a definition that does not depend on
+the algorithm the backend picks:
+
+=================================================  ==============================================
+call                                               payload
+=================================================  ==============================================
+``all_reduce(t)``, ``broadcast(t)``                ``t.nbytes``
+all-gather (``all_gather_into_tensor`` /           the gathered (output) tensor's bytes
+``all_gather_single`` / ``all_gather``)
+reduce-scatter (``reduce_scatter_tensor`` /        the reduced (input) tensor's bytes
+``reduce_scatter_single`` / ``reduce_scatter``)
+``send`` / ``isend`` / ``batch_isend_irecv``       the bytes this rank sends (receives count 0)
+``all_to_all_single``                              the input's bytes
+=================================================  ==============================================
+
+With N ranks in the group, a ring algorithm moves ``payload x (N - 1) / N`` bytes out of each rank
+for an all-gather or a reduce-scatter and twice that for an all-reduce. Object collectives
+(``broadcast_object_list``, ``all_gather_object``) pickle: they are counted under ``"objects"``
+by call, not by bytes. Nested calls count once, for the outermost.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+_NAMESPACES = ("torch.distributed", "torch.distributed.distributed_c10d")
+
+
+def _nbytes(t: Any) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+def _first(args: tuple, kwargs: dict, index: int, name: str) -> Any:
+    return args[index] if len(args) > index else kwargs.get(name)
+
+
+# name -> payload(args, kwargs) of a torch.distributed call
+_PAYLOAD: dict[str, Callable[[tuple, dict], int]] = {
+    "all_reduce": lambda a, k: _nbytes(_first(a, k, 0, "tensor")),
+    "broadcast": lambda a, k: _nbytes(_first(a, k, 0, "tensor")),
+    "reduce": lambda a, k: _nbytes(_first(a, k, 0, "tensor")),
+    "all_gather_into_tensor": lambda a, k: _nbytes(_first(a, k, 0, "output_tensor")),
+    "all_gather_single": lambda a, k: _nbytes(_first(a, k, 0, "output_tensor")),
+    "all_gather": lambda a, k: sum(_nbytes(t) for t in (_first(a, k, 0, "tensor_list") or [])),
+    "reduce_scatter_tensor": lambda a, k: _nbytes(_first(a, k, 1, "input")),
+    "reduce_scatter_single": lambda a, k: _nbytes(_first(a, k, 1, "input")),
+    "reduce_scatter": lambda a, k: sum(_nbytes(t) for t in (_first(a, k, 1, "input_list") or [])),
+    "all_to_all_single": lambda a, k: _nbytes(_first(a, k, 1, "input")),
+    "send": lambda a, k: _nbytes(_first(a, k, 0, "tensor")),
+    "isend": lambda a, k: _nbytes(_first(a, k, 0, "tensor")),
+    "recv": lambda a, k: 0,
+    "irecv": lambda a, k: 0,
+}
+# One wrapper object per function, set in both namespaces: P2POp checks its op by identity
+# against torch.distributed.distributed_c10d.isend / irecv, and the pipeline schedules compare
+# op types with torch.distributed.isend.
+_OBJECTS = ("broadcast_object_list", "all_gather_object", "gather_object", "scatter_object_list")
+
+
+class CommBytes:
+    """Process-wide payload counter (one per process), by name (mesh dimension).
+
+    Usage::
+
+        counter = CommBytes.get()
+        counter.install()
+        counter.name_groups([("dp", dp_group), ("tp", tp_group)])
+        counter.start()
+        ...
+        counted = counter.stop()      # {"dp": 1234567, "tp": 89012}
+    """
+
+    _instance: CommBytes | None = None
+
+    def __init__(self) -> None:
+        self.active = False
+        self.bytes: dict[str, int] = {}
+        self.calls: dict[str, int] = {}
+        self._names: dict[int, str] = {}
+        self._world = "other"
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._originals: dict[tuple[str, str], Any] = {}
+        self.log: list[tuple[str, str, int]] | None = None  # set to a list to keep (name, call, bytes) of each call
+
+    @classmethod
+    def get(cls) -> CommBytes:
+        if cls._instance is None:
+            cls._instance = CommBytes()
+        return cls._instance
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._originals)
+
+    def install(self) -> None:
+        """Wrap the calls of the module docstring (idempotent; a call a torch version lacks is skipped)."""
+        if self.installed:
+            return
+        wrappers: dict[int, Callable[..., Any]] = {}  # one wrapper per function, in both namespaces
+        for namespace in _NAMESPACES:
+            module = importlib.import_module(namespace)
+            for attr in [*_PAYLOAD, *_OBJECTS, "batch_isend_irecv"]:
+                fn = getattr(module, attr, None)
+                if callable(fn):
+                    wrapper = wrappers.setdefault(id(fn), self._wrap(attr, fn))
+                    self._patch(module, namespace, attr, wrapper)
+        funcol = importlib.import_module("torch.distributed._functional_collectives")
+        for attr, payload in (
+            ("all_reduce", lambda a, k: _nbytes(_first(a, k, 0, "self"))),
+            ("all_gather_tensor", lambda a, k: _nbytes(_first(a, k, 0, "self")) * _group_size(_first(a, k, 2, "group"))),
+            ("all_gather_single", lambda a, k: _nbytes(_first(a, k, 0, "self")) * _group_size(_first(a, k, 2, "group"))),
+            ("all_gather_single_autograd",
+             lambda a, k: _nbytes(_first(a, k, 0, "self")) * _group_size(_first(a, k, 2, "group"))),
+            ("reduce_scatter_tensor", lambda a, k: _nbytes(_first(a, k, 0, "self"))),
+            ("reduce_scatter_single", lambda a, k: _nbytes(_first(a, k, 0, "self"))),
+            ("reduce_scatter_single_autograd", lambda a, k: _nbytes(_first(a, k, 0, "self"))),
+            ("all_to_all_single", lambda a, k: _nbytes(_first(a, k, 0, "self"))),
+        ):
+            fn = getattr(funcol, attr, None)
+            if callable(fn):
+                self._patch(funcol, funcol.__name__, attr, self._wrap_functional(fn, payload))
+
+    def uninstall(self) -> None:
+        for (namespace, attr), fn in self._originals.items():
+            setattr(importlib.import_module(namespace), attr, fn)
+        self._originals.clear()
+
+    def _patch(self, module: Any, namespace: str, attr: str, wrapper: Callable[..., Any]) -> None:
+        self._originals[(namespace, attr)] = getattr(module, attr)
+        setattr(module, attr, wrapper)
+
+    def _name(self, group: Any) -> str:
+        return self._names.get(id(group), "other") if group is not None else self._world
+
+    def _wrap(self, attr: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            if not self.active or getattr(self._local, "depth", 0):
+                return fn(*args, **kwargs)
+            if attr == "batch_isend_irecv":
+                ops = _first(args, kwargs, 0, "p2p_op_list") or []
+                for op in ops:
+                    sends = getattr(op.op, "__name__", "") in ("isend", "send")
+                    self._add(self._name(op.group), _nbytes(op.tensor) if sends else 0, "isend" if sends else "irecv")
+            elif attr in _OBJECTS:
+                self._add("objects", 0, attr)
+            else:
+                self._add(self._name(kwargs.get("group")), _PAYLOAD[attr](args, kwargs), attr)
+            self._local.depth = 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._local.depth = 0
+
+        return counted
+
+    def _wrap_functional(self, fn: Callable[..., Any], payload: Callable[[tuple, dict], int]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            if not self.active or getattr(self._local, "depth", 0):
+                return fn(*args, **kwargs)
+            self._add("tp", payload(args, kwargs), fn.__name__)  # DTensor's collectives: tensor / sequence parallelism
+            self._local.depth = 1  # one functional collective may call another (an _autograd variant)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._local.depth = 0
+
+        return counted
+
+    def _add(self, name: str, nbytes: int, call: str = "") -> None:
+        with self._lock:
+            if self.log is not None:
+                self.log.append((name, call, int(nbytes)))
+            self.bytes[name] = self.bytes.get(name, 0) + int(nbytes)
+            self.calls[name] = self.calls.get(name, 0) + 1
+
+    def name_groups(self, groups: Iterable[tuple[str, Any]], world: str | None = None) -> None:
+        """Attribute calls on these process groups to these names (see :class:`CommTimer`)."""
+        self._names = {id(g): name for name, g in groups if g is not None}
+        self._world = world or "other"
+
+    def start(self) -> None:
+        with self._lock:
+            self.bytes, self.calls = {}, {}
+        self.active = True
+
+    def stop(self) -> dict[str, int]:
+        self.active = False
+        return dict(self.bytes)
+
+
+def _group_size(group: Any) -> int:
+    """Ranks in a functional collective's group (a ProcessGroup, a 1-D DeviceMesh, a (mesh, dim)
+    pair or a list of ranks)."""
+    import torch.distributed as dist
+
+    if isinstance(group, (list, tuple)) and group and isinstance(group[0], int):
+        return len(group)
+    if isinstance(group, tuple) and len(group) == 2:  # (DeviceMesh, dim)
+        mesh, dim = group
+        return mesh.size(dim) if isinstance(dim, int) else mesh[dim].size()
+    if hasattr(group, "size") and hasattr(group, "mesh"):  # a DeviceMesh
+        return group.size()
+    return dist.get_world_size(group)
