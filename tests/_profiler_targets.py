@@ -27,6 +27,7 @@ def fit_profiled(kind: str, steps: int, batch: int, accumulate: int = 1, slow_ra
                 "pipeline": lambda: PipelineStrategy(stages=2, microbatches=4),
                 "tp": lambda: TensorParallelStrategy(tensor_parallel_size=2),
                 "zero3": lambda: ZeroStrategy(stage=3),
+                "zero3_bf16": lambda: ZeroStrategy(stage=3),
                 "3d": lambda: Parallel3DStrategy(pipeline_parallel_size=2, tensor_parallel_size=2, microbatches=2)}[kind]()
     profiler = ScaleProfiler(log_every_n_steps=1, peak_tflops=peak_tflops, print_summary=False,
                              trace_steps=(2, 3) if trace_dir else None, trace_dir=trace_dir)
@@ -41,7 +42,8 @@ def fit_profiled(kind: str, steps: int, batch: int, accumulate: int = 1, slow_ra
     trainer = L.Trainer(accelerator="cpu", devices=int(os.environ["WORLD_SIZE"]), strategy=strategy, max_steps=steps,
                         accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0, callbacks=[profiler, SlowRank()])
+                        limit_val_batches=0, callbacks=[profiler, SlowRank()],
+                        precision="bf16-mixed" if kind.endswith("_bf16") else "32-true")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(_task(), train_dataloaders=DataLoader(make_data(), batch_size=batch, drop_last=True))

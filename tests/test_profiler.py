@@ -221,7 +221,7 @@ def test_the_final_table_reports_ranges_and_counts_straggling_steps_per_rank() -
 
 
 
-@pytest.mark.parametrize("kind, batch", [("mesh", 4), ("zero3", 4), ("tp", 4), ("pipeline", 8)])
+@pytest.mark.parametrize("kind, batch", [("mesh", 4), ("zero3", 4), ("zero3_bf16", 4), ("tp", 4), ("pipeline", 8)])
 def test_communication_bytes_equal_the_closed_forms(kind: str, batch: int) -> None:
     """perf/comm_bytes_<dim>: the payload each rank handed to communication in one step, byte for
     byte the layout's formula (fp32; P parameters, L blocks, hidden h, batch B x T tokens)."""
@@ -236,6 +236,9 @@ def test_communication_bytes_equal_the_closed_forms(kind: str, batch: int) -> No
         # ZeRO-3 (FSDP2, blocks resharded after forward): all-gather in forward, again in backward,
         # reduce-scatter of the gradients (no padding: every dim 0 divides by 2 here)
         "zero3": {"dp": 3 * 4 * P},
+        # ... under bf16-mixed (FSDP2's MixedPrecisionPolicy): both all-gathers carry bf16 (2 bytes
+        # per parameter, half of fp32), the reduce-scatter stays fp32
+        "zero3_bf16": {"dp": 2 * 2 * P + 4 * P},
         # Megatron TP (separate q, k, v): per block 2 all-reduces of (B, T, h) in forward (after
         # out_proj and down_proj) and 4 in backward (input gradients of q, k, v and up_proj)
         "tp": {"tp": 6 * L * batch * T * h * 4},
