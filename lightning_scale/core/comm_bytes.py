@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import functools
 import importlib
-import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-_NAMESPACES = ("torch.distributed", "torch.distributed.distributed_c10d")
+from lightning_scale.core.comm_patches import NAMESPACES as _NAMESPACES
+from lightning_scale.core.comm_patches import CommPatches
 
 
 def _nbytes(t: Any) -> int:
@@ -71,7 +71,7 @@ _PAYLOAD: dict[str, Callable[[tuple, dict], int]] = {
 _OBJECTS = ("broadcast_object_list", "all_gather_object", "gather_object", "scatter_object_list")
 
 
-class CommBytes:
+class CommBytes(CommPatches):
     """Process-wide payload counter (one per process), by name (mesh dimension).
 
     Usage::
@@ -87,14 +87,9 @@ class CommBytes:
     _instance: CommBytes | None = None
 
     def __init__(self) -> None:
-        self.active = False
+        super().__init__()
         self.bytes: dict[str, int] = {}
         self.calls: dict[str, int] = {}
-        self._names: dict[int, str] = {}
-        self._world = "other"
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._originals: dict[tuple[str, str], Any] = {}
         self.log: list[tuple[str, str, int]] | None = None  # set to a list to keep (name, call, bytes) of each call
 
     @classmethod
@@ -102,10 +97,6 @@ class CommBytes:
         if cls._instance is None:
             cls._instance = CommBytes()
         return cls._instance
-
-    @property
-    def installed(self) -> bool:
-        return bool(self._originals)
 
     def install(self) -> None:
         """Wrap the calls of the module docstring (idempotent; a call a torch version lacks is skipped)."""
@@ -134,18 +125,6 @@ class CommBytes:
             fn = getattr(funcol, attr, None)
             if callable(fn):
                 self._patch(funcol, funcol.__name__, attr, self._wrap_functional(fn, payload))
-
-    def uninstall(self) -> None:
-        for (namespace, attr), fn in self._originals.items():
-            setattr(importlib.import_module(namespace), attr, fn)
-        self._originals.clear()
-
-    def _patch(self, module: Any, namespace: str, attr: str, wrapper: Callable[..., Any]) -> None:
-        self._originals[(namespace, attr)] = getattr(module, attr)
-        setattr(module, attr, wrapper)
-
-    def _name(self, group: Any) -> str:
-        return self._names.get(id(group), "other") if group is not None else self._world
 
     def _wrap(self, attr: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
@@ -189,11 +168,6 @@ class CommBytes:
                 self.log.append((name, call, int(nbytes)))
             self.bytes[name] = self.bytes.get(name, 0) + int(nbytes)
             self.calls[name] = self.calls.get(name, 0) + 1
-
-    def name_groups(self, groups: Iterable[tuple[str, Any]], world: str | None = None) -> None:
-        """Attribute calls on these process groups to these names (see :class:`CommTimer`)."""
-        self._names = {id(g): name for name, g in groups if g is not None}
-        self._world = world or "other"
 
     def start(self) -> None:
         with self._lock:

@@ -36,10 +36,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
+
+from lightning_scale.core.comm_patches import NAMESPACES, CommPatches
 
 # torch.distributed collectives that block when called with async_op=False. Patched in both
 # namespaces (``torch.distributed.X`` and ``torch.distributed.distributed_c10d.X``): code that
@@ -50,7 +51,7 @@ _COLLECTIVES = (
     "all_to_all_single", "barrier", "send", "recv", "all_gather_object", "broadcast_object_list",
     "gather", "scatter",
 )
-_NAMESPACES = ("torch.distributed", "torch.distributed.distributed_c10d")
+_NAMESPACES = NAMESPACES
 # (module, attribute, fixed name): third-party blocking waits that carry no group argument.
 _WAITS = (
     ("torch.distributed._functional_collectives", "wait_tensor", "tp"),
@@ -58,7 +59,7 @@ _WAITS = (
 )
 
 
-class CommTimer:
+class CommTimer(CommPatches):
     """Process-wide accumulator of blocked-in-communication seconds (one per process).
 
     Usage::
@@ -74,14 +75,9 @@ class CommTimer:
     _instance: CommTimer | None = None
 
     def __init__(self) -> None:
-        self.active = False
+        super().__init__()
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
-        self._names: dict[int, str] = {}  # id(ProcessGroup) -> mesh dimension name
-        self._world = "other"  # name of calls without a group argument (the default group)
-        self._local = threading.local()  # nesting depth per thread (autograd may use other threads)
-        self._lock = threading.Lock()
-        self._originals: dict[tuple[str, str], Any] = {}
 
     @classmethod
     def get(cls) -> CommTimer:
@@ -90,10 +86,6 @@ class CommTimer:
         return cls._instance
 
     # -- patches ---------------------------------------------------------------------------------
-    @property
-    def installed(self) -> bool:
-        return bool(self._originals)
-
     def install(self) -> None:
         """Wrap the calls listed in the module docstring (idempotent; missing ones are skipped,
         so an older or newer torch without one of them still works)."""
@@ -114,24 +106,12 @@ class CommTimer:
             if callable(fn):
                 self._patch(module, namespace, attr, self._wrap_fixed(fn, name))
 
-    def uninstall(self) -> None:
-        """Restore every patched attribute."""
-        for (namespace, attr), fn in self._originals.items():
-            setattr(importlib.import_module(namespace), attr, fn)
-        self._originals.clear()
-
-    def _patch(self, module: Any, namespace: str, attr: str, wrapper: Callable[..., Any]) -> None:
-        self._originals[(namespace, attr)] = getattr(module, attr)
-        setattr(module, attr, wrapper)
-
     def _wrap_collective(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def timed(*args: Any, **kwargs: Any) -> Any:
             if not self.active or kwargs.get("async_op", False):
                 return fn(*args, **kwargs)  # asynchronous: the launch is not a wait
-            group = kwargs.get("group")
-            return self._timed(self._names.get(id(group), "other") if group is not None else self._world, fn,
-                               args, kwargs)
+            return self._timed(self._name(kwargs.get("group")), fn, args, kwargs)
 
         return timed
 
@@ -166,14 +146,7 @@ class CommTimer:
                 self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
                 self.calls[name] = self.calls.get(name, 0) + 1
 
-    # -- naming and measuring --------------------------------------------------------------------
-    def name_groups(self, groups: Iterable[tuple[str, Any]], world: str | None = None) -> None:
-        """Attribute calls on these process groups to these names: ``[(name, group), ...]``, e.g.
-        mesh dimensions; several groups may share a name. ``world``: the name of calls without a
-        group argument (the default group)."""
-        self._names = {id(g): name for name, g in groups if g is not None}
-        self._world = world or "other"
-
+    # -- measuring -------------------------------------------------------------------------------
     def start(self) -> None:
         """Zero the counters and start timing."""
         with self._lock:
