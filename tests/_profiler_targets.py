@@ -28,6 +28,8 @@ def fit_profiled(kind: str, steps: int, batch: int, accumulate: int = 1, slow_ra
                 "tp": lambda: TensorParallelStrategy(tensor_parallel_size=2),
                 "zero3": lambda: ZeroStrategy(stage=3),
                 "zero3_bf16": lambda: ZeroStrategy(stage=3),
+                "zero1": lambda: ZeroStrategy(stage=1),
+                "zero2": lambda: ZeroStrategy(stage=2),
                 "3d": lambda: Parallel3DStrategy(pipeline_parallel_size=2, tensor_parallel_size=2, microbatches=2)}[kind]()
     profiler = ScaleProfiler(log_every_n_steps=1, peak_tflops=peak_tflops, print_summary=False,
                              trace_steps=(2, 3) if trace_dir else None, trace_dir=trace_dir)
@@ -47,7 +49,8 @@ def fit_profiled(kind: str, steps: int, batch: int, accumulate: int = 1, slow_ra
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(_task(), train_dataloaders=DataLoader(make_data(), batch_size=batch, drop_last=True))
-    return {"history": profiler.history, "trace": str(getattr(profiler, "trace_path", "")),
+    engine = trainer.strategy.engine() if hasattr(trainer.strategy, "engine") else None
+    return {"padded_numel": engine.padded_numel() if engine is not None else None, "history": profiler.history, "trace": str(getattr(profiler, "trace_path", "")),
             "top_ops": getattr(profiler, "top_ops", []), "warnings": [str(w.message) for w in caught if "ScaleProfiler" in str(w.message)]}
 
 
