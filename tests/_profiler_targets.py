@@ -26,6 +26,7 @@ def fit_profiled(kind: str, steps: int, batch: int, accumulate: int = 1, slow_ra
                 "mesh_ac": lambda: MeshStrategy(activation_checkpointing="full"),
                 "pipeline": lambda: PipelineStrategy(stages=2, microbatches=4),
                 "tp": lambda: TensorParallelStrategy(tensor_parallel_size=2),
+                "tp_sp": lambda: TensorParallelStrategy(tensor_parallel_size=2, sequence_parallel=True),
                 "zero3": lambda: ZeroStrategy(stage=3),
                 "zero3_bf16": lambda: ZeroStrategy(stage=3),
                 "zero1": lambda: ZeroStrategy(stage=1),

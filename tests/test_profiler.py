@@ -222,7 +222,7 @@ def test_the_final_table_reports_ranges_and_counts_straggling_steps_per_rank() -
 
 
 @pytest.mark.parametrize("kind, batch", [("mesh", 4), ("zero1", 4), ("zero2", 4), ("zero3", 4), ("zero3_bf16", 4),
-                                         ("tp", 4), ("pipeline", 8)])
+                                         ("tp", 4), ("tp_sp", 4), ("pipeline", 8)])
 def test_communication_bytes_equal_the_closed_forms(kind: str, batch: int) -> None:
     """perf/comm_bytes_<dim>: the payload each rank handed to communication in one step, byte for
     byte the layout's formula (fp32; P parameters, L blocks, hidden h, batch B x T tokens)."""
@@ -246,6 +246,12 @@ def test_communication_bytes_equal_the_closed_forms(kind: str, batch: int) -> No
         # Megatron TP (separate q, k, v): per block 2 all-reduces of (B, T, h) in forward (after
         # out_proj and down_proj) and 4 in backward (input gradients of q, k, v and up_proj)
         "tp": {"tp": 6 * L * batch * T * h * 4},
+        # ... with sequence parallelism: per block 2 all-gathers (before attention and MLP) and 2
+        # reduce-scatters (after out_proj and down_proj) of (B, T, h) in forward, the mirror in
+        # backward; 1 more all-gather of the final norm's output before the head and 1 in backward
+        # for the embedding's gradient (its sequence shard); the norms' weight and bias gradients
+        # (Partial over the sequence shards, h each) all-reduced: 2 norms x 2 per block + ln_f's 2
+        "tp_sp": {"tp": ((4 * L + 2) + 4 * L) * batch * T * h * 4 + (4 * L + 2) * h * 4},
         # 2 stages, 4 microbatches: every microbatch's activation forward (stage 0) or its gradient
         # backward (stage 1), the mean loss broadcast (an fp32 scalar), the tied embedding / head
         # gradient all-reduced between the two stages holding it (V x h)
