@@ -321,8 +321,17 @@ class MeshStrategy(DistributedCheckpointing, ParallelStrategy):
     def model_to_device(self) -> None:
         assert self.model is not None
         device = self.root_device
-        # Meta tensors (a deferred model) stay meta until parallelize() has split or sharded them.
+        if not any(t.is_meta for t in [*self.model.parameters(), *self.model.buffers()]):
+            self.model.to(device)  # (LightningModule.to also records the device: pl_module.device)
+            return
+        # Meta tensors (a deferred model) stay meta until parallelize() has split or sharded them;
+        # .to() cannot copy them, so move the rest and record the device as .to() would have.
+        from lightning.fabric.utilities.device_dtype_mixin import _DeviceDtypeModuleMixin
+
         self.model._apply(lambda t: t if t.is_meta else t.to(device))
+        for module in self.model.modules():
+            if isinstance(module, _DeviceDtypeModuleMixin):
+                module._device = device
 
     # -- deferred initialization (core/deferred_init.py) -------------------------------------------
     @contextmanager
