@@ -62,7 +62,7 @@ def rank_run(layout: str, world: int, mode: str, layers: int, hidden: int, heads
     from lightning.pytorch.callbacks import Callback
     from torch.utils.data import DataLoader, TensorDataset
 
-    import lightning_scale  # noqa: F401  (registers the strategies)
+    import lightning_scale  # noqa: F401  (registers the strategies by name)
     from lightning_scale import deferred
     from lightning_scale.core.optim import OptimConfig
     from lightning_scale.models import GPTConfig
