@@ -27,8 +27,22 @@ class Reseeds(nn.Module):
         self.b = nn.Linear(4, 4)
 
 
+class FactoryDraws(nn.Module):
+    """torch.randn without a generator argument (aten.randn has none), a draw whose parameters
+    are tensors, a re-seed to the seed already in force, then more layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, 8) * 0.02)  # the ViT class-token idiom
+        self.noise = nn.Parameter(torch.normal(torch.zeros(4), torch.full((4,), 0.5)))
+        self.a = nn.Linear(8, 8)
+        torch.manual_seed(0)  # the seed the test set before construction: must still be seen
+        self.b = nn.Linear(8, 8)
+
+
 BUILDS = {
     "reseeds-mid-construction": (Reseeds, ()),
+    "factory-draws": (FactoryDraws, ()),
     **{f"zoo-{name}": (cls, ()) for name, cls in zoo.ALL.items()},
     "gpt-default": (GPT, (GPTConfig(),)),
     "gpt-16-layers": (GPT, (GPTConfig(vocab_size=256, block_size=64, n_layer=16, n_head=4, n_embd=128),)),
@@ -215,3 +229,18 @@ def test_strategy_weights_from_fills_a_deferred_model_with_the_files_values(tmp_
         assert res["mismatched"] == [] and res["meta"] == [] and res["held"] > 0
     if strategy == "pipeline":  # each stage holds its part only
         assert results[0]["held"] + results[1]["held"] >= len(zoo.ALL["layers_on_module"]().state_dict()) - 1
+
+
+
+def test_two_deferred_modules_in_a_row_draw_what_eager_construction_draws() -> None:
+    # Recording consumes no random numbers; the generator must still end where eager construction
+    # leaves it, so the second module (and anything built eagerly after) gets eager's values.
+    torch.manual_seed(0)
+    eager_a, eager_b, eager_c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+    torch.manual_seed(0)
+    a, b = record_init(nn.Linear, 8, 8), record_init(nn.Linear, 8, 8)
+    c = nn.Linear(8, 8)  # built eagerly after two deferred ones
+    materialize(a, "cpu")
+    materialize(b, "cpu")
+    for got, expected in ((a, eager_a), (b, eager_b), (c, eager_c)):
+        assert torch.equal(got.weight, expected.weight) and torch.equal(got.bias, expected.bias)

@@ -71,7 +71,7 @@ class _Op:
     args: Any  # pytree with _Ref for tensors
     kwargs: Any
     outputs: list[int | None]  # node id of each tensor output (flattened), None for non-tensors
-    random: bool  # takes a generator
+    random: bool  # draws random numbers (a generator argument, or torch's nondeterministic_seeded tag)
     reseed: torch.Tensor | None = None  # the default generator's state, when it was re-seeded before this op
     written: list[int] = field(default_factory=list)  # nodes of the arguments the op writes in place
     overwrites: int | None = None  # the node it overwrites whole without reading it (normal_, fill_, ...)
@@ -128,11 +128,25 @@ def _has_generator(func: Any) -> bool:
     return any(a.name == "generator" for a in func._schema.arguments)
 
 
+def _is_random(func: Any) -> bool:
+    """Whether ``func`` draws from a generator: ``normal_`` (a generator argument) and also
+    ``torch.randn`` / ``rand`` / ``randint`` / ``randperm`` without one (``aten.randn.default``
+    has no generator argument; torch tags every such op ``nondeterministic_seeded``)."""
+    return _has_generator(func) or torch.Tag.nondeterministic_seeded in getattr(func, "tags", ())
+
+
+#: The default generator is set to this state after every recorded draw, so that a re-seed inside
+#: the construction is seen even when it restores the state the recording started from.
+_SENTINEL = torch.Generator().manual_seed(0x5EED_5EED_5EED).get_state()
+
+
 class _Recorder(TorchDispatchMode):
     def __init__(self, record: InitRecord) -> None:
         super().__init__()
         self.record = record
         self._state = record.rng_state  # meta draws do not move the generator: only a re-seed does
+        torch.set_rng_state(_SENTINEL)  # (restored in recording(): the draws are replayed there)
+        self._state = _SENTINEL
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
@@ -150,11 +164,12 @@ class _Recorder(TorchDispatchMode):
         overwrites = None
         if func in _OVERWRITE and args and isinstance(args[0], torch.Tensor) and _covers_storage(args[0]):
             overwrites = rec.node(args[0])
-        op = _Op(func, recorded_args, recorded_kwargs, outputs, _has_generator(func), None, written, overwrites)
+        op = _Op(func, recorded_args, recorded_kwargs, outputs, _is_random(func), None, written, overwrites)
         if op.random and kwargs.get("generator") is None:
             state = torch.get_rng_state()
-            if not torch.equal(state, self._state):  # torch.manual_seed(...) inside the construction
-                op.reseed, self._state = state, state
+            if not torch.equal(state, _SENTINEL):  # torch.manual_seed(...) inside the construction
+                op.reseed = state
+            torch.set_rng_state(_SENTINEL)
         rec.ops.append(op)
         return out
 
@@ -213,6 +228,10 @@ def recording(owner: str = "the module") -> Iterator[InitRecord]:
             f"{owner} cannot be built on the meta device for deferred initialization: {err}. Build it eagerly "
             f"(deferred_init=False: every rank then holds the whole model at setup), or avoid the op in its construction"
         ) from err
+    # Leave the default generator where eager construction would have: replay the draws alone (on
+    # scratch memory, no values kept), so later draws (a next layer, dropout, shuffling) match eager.
+    _, gen = _replay(record, [], lambda node, value, transfers: None)
+    torch.set_rng_state(gen.get_state())
     record.end_state = torch.get_rng_state()
 
 
@@ -357,8 +376,6 @@ def materialize(module: nn.Module, device: torch.device | str, root: nn.Module |
             f"(e.g. {missing[0]!r}): they were created or replaced after record_init returned. Create every parameter "
             f"and buffer inside the deferred construction"
         )
-    if torch.equal(torch.get_rng_state(), record.end_state):  # nothing drew since: continue as eager would
-        torch.set_rng_state(gen.get_state())
     root.__dict__.pop(_RECORD_ATTR, None)  # materialized: the record (ops, constants) is not needed again
     return stats
 
@@ -423,9 +440,19 @@ def _replay(record: InitRecord, wanted: list[int], write: Any) -> tuple[Material
                     kwargs["device"] = torch.device("cpu")  # replayed on the host, as eager construction
                 if op.reseed is not None:
                     gen.set_state(op.reseed)  # the construction re-seeded the default generator here
-                if op.random and kwargs.get("generator") is None:
+                if op.random and _has_generator(op.func) and kwargs.get("generator") is None:
                     kwargs["generator"] = gen
-                out = op.func(*args, **kwargs)
+                    out = op.func(*args, **kwargs)
+                elif op.random and not _has_generator(op.func):  # torch.randn(...): the default generator
+                    saved = torch.get_rng_state()
+                    torch.set_rng_state(gen.get_state())
+                    try:
+                        out = op.func(*args, **kwargs)
+                    finally:
+                        gen.set_state(torch.get_rng_state())
+                        torch.set_rng_state(saved)
+                else:
+                    out = op.func(*args, **kwargs)
                 flat, _ = tree_flatten(out)
                 for node, t in zip(op.outputs, flat):
                     if node is not None and node not in values:
@@ -470,6 +497,11 @@ def _plan(record: InitRecord, local: set[int]) -> tuple[list[bool], dict[int, li
         op = record.ops[i]
         writes = {record.storage_of[n] for n in [*op.written, *(n for n in op.outputs if n is not None)]}
         if not any(need.get(key) for key in writes):
+            if op.random:  # it runs for its draws: what it reads must be real (torch.normal(mean, std))
+                leaves, _ = tree_flatten((op.args, op.kwargs))
+                for x in leaves:
+                    if isinstance(x, _Ref) and x.node != op.overwrites and x.node not in op.written:
+                        need[record.storage_of[x.node]] = True
             continue
         needed[i] = True
         for key in writes:
