@@ -244,3 +244,36 @@ def test_two_deferred_modules_in_a_row_draw_what_eager_construction_draws() -> N
     materialize(b, "cpu")
     for got, expected in ((a, eager_a), (b, eager_b), (c, eager_c)):
         assert torch.equal(got.weight, expected.weight) and torch.equal(got.bias, expected.bias)
+
+
+class WithMask(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.register_buffer("mask", torch.tril(torch.ones(4, 4)), persistent=False)  # in no checkpoint
+
+
+def test_a_checkpoint_without_tied_copies_or_non_persistent_buffers_loads(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from lightning_scale.core.pretrained import load_into
+
+    # Hugging Face-style: one name per tied tensor (no head.weight), no non-persistent buffers.
+    torch.manual_seed(3)
+    state = GPT(targets.CFG).state_dict()
+    del state["head.weight"]
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "gpt.safetensors"))
+    with torch.device("meta"):
+        model = GPT(targets.CFG)
+    load_into(model, tmp_path / "gpt.safetensors", "cpu")
+    assert model.head.weight is model.tok_emb.weight and torch.equal(model.head.weight, state["tok_emb.weight"])
+    # The mask is in no file: left meta by the load, then given its eager value by the replay.
+    torch.manual_seed(0)
+    eager = WithMask()
+    torch.save({"linear.weight": eager.linear.weight + 1, "linear.bias": eager.linear.bias}, tmp_path / "m.pt")
+    torch.manual_seed(0)
+    model = record_init(WithMask)
+    stats = load_into(model, tmp_path / "m.pt", "cpu")
+    assert stats.missing_buffers == ["mask"] and model.mask.is_meta
+    materialize(model, "cpu")
+    assert torch.equal(model.mask, eager.mask) and torch.equal(model.linear.weight, eager.linear.weight + 1)

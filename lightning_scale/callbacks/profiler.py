@@ -543,14 +543,16 @@ class ScaleProfiler(Callback):
                         for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]]
 
     def _release_comm_timer(self) -> None:
-        if self._comm_timer is not None:  # restore torch.distributed's functions
-            self._comm_timer.stop()
-            self._comm_timer.uninstall()
-            self._comm_timer = None
+        # Restore torch.distributed's functions in the reverse order of installation: the byte
+        # counter wrapped the timer's wrappers, so it must unwrap first.
         if getattr(self, "_comm_bytes", None) is not None:
             self._comm_bytes.stop()
             self._comm_bytes.uninstall()
             self._comm_bytes = None
+        if self._comm_timer is not None:
+            self._comm_timer.stop()
+            self._comm_timer.uninstall()
+            self._comm_timer = None
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._release_comm_timer()

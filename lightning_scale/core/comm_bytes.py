@@ -131,15 +131,19 @@ class CommBytes(CommPatches):
         def counted(*args: Any, **kwargs: Any) -> Any:
             if not self.active or getattr(self._local, "depth", 0):
                 return fn(*args, **kwargs)
-            if attr == "batch_isend_irecv":
-                ops = _first(args, kwargs, 0, "p2p_op_list") or []
-                for op in ops:
-                    sends = getattr(op.op, "__name__", "") in ("isend", "send")
-                    self._add(self._name(op.group), _nbytes(op.tensor) if sends else 0, "isend" if sends else "irecv")
-            elif attr in _OBJECTS:
-                self._add("objects", 0, attr)
-            else:
-                self._add(self._name(kwargs.get("group")), _PAYLOAD[attr](args, kwargs), attr)
+            try:  # a meter must never break the collective it measures
+                if attr == "batch_isend_irecv":
+                    ops = _first(args, kwargs, 0, "p2p_op_list") or []
+                    for op in ops:
+                        sends = getattr(op.op, "__name__", "") in ("isend", "send")
+                        self._add(self._name(op.group), _nbytes(op.tensor) if sends else 0,
+                                  "isend" if sends else "irecv")
+                elif attr in _OBJECTS:
+                    self._add("objects", 0, attr)
+                else:
+                    self._add(self._name(kwargs.get("group")), _PAYLOAD[attr](args, kwargs), attr)
+            except Exception:  # noqa: BLE001
+                self._add("unmeasured", 0, attr)
             self._local.depth = 1
             try:
                 return fn(*args, **kwargs)
@@ -153,7 +157,10 @@ class CommBytes(CommPatches):
         def counted(*args: Any, **kwargs: Any) -> Any:
             if not self.active or getattr(self._local, "depth", 0):
                 return fn(*args, **kwargs)
-            self._add("tp", payload(args, kwargs), fn.__name__)  # DTensor's collectives: tensor / sequence parallelism
+            try:  # DTensor's collectives: tensor / sequence parallelism
+                self._add("tp", payload(args, kwargs), fn.__name__)
+            except Exception:  # noqa: BLE001 - a meter must never break the collective it measures
+                self._add("unmeasured", 0, fn.__name__)
             self._local.depth = 1  # one functional collective may call another (an _autograd variant)
             try:
                 return fn(*args, **kwargs)

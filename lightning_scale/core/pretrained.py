@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -126,6 +126,7 @@ class LoadStats:
 
     tensors: int = 0  # parameters and buffers filled
     elements_read: int = 0  # elements read from the source (this rank's slices only)
+    missing_buffers: list[str] = field(default_factory=list)  # buffers the source lacks, left as they were
 
 
 def _slice_of(dest: torch.Tensor) -> tuple[slice, ...] | None:
@@ -144,10 +145,12 @@ def load_into(module: nn.Module, source: WeightSource | str | Path, device: torc
               prefix: str = "", strip_prefix: str | None = None) -> LoadStats:
     """Fill ``module``'s parameters and buffers from ``source``, each rank reading only the slices
     it holds; meta tensors are first allocated on ``device`` (at their local size). Every tensor
-    of the module must be in the source (by ``prefix`` + its name, e.g. ``"blocks.1."`` for one
-    block of a model, or that without ``strip_prefix``, e.g. a LightningModule's ``"model."``),
-    with the same global shape, else a ``ValueError`` names the first that is not (buffers the
-    source lacks are kept when they are not meta)."""
+    parameter of the module must be in the source (by ``prefix`` + its name, e.g. ``"blocks.1."``
+    for one block of a model, or that without ``strip_prefix``, e.g. a LightningModule's
+    ``"model."``; a tied parameter by any of its names, as checkpoints keep one), with the same
+    global shape, else a ``ValueError`` names the first that is not. Buffers the source lacks
+    (non-persistent ones: rotary tables, masks) are left as they were, meta ones still meta, and
+    listed in :attr:`LoadStats.missing_buffers` (a deferred model's replay fills them)."""
     from torch.distributed.tensor import DTensor
 
     source = open_weights(source) if not isinstance(source, WeightSource) else source
@@ -157,18 +160,29 @@ def load_into(module: nn.Module, source: WeightSource | str | Path, device: torc
                *((n, b) for n, b in module.named_buffers(remove_duplicate=False))]
     buffers = {n for n, _ in module.named_buffers(remove_duplicate=False)}
 
-    def key_of(name: str) -> str | None:
+    def direct_key(name: str) -> str | None:
         name = prefix + name
         for candidate in (name, name[len(strip_prefix):] if strip_prefix and name.startswith(strip_prefix) else None):
             if candidate is not None and candidate in available:
                 return candidate
         return None
 
+    tie_of = {name: group for group in tied_parameter_groups(module) for name in group}
+
+    def key_of(name: str) -> str | None:
+        for candidate in tie_of.get(name, [name]):  # a tied parameter: any of its names
+            key = direct_key(candidate)
+            if key is not None:
+                return key
+        return None
+
     problems = []
+    missing_buffers = []
     for name, t in entries:
         key = key_of(name)
         if key is None:
-            if name in buffers and not t.is_meta:
+            if name in buffers:
+                missing_buffers.append(name)
                 continue
             problems.append(f"{name!r} is not in {source.path}")
         elif source.shape(key) != tuple(t.shape):
@@ -177,13 +191,18 @@ def load_into(module: nn.Module, source: WeightSource | str | Path, device: torc
         raise ValueError(f"cannot load {source.path} into {type(module).__name__}: {problems[0]}"
                          + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
     ties = tied_parameter_groups(module)
+    left_meta = {name for name in missing_buffers if module.get_buffer(name).is_meta}
     module._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
+    for name in left_meta:  # nothing to read them from: meta again, for whoever gives them values
+        owner, _, leaf = name.rpartition(".")
+        sub = module.get_submodule(owner) if owner else module
+        sub._buffers[leaf] = torch.empty_like(sub._buffers[leaf], device="meta")
     for names in ties:
         first = module.get_parameter(names[0])
         for name in names[1:]:
             owner, _, leaf = name.rpartition(".")
             setattr(module.get_submodule(owner) if owner else module, leaf, first)
-    stats = LoadStats()
+    stats = LoadStats(missing_buffers=missing_buffers)
     done: set[int] = set()
     with torch.no_grad():
         for name, t in [*module.named_parameters(remove_duplicate=False),

@@ -352,6 +352,11 @@ class MeshStrategy(DistributedCheckpointing, ParallelStrategy):
         if record.ops:
             attach(lm, record)
 
+    def materialize_device(self) -> torch.device:
+        """Where a deferred model's local tensors are allocated: the root device (ZeRO-3 with
+        parameter offload: the host, where FSDP2 keeps the offloaded shards)."""
+        return self.root_device
+
     def _deferred_parts(self) -> list[tuple[str, torch.nn.Module]]:
         """The LightningModule (``configure_model`` under ``deferred_init=True``) or its submodules
         built with :func:`lightning_scale.deferred`, by path, before the model is transformed."""
@@ -373,7 +378,9 @@ class MeshStrategy(DistributedCheckpointing, ParallelStrategy):
 
         lm = self.lightning_module
         strip = None if self.network() is lm else f"{self.module_name}."
-        stats = load_into(lm, self.weights_from, self.root_device, strip_prefix=strip)
+        stats = load_into(lm, self.weights_from, self.materialize_device(), strip_prefix=strip)
+        if any(t.is_meta for t in lm.buffers()):  # buffers no checkpoint holds (rotary tables): replayed
+            self._materialize(parts)
         for _, root in parts:
             discard_record(root)
         rank_zero_info(f"{type(self).__name__}: {stats.tensors} tensors loaded from {self.weights_from} "
@@ -385,11 +392,18 @@ class MeshStrategy(DistributedCheckpointing, ParallelStrategy):
             return
         from lightning_scale.core.deferred_init import materialize
 
+        from lightning_scale.core.deferred_init import discard_record
+
         lm = self.lightning_module
         count = 0
         for path, root in parts:
-            local = lm.get_submodule(path) if path else lm  # after a pipeline split: this rank's view
-            count += materialize(local, self.root_device, root=root).tensors
+            try:
+                local = lm.get_submodule(path) if path else lm  # after a pipeline split: this rank's view
+            except AttributeError:  # a module another pipeline stage holds
+                discard_record(root)
+                continue
+            count += materialize(local, self.materialize_device(), root=root).tensors
+            discard_record(local)
         left = [n for n, t in [*lm.named_parameters(), *lm.named_buffers()] if t.is_meta]
         if left:
             raise RuntimeError(

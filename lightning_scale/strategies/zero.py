@@ -94,6 +94,10 @@ class ZeroStrategy(MeshStrategy):
         self._engines: dict[int, ZeroOptimizer] = {}
         self._oss: list[Any] = []  # implementation="fairscale": the OSS optimizers
 
+    def materialize_device(self) -> torch.device:
+        # FSDP2's CPUOffloadPolicy expects the sharded parameters on the host.
+        return torch.device("cpu") if self.zero.offload_params else self.root_device
+
     def _owner_for_errors(self) -> str:
         return f"ZeroStrategy(stage={self.zero.stage})"
 
