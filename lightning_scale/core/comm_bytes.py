@@ -24,7 +24,9 @@ reduce-scatter (``reduce_scatter_tensor`` /        the reduced (input) tensor's 
 With N ranks in the group, a ring algorithm moves ``payload x (N - 1) / N`` bytes out of each rank
 for an all-gather or a reduce-scatter and twice that for an all-reduce. Object collectives
 (``broadcast_object_list``, ``all_gather_object``) pickle: they are counted under ``"objects"``
-by call, not by bytes. Nested calls count once, for the outermost.
+by call, not by bytes. Nested calls count once, for the outermost. A call whose payload cannot be
+read (an unexpected argument form) is counted under ``"unmeasured"`` with 0 bytes: the meter
+never stops the collective it measures.
 """
 
 from __future__ import annotations
@@ -89,8 +91,6 @@ class CommBytes(CommPatches):
     def __init__(self) -> None:
         super().__init__()
         self.bytes: dict[str, int] = {}
-        self.calls: dict[str, int] = {}
-        self.log: list[tuple[str, str, int]] | None = None  # set to a list to keep (name, call, bytes) of each call
 
     @classmethod
     def get(cls) -> CommBytes:
@@ -136,14 +136,13 @@ class CommBytes(CommPatches):
                     ops = _first(args, kwargs, 0, "p2p_op_list") or []
                     for op in ops:
                         sends = getattr(op.op, "__name__", "") in ("isend", "send")
-                        self._add(self._name(op.group), _nbytes(op.tensor) if sends else 0,
-                                  "isend" if sends else "irecv")
+                        self._add(self._name(op.group), _nbytes(op.tensor) if sends else 0)
                 elif attr in _OBJECTS:
-                    self._add("objects", 0, attr)
+                    self._add("objects", 0)
                 else:
-                    self._add(self._name(kwargs.get("group")), _PAYLOAD[attr](args, kwargs), attr)
+                    self._add(self._name(kwargs.get("group")), _PAYLOAD[attr](args, kwargs))
             except Exception:  # noqa: BLE001
-                self._add("unmeasured", 0, attr)
+                self._add("unmeasured", 0)
             self._local.depth = 1
             try:
                 return fn(*args, **kwargs)
@@ -158,9 +157,9 @@ class CommBytes(CommPatches):
             if not self.active or getattr(self._local, "depth", 0):
                 return fn(*args, **kwargs)
             try:  # DTensor's collectives: tensor / sequence parallelism
-                self._add("tp", payload(args, kwargs), fn.__name__)
+                self._add("tp", payload(args, kwargs))
             except Exception:  # noqa: BLE001 - a meter must never break the collective it measures
-                self._add("unmeasured", 0, fn.__name__)
+                self._add("unmeasured", 0)
             self._local.depth = 1  # one functional collective may call another (an _autograd variant)
             try:
                 return fn(*args, **kwargs)
@@ -169,16 +168,13 @@ class CommBytes(CommPatches):
 
         return counted
 
-    def _add(self, name: str, nbytes: int, call: str = "") -> None:
+    def _add(self, name: str, nbytes: int) -> None:
         with self._lock:
-            if self.log is not None:
-                self.log.append((name, call, int(nbytes)))
             self.bytes[name] = self.bytes.get(name, 0) + int(nbytes)
-            self.calls[name] = self.calls.get(name, 0) + 1
 
     def start(self) -> None:
         with self._lock:
-            self.bytes, self.calls = {}, {}
+            self.bytes = {}
         self.active = True
 
     def stop(self) -> dict[str, int]:

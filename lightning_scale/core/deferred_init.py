@@ -91,7 +91,6 @@ class InitRecord:
     #: ^ meta node -> (shape, stride, storage offset, dtype), to stand in for a value not computed
     storage_bytes: dict[int, int] = field(default_factory=dict)  # storage key -> bytes
     rng_state: torch.Tensor | None = None  # CPU generator state when the construction began
-    end_state: torch.Tensor | None = None  # the global CPU generator state when recording ended
     targets: dict[int, list[str]] = field(default_factory=dict)  # node of each parameter/buffer -> its names
     _node_of: dict[int, int] = field(default_factory=dict)  # id(tensor) -> node
     _owner_of_storage: dict[int, int] = field(default_factory=dict)  # storage key -> first node on it
@@ -232,7 +231,6 @@ def recording(owner: str = "the module") -> Iterator[InitRecord]:
     # scratch memory, no values kept), so later draws (a next layer, dropout, shuffling) match eager.
     _, gen = _replay(record, [], lambda node, value, transfers: None)
     torch.set_rng_state(gen.get_state())
-    record.end_state = torch.get_rng_state()
 
 
 def attach(module: nn.Module, record: InitRecord) -> nn.Module:

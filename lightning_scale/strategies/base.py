@@ -70,6 +70,13 @@ class MeshStrategy(DistributedCheckpointing, ParallelStrategy):
             ZeRO-3 sharding and pipeline splitting); default: the container with most parameters.
         block_class: or the blocks' class: a class, a class name, a list of those, or a predicate
             ``fn(module) -> bool`` (an FSDP-style wrap policy); see :mod:`lightning_scale.core.blocks`.
+        deferred_init: build what ``configure_model`` creates on the meta device and materialize
+            only this rank's part after splitting / sharding, with the eager values (a module
+            built with :func:`lightning_scale.deferred` is materialized either way); see
+            docs/deferred_init.md.
+        weights_from: a state dict, Lightning checkpoint, ``.safetensors`` file or Hugging Face
+            directory whose tensors fill the split / sharded model, each rank reading only its part
+            (:func:`lightning_scale.core.pretrained.load_into`).
     """
 
     strategy_name = "mesh"
