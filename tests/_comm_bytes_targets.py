@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 
 def payloads() -> dict:
-    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
     from lightning_scale.core.comm_bytes import CommBytes
@@ -30,6 +30,7 @@ def payloads() -> dict:
         work.wait()
         counter.stop()
         out["gather_scatter_async"] = dict(counter.bytes)
+        out["gather_scatter_kinds"] = dict(counter.kinds)
         counter.start()
         peer = 1 - rank
         buf = torch.empty(8)
@@ -40,13 +41,20 @@ def payloads() -> dict:
         counter.stop()
         out["p2p_objects"] = dict(counter.bytes)
         mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+        # a second mesh over the group named "dp": DTensor's collectives on it must be named by the
+        # group DTensor passes, (mesh, dim), not by a fixed name
+        mesh_dp = DeviceMesh.from_group(dp, "cpu", mesh_dim_names=("dp",))
+        counter.name_groups([("dp", dp), ("tp", mesh.get_group())], world="world")
         counter.start()
         sharded = DTensor.from_local(torch.ones(2, 6), mesh, [Shard(0)])
         sharded.redistribute(mesh, [Replicate()]).to_local()  # all-gather of the whole (4, 6): 96 B
         partial = DTensor.from_local(torch.ones(3), mesh, [Partial()])
         partial.redistribute(mesh, [Replicate()]).to_local()  # all-reduce of (3,): 12 B
+        on_dp = DTensor.from_local(torch.ones(5), mesh_dp, [Partial()])
+        on_dp.redistribute(mesh_dp, [Replicate()]).to_local()  # all-reduce on "dp": 20 B
         counter.stop()
         out["dtensor"] = dict(counter.bytes)
+        out["dtensor_kinds"] = dict(counter.kinds)
     finally:
         counter.uninstall()
     return out

@@ -182,3 +182,17 @@ def test_deferred_init_benchmark_writes_its_rows(tmp_path) -> None:
         assert row["model_state_share"] == 16 * max(r["params_held"] for r in row["ranks"])
     zero3 = rows[("zero3:2", "deferred")]["ranks"]
     assert sum(r["params_held"] for r in zero3) == data["parameters"]
+
+
+def test_comm_bytes_benchmark_matches_its_closed_forms(tmp_path) -> None:
+    # benchmarks/comm_bytes.py --quick: 9 layouts on a GPT unlike the default suite's (2 x 64,
+    # vocab 128); every rank's counted bytes equal the closed form, and bf16 halves the all-gathers.
+    out = tmp_path / "comm_bytes.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "comm_bytes.py"), "--quick", "--json", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert {r["layout"] for r in data["rows"]} == {"mesh", "zero1", "zero2", "zero3", "zero3_bf16", "tp", "tp_sp",
+                                                   "pipeline", "3d"}
+    assert all(r["counted"] == r["expected"] and sum(r["counted"].values()) > 0 for r in data["rows"])
+    assert data["bf16_over_fp32_all_gather"] == {"0": 0.5, "1": 0.5}

@@ -40,7 +40,24 @@ class FactoryDraws(nn.Module):
         self.b = nn.Linear(8, 8)
 
 
+class OwnGenerator(nn.Module):
+    """Draws from a generator of its own (``generator=g``), several times, re-seeding it to the
+    seed it started from half-way: each draw must see the state eager construction gives it."""
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        g = generator if generator is not None else torch.Generator().manual_seed(7)
+        self.a = nn.Linear(8, 8)
+        nn.init.normal_(self.a.weight, generator=g)
+        nn.init.normal_(self.a.bias, generator=g)
+        self.b = nn.Parameter(torch.randn(8, generator=g))
+        g.manual_seed(7)
+        self.c = nn.Parameter(torch.empty(4).uniform_(generator=g))
+        self.d = nn.Linear(8, 8)  # the default generator, between the explicit draws
+
+
 BUILDS = {
+    "own-generator": (OwnGenerator, ()),
     "reseeds-mid-construction": (Reseeds, ()),
     "factory-draws": (FactoryDraws, ()),
     **{f"zoo-{name}": (cls, ()) for name, cls in zoo.ALL.items()},
@@ -230,6 +247,20 @@ def test_strategy_weights_from_fills_a_deferred_model_with_the_files_values(tmp_
     if strategy == "pipeline":  # each stage holds its part only
         assert results[0]["held"] + results[1]["held"] >= len(zoo.ALL["layers_on_module"]().state_dict()) - 1
 
+
+
+def test_a_generator_passed_in_ends_where_eager_construction_leaves_it() -> None:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    eager = OwnGenerator(g)
+    after_eager = torch.rand(4, generator=g)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    model = record_init(OwnGenerator, g)
+    materialize(model, "cpu")
+    assert torch.equal(torch.rand(4, generator=g), after_eager)
+    expected, got = eager.state_dict(), model.state_dict()
+    assert [k for k in expected if not torch.equal(got[k], expected[k])] == []
 
 
 def test_two_deferred_modules_in_a_row_draw_what_eager_construction_draws() -> None:

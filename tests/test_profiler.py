@@ -221,9 +221,10 @@ def test_the_final_table_reports_ranges_and_counts_straggling_steps_per_rank() -
 
 
 
-@pytest.mark.parametrize("kind, batch", [("mesh", 4), ("zero1", 4), ("zero2", 4), ("zero3", 4), ("zero3_bf16", 4),
-                                         ("tp", 4), ("tp_sp", 4), ("pipeline", 8)])
-def test_communication_bytes_equal_the_closed_forms(kind: str, batch: int) -> None:
+@pytest.mark.parametrize("kind, batch, world", [("mesh", 4, 2), ("zero1", 4, 2), ("zero2", 4, 2), ("zero3", 4, 2),
+                                                ("zero3_bf16", 4, 2), ("tp", 4, 2), ("tp_sp", 4, 2),
+                                                ("pipeline", 8, 2), ("3d", 4, 4)])
+def test_communication_bytes_equal_the_closed_forms(kind: str, batch: int, world: int) -> None:
     """perf/comm_bytes_<dim>: the payload each rank handed to communication in one step, byte for
     byte the layout's formula (fp32; P parameters, L blocks, hidden h, batch B x T tokens)."""
     from _pipeline_targets import CFG
@@ -256,8 +257,12 @@ def test_communication_bytes_equal_the_closed_forms(kind: str, batch: int) -> No
         # backward (stage 1), the mean loss broadcast (an fp32 scalar), the tied embedding / head
         # gradient all-reduced between the two stages holding it (V x h)
         "pipeline": {"pp": batch * T * h * 4 + 4 + V * h * 4},
+        # 3D, pp=2 x tp=2 (2 microbatches): each tensor-parallel rank of a stage sends its own copy
+        # of the (replicated) activation, so "pp" is the pipeline's; "tp" is Megatron's over the
+        # L / 2 blocks of the rank's stage (the embedding and head are replicated over tp)
+        "3d": {"pp": batch * T * h * 4 + 4 + V * h * 4, "tp": 6 * (L // 2) * batch * T * h * 4},
     }[kind]
-    results = run_distributed(targets.fit_profiled, 2, kind, 3, batch, init_process_group=False, timeout=300)
+    results = run_distributed(targets.fit_profiled, world, kind, 3, batch, init_process_group=False, timeout=300)
     for r in results:
         if kind in ("zero1", "zero2"):
             assert r["padded_numel"] >= P

@@ -84,13 +84,15 @@ class CommBytes(CommPatches):
         counter.start()
         ...
         counted = counter.stop()      # {"dp": 1234567, "tp": 89012}
+        counter.kinds                 # the same bytes by collective: {"all_gather": ..., "reduce_scatter": ...}
     """
 
     _instance: CommBytes | None = None
 
     def __init__(self) -> None:
         super().__init__()
-        self.bytes: dict[str, int] = {}
+        self.bytes: dict[str, int] = {}  # group name -> payload bytes
+        self.kinds: dict[str, int] = {}  # collective kind ("all_gather", "reduce_scatter", ...) -> payload bytes
 
     @classmethod
     def get(cls) -> CommBytes:
@@ -111,20 +113,22 @@ class CommBytes(CommPatches):
                     wrapper = wrappers.setdefault(id(fn), self._wrap(attr, fn))
                     self._patch(module, namespace, attr, wrapper)
         funcol = importlib.import_module("torch.distributed._functional_collectives")
-        for attr, payload in (
-            ("all_reduce", lambda a, k: _nbytes(_first(a, k, 0, "self"))),
-            ("all_gather_tensor", lambda a, k: _nbytes(_first(a, k, 0, "self")) * _group_size(_first(a, k, 2, "group"))),
-            ("all_gather_single", lambda a, k: _nbytes(_first(a, k, 0, "self")) * _group_size(_first(a, k, 2, "group"))),
-            ("all_gather_single_autograd",
-             lambda a, k: _nbytes(_first(a, k, 0, "self")) * _group_size(_first(a, k, 2, "group"))),
-            ("reduce_scatter_tensor", lambda a, k: _nbytes(_first(a, k, 0, "self"))),
-            ("reduce_scatter_single", lambda a, k: _nbytes(_first(a, k, 0, "self"))),
-            ("reduce_scatter_single_autograd", lambda a, k: _nbytes(_first(a, k, 0, "self"))),
-            ("all_to_all_single", lambda a, k: _nbytes(_first(a, k, 0, "self"))),
+        # name -> (payload, position of the ``group`` argument) of a functional collective
+        gathered = lambda a, k: _nbytes(_first(a, k, 0, "self")) * _group_size(_first(a, k, 2, "group"))  # noqa: E731
+        own = lambda a, k: _nbytes(_first(a, k, 0, "self"))  # noqa: E731
+        for attr, payload, group_at in (
+            ("all_reduce", own, 2),
+            ("all_gather_tensor", gathered, 2),
+            ("all_gather_single", gathered, 2),
+            ("all_gather_single_autograd", gathered, 2),
+            ("reduce_scatter_tensor", own, 3),
+            ("reduce_scatter_single", own, 3),
+            ("reduce_scatter_single_autograd", own, 3),
+            ("all_to_all_single", own, 3),
         ):
             fn = getattr(funcol, attr, None)
             if callable(fn):
-                self._patch(funcol, funcol.__name__, attr, self._wrap_functional(fn, payload))
+                self._patch(funcol, funcol.__name__, attr, self._wrap_functional(fn, payload, group_at))
 
     def _wrap(self, attr: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
@@ -136,11 +140,11 @@ class CommBytes(CommPatches):
                     ops = _first(args, kwargs, 0, "p2p_op_list") or []
                     for op in ops:
                         sends = getattr(op.op, "__name__", "") in ("isend", "send")
-                        self._add(self._name(op.group), _nbytes(op.tensor) if sends else 0)
+                        self._add(self._name(op.group), _nbytes(op.tensor) if sends else 0, "send" if sends else "recv")
                 elif attr in _OBJECTS:
-                    self._add("objects", 0)
+                    self._add("objects", 0, "objects")
                 else:
-                    self._add(self._name(kwargs.get("group")), _PAYLOAD[attr](args, kwargs))
+                    self._add(self._name(kwargs.get("group")), _PAYLOAD[attr](args, kwargs), _kind(attr))
             except Exception:  # noqa: BLE001
                 self._add("unmeasured", 0)
             self._local.depth = 1
@@ -151,13 +155,16 @@ class CommBytes(CommPatches):
 
         return counted
 
-    def _wrap_functional(self, fn: Callable[..., Any], payload: Callable[[tuple, dict], int]) -> Callable[..., Any]:
+    def _wrap_functional(
+        self, fn: Callable[..., Any], payload: Callable[[tuple, dict], int], group_at: int
+    ) -> Callable[..., Any]:
         @functools.wraps(fn)
         def counted(*args: Any, **kwargs: Any) -> Any:
             if not self.active or getattr(self._local, "depth", 0):
                 return fn(*args, **kwargs)
-            try:  # DTensor's collectives: tensor / sequence parallelism
-                self._add("tp", payload(args, kwargs))
+            try:  # DTensor's collectives: tensor / sequence parallelism (or any named mesh dimension)
+                group = _process_group(_first(args, kwargs, group_at, "group"))
+                self._add(self._name(group) if group is not None else "other", payload(args, kwargs), _kind(fn.__name__))
             except Exception:  # noqa: BLE001 - a meter must never break the collective it measures
                 self._add("unmeasured", 0)
             self._local.depth = 1  # one functional collective may call another (an _autograd variant)
@@ -168,18 +175,46 @@ class CommBytes(CommPatches):
 
         return counted
 
-    def _add(self, name: str, nbytes: int) -> None:
+    def _add(self, name: str, nbytes: int, kind: str = "other") -> None:
         with self._lock:
             self.bytes[name] = self.bytes.get(name, 0) + int(nbytes)
+            self.kinds[kind] = self.kinds.get(kind, 0) + int(nbytes)
 
     def start(self) -> None:
         with self._lock:
-            self.bytes = {}
+            self.bytes, self.kinds = {}, {}
         self.active = True
 
     def stop(self) -> dict[str, int]:
         self.active = False
         return dict(self.bytes)
+
+
+def _kind(name: str) -> str:
+    """The collective kind of a call name: ``all_gather_into_tensor`` -> ``"all_gather"``, ``isend`` -> ``"send"``."""
+    for kind in ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "broadcast", "reduce"):
+        if name.startswith(kind):
+            return kind
+    return {"send": "send", "isend": "send", "recv": "recv", "irecv": "recv"}.get(name, "other")
+
+
+def _process_group(group: Any) -> Any:
+    """The ProcessGroup of a functional collective's ``group`` argument (a ProcessGroup, a 1-D
+    DeviceMesh, a ``(mesh, dim)`` pair as DTensor passes it, or a group name); None for a list of
+    ranks, which names no group."""
+    from torch.distributed import ProcessGroup
+
+    if isinstance(group, ProcessGroup):
+        return group
+    if isinstance(group, tuple) and len(group) == 2 and hasattr(group[0], "get_group"):  # (DeviceMesh, dim)
+        return group[0].get_group(group[1])
+    if hasattr(group, "get_group") and hasattr(group, "mesh"):  # a 1-D DeviceMesh
+        return group.get_group()
+    if isinstance(group, str):  # a registered group name
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        return _resolve_process_group(group)
+    return None
 
 
 def _group_size(group: Any) -> int:

@@ -72,7 +72,7 @@ class _Op:
     kwargs: Any
     outputs: list[int | None]  # node id of each tensor output (flattened), None for non-tensors
     random: bool  # draws random numbers (a generator argument, or torch's nondeterministic_seeded tag)
-    reseed: torch.Tensor | None = None  # the default generator's state, when it was re-seeded before this op
+    reseed: torch.Tensor | None = None  # its generator's state, when it was (re-)seeded before this op
     written: list[int] = field(default_factory=list)  # nodes of the arguments the op writes in place
     overwrites: int | None = None  # the node it overwrites whole without reading it (normal_, fill_, ...)
 
@@ -91,6 +91,7 @@ class InitRecord:
     #: ^ meta node -> (shape, stride, storage offset, dtype), to stand in for a value not computed
     storage_bytes: dict[int, int] = field(default_factory=dict)  # storage key -> bytes
     rng_state: torch.Tensor | None = None  # CPU generator state when the construction began
+    generators: dict[int, torch.Generator] = field(default_factory=dict)  # id -> a generator passed explicitly
     targets: dict[int, list[str]] = field(default_factory=dict)  # node of each parameter/buffer -> its names
     _node_of: dict[int, int] = field(default_factory=dict)  # id(tensor) -> node
     _owner_of_storage: dict[int, int] = field(default_factory=dict)  # storage key -> first node on it
@@ -164,11 +165,21 @@ class _Recorder(TorchDispatchMode):
         if func in _OVERWRITE and args and isinstance(args[0], torch.Tensor) and _covers_storage(args[0]):
             overwrites = rec.node(args[0])
         op = _Op(func, recorded_args, recorded_kwargs, outputs, _is_random(func), None, written, overwrites)
-        if op.random and kwargs.get("generator") is None:
+        explicit = kwargs.get("generator")
+        if op.random and explicit is None:
             state = torch.get_rng_state()
             if not torch.equal(state, _SENTINEL):  # torch.manual_seed(...) inside the construction
                 op.reseed = state
             torch.set_rng_state(_SENTINEL)
+        elif op.random and explicit.device.type == "cpu":
+            # normal_(w, generator=g): meta draws do not advance g, so every draw would see the
+            # same state. Keep the state g has at its first draw (or after a re-seed), replay its
+            # draws on a private copy, in order, and leave g where eager construction leaves it.
+            state = explicit.get_state()
+            if not torch.equal(state, _SENTINEL):
+                op.reseed = state
+            explicit.set_state(_SENTINEL)
+            rec.generators[id(explicit)] = explicit
         rec.ops.append(op)
         return out
 
@@ -229,8 +240,10 @@ def recording(owner: str = "the module") -> Iterator[InitRecord]:
         ) from err
     # Leave the default generator where eager construction would have: replay the draws alone (on
     # scratch memory, no values kept), so later draws (a next layer, dropout, shuffling) match eager.
-    _, gen = _replay(record, [], lambda node, value, transfers: None)
+    _, gen, copies = _replay(record, [], lambda node, value, transfers: None)
     torch.set_rng_state(gen.get_state())
+    for key, generator in record.generators.items():  # and the generators passed explicitly
+        generator.set_state(copies[key].get_state())
 
 
 def attach(module: nn.Module, record: InitRecord) -> nn.Module:
@@ -365,7 +378,7 @@ def materialize(module: nn.Module, device: torch.device | str, root: nn.Module |
             written.add(name)
 
     wanted = [node for node, names in record.targets.items() if any(n in dests for n in names)]
-    stats, gen = _replay(record, wanted, write)
+    stats, _, _ = _replay(record, wanted, write)
     stats.tensors = len(written)
     missing = sorted(set(dests) - written)
     if missing:
@@ -378,18 +391,21 @@ def materialize(module: nn.Module, device: torch.device | str, root: nn.Module |
     return stats
 
 
-def _replay(record: InitRecord, wanted: list[int], write: Any) -> tuple[MaterializeStats, torch.Generator]:
+def _replay(record: InitRecord, wanted: list[int],
+            write: Any) -> tuple[MaterializeStats, torch.Generator, dict[int, torch.Generator]]:
     """Replay the recorded construction on the host and call ``write(node, value, transfers)`` for
     every node of ``wanted`` once its value is final (no later op touches its storage); ``write``
     may start host-to-device copies, which are waited on before the host memory is released.
-    Returns the stats and the private generator (in the state eager construction ends with)."""
+    Returns the stats, the stand-in of the default generator and the copies of the generators
+    passed explicitly (id of the user's generator -> copy), in the states eager construction ends with."""
     local = {record.storage_of[node] for node in wanted}
     needed, finished = _plan(record, local)
     wanted_on: dict[int, list[int]] = {}  # storage key -> wanted nodes on it
     for node in wanted:
         wanted_on.setdefault(record.storage_of[node], []).append(node)
-    gen = torch.Generator(device="cpu")
+    gen = torch.Generator(device="cpu")  # stands for the default generator
     gen.set_state(record.rng_state)
+    copies: dict[int, torch.Generator] = {}  # id of a generator passed explicitly -> its private copy
     values: dict[int, torch.Tensor] = dict(record.constants)  # node -> its real (host) tensor
     bases: dict[int, torch.UntypedStorage] = {}  # storage key -> its real storage
     nodes_on: dict[int, set[int]] = {}  # storage key -> nodes holding a value on it
@@ -436,19 +452,17 @@ def _replay(record: InitRecord, wanted: list[int], write: Any) -> tuple[Material
                 args, kwargs = tree_map(real, op.args), tree_map(real, op.kwargs)
                 if "device" in kwargs:
                     kwargs["device"] = torch.device("cpu")  # replayed on the host, as eager construction
-                if op.reseed is not None:
-                    gen.set_state(op.reseed)  # the construction re-seeded the default generator here
-                if op.random and _has_generator(op.func) and kwargs.get("generator") is None:
-                    kwargs["generator"] = gen
+                explicit = kwargs.get("generator")
+                if op.random and explicit is not None and id(explicit) in record.generators:
+                    copy = copies.setdefault(id(explicit), torch.Generator(device="cpu"))
+                    if op.reseed is not None:
+                        copy.set_state(op.reseed)  # g's state at its first draw, or after a re-seed
+                    kwargs["generator"] = copy  # the user's g itself is not advanced by a replay
                     out = op.func(*args, **kwargs)
-                elif op.random and not _has_generator(op.func):  # torch.randn(...): the default generator
-                    saved = torch.get_rng_state()
-                    torch.set_rng_state(gen.get_state())
-                    try:
-                        out = op.func(*args, **kwargs)
-                    finally:
-                        gen.set_state(torch.get_rng_state())
-                        torch.set_rng_state(saved)
+                elif op.random and explicit is None:
+                    if op.reseed is not None:
+                        gen.set_state(op.reseed)  # the construction re-seeded the default generator here
+                    out = _draw_from(gen, op.func, args, kwargs)
                 else:
                     out = op.func(*args, **kwargs)
                 flat, _ = tree_flatten(out)
@@ -467,7 +481,20 @@ def _replay(record: InitRecord, wanted: list[int], write: Any) -> tuple[Material
                     write(node, value(node), transfers)
                 dev.wait_all(transfers)  # land before the host memory is released
                 drop(key)
-    return stats, gen
+    return stats, gen, copies
+
+
+def _draw_from(gen: torch.Generator, func: Any, args: Any, kwargs: dict) -> Any:
+    """Run the random op ``func`` on ``gen`` in place of the default generator."""
+    if _has_generator(func):
+        return func(*args, **{**kwargs, "generator": gen})
+    saved = torch.get_rng_state()  # torch.randn(...) (aten.randn.default): no generator argument
+    torch.set_rng_state(gen.get_state())
+    try:
+        return func(*args, **kwargs)
+    finally:
+        gen.set_state(torch.get_rng_state())
+        torch.set_rng_state(saved)
 
 
 def _plan(record: InitRecord, local: set[int]) -> tuple[list[bool], dict[int, list[int]]]:
