@@ -176,6 +176,20 @@ def test_deferred_construction_trains_like_eager_construction(shape, strategy, k
     assert_parity(results, zoo_targets.reference(shape, STEPS, batch, replicas=replicas, samples=STEPS * batch * 2))
 
 
+def test_deferred_construction_trains_like_eager_construction_under_3d_on_4_ranks() -> None:
+    # pp 2 x tp 2: the meta module is traced into stages, each stage's layers parallelized by the
+    # plan, and only then is each rank's part (its stage's column / row shards) materialized.
+    import _zoo_targets as zoo_targets
+    from _parity import STEPS, assert_parity
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    batch, plan = 4, {"blocks.*.fc1": ColwiseParallel(), "blocks.*.fc2": RowwiseParallel()}
+    results = run_distributed(zoo_targets.fit, 4, "layers_on_module", "parallel_3d", STEPS, batch, {"tp_plan": plan},
+                              deferred=True, init_process_group=False, timeout=300)
+    assert all(r["deferring"] for r in results)
+    assert_parity(results, zoo_targets.reference("layers_on_module", STEPS, batch, replicas=1, samples=STEPS * batch * 4))
+
+
 def test_a_configure_model_that_cannot_be_deferred_fails_on_every_rank_naming_the_fix() -> None:
     from lightning_scale.testing import RankFailedError
 

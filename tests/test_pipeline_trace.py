@@ -20,6 +20,16 @@ def test_meta_copy_holds_no_bytes_and_keeps_ties_and_the_original() -> None:
     assert all(p.device.type == "cpu" for p in net.parameters())
 
 
+def test_the_meta_copy_of_a_deferred_model_leaves_its_record_to_the_original() -> None:
+    from lightning_scale.core.deferred_init import is_deferred, materialize, record_init
+
+    net = record_init(zoo.MHATransformer)
+    copy = meta_copy(net)
+    assert is_deferred(net) and not any(is_deferred(m) for m in copy.modules())
+    materialize(net, "cpu")  # the record is then dropped: nothing keeps its ops and constants alive
+    assert not is_deferred(net)
+
+
 @pytest.mark.parametrize(("shape", "split"), [("layers_on_module", "blocks.2"), ("mha_transformer", "layers.1"),
                                               ("cnn", "features.2"), ("blocks_in_dict", "stages.stage2")])
 def test_traced_stages_on_this_ranks_tensors_compute_the_unsplit_forward(shape: str, split: str) -> None:

@@ -62,9 +62,12 @@ def meta_copy(network: nn.Module) -> nn.Module:
             else:
                 memo.setdefault(id(value), value)
     copied = copy.deepcopy(network, memo)
+    from lightning_scale.core.deferred_init import discard_record
+
     for module in copied.modules():  # an instance forward (activation checkpointing) or a compiled
         module.__dict__.pop("forward", None)  # call belongs to the real module: the copy runs its class's
         module.__dict__.pop("_compiled_call_impl", None)
+        discard_record(module)  # a deferred construction's record belongs to the original (it is freed once materialized)
     return copied
 
 
