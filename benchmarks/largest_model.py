@@ -17,7 +17,7 @@ The bounds (printed): eager setup holds ``ranks`` full fp32 copies (4 bytes per 
 32 bytes per parameter in all on 8 ranks) before FSDP2 shards them; training holds 16 bytes per
 parameter over all ranks (fp32 parameters, gradients, two Adam moments). Add each process's fixed
 overhead (its resident set at start, measured) and compare with the machine's available memory.
-Writes ``benchmarks/results/largest_model_<mode>.json``.
+Writes ``benchmarks/results/largest_model_<mode>_h<hidden>.json`` (or ``--json``).
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--ranks", type=int, default=8)
+    p.add_argument("--json", default=None, help="default benchmarks/results/largest_model_<mode>_h<hidden>.json")
     args = p.parse_args(argv)
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # freed buffers go back to the OS
     available = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
@@ -95,11 +96,26 @@ def main(argv: list[str] | None = None) -> int:
               + (f"trains, peak per rank {row['peak_per_rank_max'] / 2**30:.2f} GiB above start"
                  if row["fits"] else f"does not fit ({row.get('error', '')[:160]})")
               + f" ({row['seconds']:.0f} s)", flush=True)
-    out = REPO / "benchmarks" / "results" / f"largest_model_{args.mode}.json"
+    started = [r["start_rss"] for r in rows if "start_rss" in r]
+    bounds = None
+    if started:  # the bounds of the module docstring, with the fixed overhead measured in these runs
+        overhead = args.ranks * max(started)
+        bounds = {"process_start_rss": max(started), "mem_available": available,
+                  "eager_params": (available - overhead) / (4 * args.ranks),
+                  "deferred_params": (available - overhead) / 16}
+        print(f"process start {max(started) / 2**20:.0f} MiB x {args.ranks} ranks; bounds from "
+              f"{available / 2**30:.1f} GiB available: eager (ranks x 4 B) {bounds['eager_params'] / 1e6:.0f}M, "
+              f"deferred (16 B over all ranks) {bounds['deferred_params'] / 1e6:.0f}M parameters")
+        for r in rows:
+            if r["fits"]:
+                print(f"  {r['params'] / 1e6:7.1f}M trains: {r['params'] / bounds[args.mode + '_params']:.0%} of the "
+                      f"{args.mode} bound")
+    out = Path(args.json) if args.json else REPO / "benchmarks" / "results" / f"largest_model_{args.mode}_h{args.hidden}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": " ".join(["python benchmarks/largest_model.py", *(argv or sys.argv[1:])]),
                                "mem_available_at_start": available, "ranks": args.ranks, "hidden": args.hidden,
-                               "rows": rows}, indent=1))
+                               "bounds": bounds, "rows": rows, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+                              indent=1))
     print(f"MemAvailable at start {available / 2**30:.1f} GiB; wrote {out}")
     return 0
 
