@@ -20,7 +20,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from lightning_scale.core.planner import Hardware, Layout, ModelSpec, Workload, plan_memory, plan_table, recommend
+from lightning_scale.core.planner import GB, Hardware, Layout, ModelSpec, Workload, plan_memory, plan_table, recommend
 
 def _zero_presets() -> dict[str, tuple[int, bool]]:
     """``--strategy`` choices: "ddp" and the registered ZeRO presets, as (stage, offload)."""
@@ -43,12 +43,22 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("layers", "hidden", "heads", "vocab", "mlp-hidden"):
         m.add_argument(f"--{name}", type=int)
     m.add_argument("--params", type=float, help="parameter count Psi (with the dimensions; e.g. 7.5e9)")
+    t = p.add_argument_group("the user's own model, traced on fake tensors (lightning_scale/plan_trace.py)")
+    t.add_argument("--hf-config", help="a Hugging Face config.json (or its folder): causal LM or image classifier; "
+                                       "nothing is downloaded")
+    t.add_argument("--model-class", help="package.module:Class of a module taking (batch, seq) token ids")
+    t.add_argument("--init-args", default="{}", help="JSON keyword arguments of --model-class")
+    t.add_argument("--attn-implementation", choices=["eager", "sdpa"], default=None,
+                   help="Hugging Face attention (default: the model's; eager materializes the (seq x seq) scores)")
     w = p.add_argument_group("workload")
     w.add_argument("--batch-size", type=int, help="global sequences (images) per optimizer step")
     w.add_argument("--seq-len", type=int, help="tokens per sequence (a ViT's: patches + 1, read from its config)")
     w.add_argument("--image-size", type=int, help="side of the square input images in pixels (needed for a ResNet)")
     w.add_argument("--precision", default=None, help="32-true, bf16-mixed, 16-mixed, bf16-true, 16-true, mixed")
     w.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd", "sgd_momentum"])
+    w.add_argument("--optimizer-impl", default="foreach", choices=["foreach", "fused", "for-loop"],
+                   help="torch's optimizer implementation (default foreach, torch's default on CUDA: Adam's step then "
+                        "holds a temporary of one moment's bytes per parameter; fused holds none)")
     h = p.add_argument_group("hardware")
     h.add_argument("--gpus", type=int)
     h.add_argument("--gpu", help="A100-80GB, A100-40GB, H100, H100 NVL, H200, GH200-96GB, GH200-144GB, "
@@ -183,7 +193,8 @@ def _inputs(a: argparse.Namespace) -> tuple[ModelSpec, Workload, Layout, Hardwar
     if not seq or not batch:
         raise SystemExit("give --batch-size (global sequences per step) and --seq-len")
     workload = Workload(batch_size=batch, seq_len=seq, precision=a.precision or recipe.get("precision", "bf16-mixed"),
-                        optimizer=a.optimizer, image_size=image_size if kind in ("vit", "resnet") else None)
+                        optimizer=a.optimizer, image_size=image_size if kind in ("vit", "resnet") else None,
+                        optimizer_impl=a.optimizer_impl)
     gpus = a.gpus or recipe.get("gpus")
     if not gpus:
         raise SystemExit("give --gpus")
@@ -224,6 +235,8 @@ def main(args: Sequence[str] | None = None) -> int:
     from rich.console import Console
 
     a = _parser().parse_args(args)
+    if a.hf_config or a.model_class:
+        return _traced_main(a)
     try:
         model, workload, layout, hardware = _inputs(a)
         asked = plan_memory(model, workload, layout, hardware)
@@ -233,7 +246,8 @@ def main(args: Sequence[str] | None = None) -> int:
     console.print(_describe(model, workload, hardware))
     console.print(plan_table([asked], "asked layout (GB = 1e9 bytes, per device)"))
     console.print(asked.summary())
-    warnings = precision_warnings(hardware.name, workload.precision)
+    warnings = precision_warnings(hardware.name, workload.precision) + model_warnings(model)
+    console.print(f"source: {source_of(model)}")
     for line in warnings:
         console.print(f"[bold yellow]warning:[/] {line}")
     found = recommend(model, workload, hardware, limit=a.top)
@@ -254,6 +268,77 @@ def main(args: Sequence[str] | None = None) -> int:
     return 0 if found else 1
 
 
+def _hardware(a: argparse.Namespace, gpus: int) -> Hardware:
+    if a.gpu_memory_gb:
+        return Hardware(gpus=gpus, memory_gb=a.gpu_memory_gb, name=f"{a.gpu_memory_gb:g} GB device",
+                        gpus_per_node=a.gpus_per_node, reserve_fraction=a.reserve)
+    if a.gpu:
+        return Hardware.named(a.gpu, gpus, gpus_per_node=a.gpus_per_node, reserve_fraction=a.reserve)
+    raise SystemExit("give --gpu NAME or --gpu-memory-gb")
+
+
+def _traced_main(a: argparse.Namespace) -> int:
+    """The asked layout of the user's model, traced (see :mod:`lightning_scale.plan_trace`); the
+    verdict says "fits" only when the traced peak is below the usable memory."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from lightning_scale.core.traced_memory import TraceError
+    from lightning_scale.plan_trace import class_model, hf_model, trace_plan
+
+    if not (a.batch_size and a.gpus):
+        raise SystemExit("give --batch-size (global sequences or images per step) and --gpus")
+    if a.hf_config:
+        model = hf_model(a.hf_config, a.seq_len or 0, a.attn_implementation)
+    else:
+        if not (a.seq_len and a.vocab):
+            raise SystemExit("--model-class needs --seq-len and --vocab (the token ids it takes)")
+        model = class_model(a.model_class, json.loads(a.init_args), a.seq_len, a.vocab)
+    hardware = _hardware(a, a.gpus)
+    stage, offload = _zero_presets()[a.strategy or "ddp"]
+    try:
+        layout = Layout(tp=a.tp or 1, pp=a.pp or 1, zero_stage=stage, offload=offload, ac=a.ac)
+        workload = Workload(batch_size=a.batch_size, seq_len=a.seq_len or 1, precision=a.precision or "bf16-mixed",
+                            optimizer=a.optimizer, optimizer_impl=a.optimizer_impl)
+        traced = trace_plan(model, workload, layout, hardware)
+    except TraceError as err:
+        raise SystemExit(f"lightning-scale plan: traced planning of {model.name} failed: {err}\n"
+                         f"The closed form (--layers --hidden --heads --vocab --params) models the suite's GPT block "
+                         f"(GELU MLP, LayerNorm, fused attention) only: use it as an estimate, not a verdict") from None
+    except ValueError as err:
+        raise SystemExit(f"lightning-scale plan: {err}") from None
+    console = Console(width=160)
+    console.print(f"model: {model.name}; batch {a.batch_size} over {a.gpus} x {hardware.name}, "
+                  f"{workload.precision}, {workload.optimizer} ({workload.optimizer_impl}), layout "
+                  f"{layout.describe(a.gpus)}")
+    table = Table(title="traced on fake tensors, rank 0 (GB = 1e9 bytes of tensors)")
+    for col in ("phase", "peak", "params", "grads", "optimizer", "activations", "temporaries", "other"):
+        table.add_column(col, justify="left" if col == "phase" else "right")
+    for phase, value in traced.phase_peaks.items():
+        parts = traced.parts if phase == traced.phase else {}
+        cells = [f"{parts[k] / GB:.3f}" if k in parts else "" for k in ("params", "grads", "optimizer", "activations",
+                                                                          "temporaries")]
+        known = {"params", "grads", "optimizer", "activations", "temporaries"}
+        other = sum(v for k, v in parts.items() if k not in known)
+        table.add_row(phase + (" (peak)" if phase == traced.phase else ""), f"{value / GB:.3f}", *cells,
+                      f"{other / GB:.3f}" if parts else "")
+    console.print(table)
+    usable = hardware.usable_bytes
+    fits = traced.peak < usable
+    console.print(f"traced peak {traced.peak / GB:.2f} GB ({traced.phase}) vs {usable / GB:.1f} GB usable on "
+                  f"{hardware.name} ({hardware.memory_gb:g} GB less the {hardware.reserve_fraction:.0%} reserve for the "
+                  f"CUDA context and allocator, an assumption): margin {(usable - traced.peak) / GB:+.2f} GB -> "
+                  + ("fits" if fits else "does NOT fit"))
+    for line in precision_warnings(hardware.name, workload.precision):
+        console.print(f"[bold yellow]warning:[/] {line}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"source": "traced", "model": model.name, "layout": layout.describe(a.gpus), "peak": traced.peak,
+                       "phase": traced.phase, "phase_peaks": traced.phase_peaks, "parts": traced.parts,
+                       "usable_bytes": usable, "fits": fits}, f, indent=1)
+    return 0 if fits else 1
+
+
 #: GPUs without bf16 tensor cores (pre-Ampere): bf16 runs there emulated or not at all.
 NO_BF16 = ("T4", "V100", "P100", "P4", "K80", "RTX4000", "RTX5000", "Quadro RTX 6000")
 MAX_GPUS_TRIED = 4096
@@ -265,6 +350,25 @@ def precision_warnings(gpu_name: str, precision: str) -> list[str]:
         return [f"{gpu_name} has no bf16 tensor cores (pre-Ampere): {precision} would run emulated and slowly, or fail; "
                 f"use --precision 16-mixed (fp16 with loss scaling) on this GPU"]
     return []
+
+
+def source_of(model: Any) -> str:
+    """Which path produced the figures (printed with them)."""
+    if model.kind == "dims":
+        return ("closed form: model states from --params (the ZeRO paper's formulas), activations from the suite's "
+                "GPT block inventory")
+    return (f"closed form: model states exact (the suite's {model.kind.upper() if model.kind != 'resnet' else 'ResNet'} "
+            f"built on the meta device), activations from its inventory"
+            + (" (a meta-device forward)" if model.kind == "resnet" else ""))
+
+
+def model_warnings(model: Any) -> list[str]:
+    """What the closed form does not model for this input (printed, and in the JSON)."""
+    if model.kind != "dims":
+        return []
+    return ["the dimensions-only closed form models the suite's GPT block (a GELU MLP of --mlp-hidden, LayerNorm, "
+            "fused attention, tied embeddings); a SwiGLU MLP (three matrices), RMSNorm computed in fp32 or eager "
+            "attention keep more activations than it counts: trace the real model with --hf-config or --model-class"]
 
 
 def minimum_gpus(model: Any, workload: Any, hardware: Any) -> int | None:

@@ -124,3 +124,61 @@ def test_a_model_that_cannot_be_built_on_fake_tensors_is_named() -> None:
 
     with pytest.raises(TraceError, match="could not be built on fake tensors"):
         trace_layout(ReadsValues, _batch, _loss, MeshStrategy(), 1)
+
+
+# -- the command line: a Hugging Face config, traced ---------------------------------------------
+def _llama_config(tmp_path, **overrides) -> str:
+    import json
+
+    fields = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=256, hidden_size=64,
+                  intermediate_size=176, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                  max_position_embeddings=128, tie_word_embeddings=False)
+    fields.update(overrides)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(fields))
+    return str(path)
+
+
+def _plan(args: list[str], tmp_path) -> dict:
+    import json
+
+    from lightning_scale.plan_cli import main
+
+    out = tmp_path / "plan.json"
+    code = main([*args, "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert code == (0 if data["fits"] else 1)
+    return data
+
+
+def test_plan_traces_a_hugging_face_llama_from_its_config(tmp_path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = _llama_config(tmp_path)
+    common = ["--hf-config", config, "--batch-size", "4", "--seq-len", "64", "--gpus", "1", "--precision", "32-true",
+              "--optimizer-impl", "fused"]
+    data = _plan([*common, "--gpu-memory-gb", "1"], tmp_path)
+    assert data["source"] == "traced" and data["fits"]
+    # independent reference: the same HF model, plain PyTorch on real CPU tensors, no strategy
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    x = torch.randint(0, 256, (4, 64))
+    real = _real_step_peak(model, x, lambda m, b: m(input_ids=b, labels=b).loss,
+                           torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True))
+    assert data["peak"] == pytest.approx(real, rel=0.03), (data["peak"], real)
+    # "fits" only below the usable memory: the same run on a device just too small is refused
+    small = _plan([*common, "--gpu-memory-gb", f"{data['peak'] * 0.999 / 1e9:.9f}", "--reserve", "0"], tmp_path)
+    assert not small["fits"] and small["peak"] == data["peak"]
+
+
+def test_plan_traces_zero3_on_8_ranks_and_eager_attention_costs_more(tmp_path) -> None:
+    config = _llama_config(tmp_path)
+    common = ["--hf-config", config, "--batch-size", "8", "--seq-len", "128", "--gpu-memory-gb", "80",
+              "--precision", "bf16-mixed"]
+    one = _plan([*common, "--gpus", "1", "--attn-implementation", "sdpa"], tmp_path)
+    eager = _plan([*common, "--gpus", "1", "--attn-implementation", "eager"], tmp_path)
+    zero3 = _plan([*common, "--gpus", "8", "--strategy", "zero3"], tmp_path)
+    assert eager["peak"] > one["peak"]  # the (seq x seq) scores and probabilities are kept for the backward
+    assert zero3["peak"] < one["peak"] and zero3["layout"].startswith("dp8 zero3")

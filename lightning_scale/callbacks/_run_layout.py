@@ -98,6 +98,21 @@ def _optimizer_name(trainer: Any) -> str | None:
     return None
 
 
+def _optimizer_impl(trainer: Any, pl_module: Any) -> str:
+    """torch's implementation of the run's optimizer: ``fused`` / ``foreach`` when asked for, else
+    torch's default for the device (foreach on CUDA, a for-loop on CPU)."""
+    opt = trainer.optimizers[0]
+    opt = getattr(opt, "optim", opt)
+    if opt.defaults.get("fused"):
+        return "fused"
+    foreach = opt.defaults.get("foreach")
+    if foreach is None:
+        from lightning_scale.core import device as dev
+
+        foreach = dev.is_cuda(getattr(pl_module, "device", None))  # where the LightningModule's tensors are
+    return "foreach" if foreach else "for-loop"
+
+
 def _model_and_shape(network: Any, batch: Any) -> tuple[Any, dict[str, int]] | None:
     """(ModelSpec, {"b", "seq_len", "image_size"}) of a suite model and its training batch, or None."""
     from lightning_scale.core.planner import ModelSpec
@@ -137,7 +152,7 @@ def plan_inputs(trainer: Any, pl_module: Any, batch: Any) -> tuple[Any, Any, Any
         return None
     fields, dp, pp_rank = layout
     workload = Workload(batch_size=shape["b"] * dp, seq_len=shape["seq_len"], precision=str(trainer.precision),
-                        optimizer=optimizer, image_size=shape["image_size"])
+                        optimizer=optimizer, image_size=shape["image_size"], optimizer_impl=_optimizer_impl(trainer, pl_module))
     return model, workload, Layout(**fields), pp_rank
 
 

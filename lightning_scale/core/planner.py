@@ -53,6 +53,7 @@ from lightning_scale.core.model_states import (
 )
 
 GB = 1e9
+OPTIMIZER_IMPLS = ("foreach", "fused", "for-loop")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,8 +176,13 @@ class Workload:
     precision: str = "bf16-mixed"
     optimizer: str = "adamw"
     image_size: int | None = None
+    #: torch's optimizer implementation: "foreach" (its default on CUDA), "fused" or "for-loop"
+    #: (its default on CPU); decides the optimizer step's temporary (see :func:`step_temporary`)
+    optimizer_impl: str = "foreach"
 
     def __post_init__(self) -> None:
+        if self.optimizer_impl not in OPTIMIZER_IMPLS:
+            raise ValueError(f"optimizer_impl must be one of {OPTIMIZER_IMPLS}; got {self.optimizer_impl!r}")
         if self.batch_size < 1 or self.seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be >= 1; got {self.batch_size}, {self.seq_len}")
         if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 1):
@@ -307,14 +313,22 @@ class RankMemory:
     in_flight: int = 1
     detail: dict[str, int] = field(default_factory=dict)  # transient buffers by name
     host_by: dict[str, int] = field(default_factory=dict)  # host bytes by category (params, grads, optimizer, activations)
+    step_temporary: int = 0  # the optimizer step's own temporary (foreach Adam: sqrt(v) of every stepped element)
+    persistent: int = 0  # the part of ``transient`` alive at the optimizer step too (buffers, DDP buckets)
 
     @property
     def model_states(self) -> int:
         return self.params + self.grads + self.optimizer
 
     @property
+    def step_peak(self) -> int:
+        """At the optimizer step: model states, the step's temporary, what lives all step."""
+        return self.model_states + self.step_temporary + self.persistent
+
+    @property
     def peak(self) -> int:
-        return self.model_states + self.activations + self.transient
+        """The larger of forward/backward (states, activations, transients) and the optimizer step."""
+        return max(self.model_states + self.activations + self.transient, self.step_peak)
 
 
 @dataclass
@@ -347,7 +361,8 @@ class MemoryPlan:
             "layout": self.layout.describe(self.dp), "dp": self.dp, "fits": self.fits,
             "usable_bytes": self.hardware.usable_bytes, "microbatch_size": self.microbatch_size,
             "exact_states": self.exact_states, "layout_fields": asdict(self.layout),
-            "ranks": [{**{k: v for k, v in asdict(r).items()}, "peak": r.peak} for r in self.ranks],
+            "ranks": [{**{k: v for k, v in asdict(r).items()}, "peak": r.peak, "step_peak": r.step_peak}
+                      for r in self.ranks],
         }
 
 
@@ -531,7 +546,33 @@ def _states(model: ModelSpec, workload: Workload, layout: Layout, dp: int, pp_ra
                              microbatches=layout.m if layout.pp > 1 else None, tp=layout.tp, tp_plan=tp_plan)
     return rank_model_states(params, dp, layout.zero_stage, precision=workload.precision, optimizer=workload.optimizer,
                              offload=layout.offload, bucket_mb=layout.bucket_mb,
-                             ddp_buckets=layout.ddp_buckets and layout.tp == 1 and layout.pp == 1, dp_rank=dp_rank)
+                             ddp_buckets=ddp_buckets(layout, dp), dp_rank=dp_rank)
+
+
+def ddp_buckets(layout: Layout, dp: int) -> bool:
+    """The one rule for torch DDP's gradient buckets: Lightning wraps the model in DDP for plain
+    data parallelism over more than one rank (``strategy="ddp"``, stage 0, no tp / pp). One
+    device runs without DDP (SingleDeviceStrategy), so no bucket copy, however it was asked for."""
+    return layout.ddp_buckets and layout.zero_stage == 0 and layout.tp == 1 and layout.pp == 1 and dp > 1
+
+
+def step_temporary(states: StateBytes, params: list[int] | None, workload: Workload, zero_stage: int) -> int:
+    """Device bytes the optimizer step allocates for itself (measured on fake tensors with torch's
+    MemTracker, ``tests/test_traced_memory.py``): Adam / AdamW ``foreach`` compute ``sqrt(v)`` for
+    every element the rank steps at once (one moment's bytes per element: 4 B in fp32, 20 B per
+    parameter at the step with the 16 of the model states); ``for-loop``, one tensor at a time
+    (the largest stepped tensor, ``params``: element counts, when known); ``fused``: none. SGD
+    (without weight decay) updates in place: none."""
+    if workload.optimizer not in ("adam", "adamw") or workload.optimizer_impl == "fused":
+        return 0
+    from lightning_scale.core.model_states import StateDtypes
+
+    d = StateDtypes.for_precision(workload.precision, zero_stage)
+    per_element = 2 * d.moment + d.master  # optimizer bytes per stepped element (plus 4-byte step counters)
+    stepped = states.total("optimizer", "device") // per_element
+    if workload.optimizer_impl == "foreach":
+        return stepped * d.moment
+    return min(stepped, max(params)) * d.moment if params else 0
 
 
 def _activations(model: ModelSpec, workload: Workload, layout: Layout, am: ActivationModel, b: int,
@@ -591,6 +632,9 @@ def plan_memory(model: ModelSpec, workload: Workload, layout: Layout, hardware: 
             transient["logits"] = b * per_sample * am.act_bytes
         if buffers:
             transient["model buffers (BatchNorm running statistics, all step)"] = buffers
+        largest = ([max(math.prod(p.shape) for p in _meta_network(model.config).parameters())]
+                   if model.config is not None else None)  # the for-loop step's temporary: an upper bound
+        persistent = buffers + transient.get("DDP gradient buckets", 0)
         ranks.append(RankMemory(
             pp_rank=r,
             params=states.total("params", "device"), grads=states.total("grads", "device"),
@@ -598,6 +642,7 @@ def plan_memory(model: ModelSpec, workload: Workload, layout: Layout, hardware: 
             transient=int(sum(transient.values())), host=int(states.total(where="host") + host_act),
             layers=layers, in_flight=in_flight, detail={k: int(v) for k, v in transient.items()},
             host_by={**{c: states.total(c, "host") for c in ("params", "grads", "optimizer")}, "activations": int(host_act)},
+            step_temporary=step_temporary(states, largest, workload, layout.zero_stage), persistent=int(persistent),
         ))
     return MemoryPlan(model, workload, layout, hardware, dp, b, ranks, exact_states=model.config is not None)
 
@@ -652,13 +697,15 @@ def plan_table(plans: list[MemoryPlan], title: str) -> Any:
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("layout", "pp rank", "params", "grads", "optimizer", "activations", "transient", "peak", "host", "fits"):
+    for col in ("layout", "pp rank", "params", "grads", "optimizer", "activations", "transient", "step temp", "peak",
+                "host", "fits"):
         table.add_column(col, justify="left" if col == "layout" else "right")
     for plan in plans:
         for r in plan.ranks:
             table.add_row(
                 plan.layout.describe(plan.dp), str(r.pp_rank),
-                *(f"{x / GB:.3f}" for x in (r.params, r.grads, r.optimizer, r.activations, r.transient, r.peak, r.host)),
+                *(f"{x / GB:.3f}" for x in (r.params, r.grads, r.optimizer, r.activations, r.transient,
+                                            r.step_temporary, r.peak, r.host)),
                 ("yes" if r.peak <= plan.hardware.usable_bytes else "NO"),
             )
     return table

@@ -114,9 +114,8 @@ def trace_layout(build: Any, batch: Any, loss: Any, strategy: Any, world_size: i
                  optimizer: str = "adamw", implementation: str = "foreach", rank: int = 0) -> Any:
     """One rank's :class:`~lightning_scale.core.traced_memory.TracedMemory` for ``strategy`` on
     ``world_size`` ranks: ``build()`` makes the network (called under fake tensors), the strategy
-    parallelizes it (:func:`parallelize_offline`), ``loss(module, batch())`` is one step's loss
-    (``module``: the LightningModule holding the network as ``model``, or the network's own
-    LightningModule)."""
+    parallelizes it in place (:func:`parallelize_offline`), ``loss(network, batch())`` is one
+    step's loss."""
     from lightning_scale.core.meta_activations import compute_dtype
     from lightning_scale.core.traced_memory import fake_process_group, fake_tensors, trace_step
 
@@ -128,10 +127,10 @@ def trace_layout(build: Any, batch: Any, loss: Any, strategy: Any, world_size: i
         dtype = compute_dtype(precision)[0]
         if dtype != torch.float32:  # *-true: Lightning converts the model
             network = network.to(dtype)
-        module = parallelize_offline(strategy, network, world_size, precision)
-        opt = make_optimizer(module.parameters(), optimizer, implementation)
+        parallelize_offline(strategy, network, world_size, precision)  # in place
+        opt = make_optimizer(network.parameters(), optimizer, implementation)
         try:
-            return trace_step(module, opt, batch, loss, precision, rank=rank, world_size=world_size)
+            return trace_step(network, opt, batch, loss, precision, rank=rank, world_size=world_size)
         except TraceError:
             raise
         except Exception as err:  # noqa: BLE001

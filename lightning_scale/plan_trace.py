@@ -1,0 +1,175 @@
+"""``lightning-scale plan`` for the user's own model: traced, not modelled.
+
+The model comes from a Hugging Face config (``--hf-config path/to/config.json`` or a folder
+holding one; nothing is downloaded) or a class (``--model-class package.module:Class`` with
+``--init-args '{"n_layer": 12}'``). It is built on fake tensors, parallelized by the suite's
+strategy for the asked layout under a fake process group of the asked GPU count, and one
+training step (forward, backward, optimizer step) is measured per phase by torch's MemTracker
+(:mod:`lightning_scale.core.traced_memory`, :mod:`lightning_scale.strategies.offline`).
+
+Layouts traced: data parallelism (the suite's ``MeshStrategy``; Lightning's ``ddp`` also keeps
+torch DDP's gradient-bucket copy, one gradient's bytes, which is added and named) and ZeRO-3
+(FSDP2), with activation checkpointing (``none``, ``full``, ``selective``) and any precision.
+Tensor parallelism needs a plan for the model and the pipeline is built inside a run: both are
+planned by the closed forms, which say so.
+
+Inputs per model kind: a causal LM takes ``(batch, seq)`` token ids and is trained on its own
+loss (``labels=input_ids``); an image classifier (``...ForImageClassification``) takes
+``(batch, 3, size, size)`` images and labels; a class given by ``--model-class`` takes token
+ids ``< --vocab`` and returns logits ``(batch, seq, vocab)`` (cross entropy) or an output with
+``.loss``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_scale.core.traced_memory import TraceError, TracedMemory
+
+
+@dataclass
+class TracedModel:
+    """How to build the model and a batch, and its loss: what :func:`trace_plan` runs."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    batch: Callable[[int], Any]  # rows -> a batch of that many rows
+    loss: Callable[[nn.Module, Any], torch.Tensor]
+    block_class: Any = None  # the repeated block (ZeRO-3 units, activation checkpointing)
+
+
+def _hf_config(path: str) -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded
+    from transformers import AutoConfig
+
+    p = Path(path)
+    if p.is_dir():
+        return AutoConfig.from_pretrained(str(p), local_files_only=True)
+    if not p.is_file():
+        raise SystemExit(f"--hf-config {path}: no such file or folder")
+    fields = json.loads(p.read_text())
+    model_type = fields.pop("model_type", None)
+    if model_type is None:
+        raise SystemExit(f"--hf-config {path}: the config has no model_type")
+    return AutoConfig.for_model(model_type, **fields)
+
+
+def hf_model(path: str, seq_len: int, attn_implementation: str | None = None) -> TracedModel:
+    """A Hugging Face model from its config (causal LM or image classifier), built from config:
+    no weights read."""
+    config = _hf_config(path)
+    architectures = list(getattr(config, "architectures", None) or [])
+    image = any(a.endswith("ForImageClassification") for a in architectures) or config.model_type in ("vit",)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if image:
+        from transformers import AutoModelForImageClassification as Auto
+
+        size, channels = int(config.image_size), int(getattr(config, "num_channels", 3))
+        labels = max(int(getattr(config, "num_labels", 2)), 1)
+
+        def batch(rows: int) -> Any:
+            return torch.randn(rows, channels, size, size), torch.randint(0, labels, (rows,))
+
+        def loss(module: nn.Module, b: Any) -> torch.Tensor:
+            return module(pixel_values=b[0], labels=b[1]).loss
+    else:
+        from transformers import AutoModelForCausalLM as Auto
+
+        vocab = int(config.vocab_size)
+
+        def batch(rows: int) -> Any:
+            return torch.randint(0, vocab, (rows, seq_len))
+
+        def loss(module: nn.Module, b: Any) -> torch.Tensor:
+            return module(input_ids=b, labels=b).loss
+
+    def build() -> nn.Module:
+        return Auto.from_config(config, **kwargs)
+
+    no_split = _no_split_class(Auto, config)
+    return TracedModel(name=f"{architectures[0] if architectures else config.model_type} ({path})", build=build,
+                       batch=batch, loss=loss, block_class=no_split)
+
+
+def _no_split_class(auto: Any, config: Any) -> Any:
+    """The model's repeated block class names (Hugging Face's ``_no_split_modules``)."""
+    try:
+        cls = auto._model_mapping[type(config)]
+    except Exception:  # noqa: BLE001
+        return None
+    names = list(getattr(cls, "_no_split_modules", None) or [])
+    return names or None
+
+
+def class_model(spec: str, init_args: dict[str, Any], seq_len: int, vocab: int) -> TracedModel:
+    """``package.module:Class`` built with ``init_args``; token ids in, logits or ``.loss`` out."""
+    module_name, _, attr = spec.partition(":")
+    if not attr:
+        raise SystemExit(f"--model-class {spec!r}: write package.module:Class")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise SystemExit(f"--model-class {spec!r}: cannot import it ({err})") from None
+
+    def batch(rows: int) -> torch.Tensor:
+        return torch.randint(0, vocab, (rows, seq_len))
+
+    def loss(module: nn.Module, b: torch.Tensor) -> torch.Tensor:
+        out = module(b)
+        if hasattr(out, "loss") and out.loss is not None:
+            return out.loss
+        logits = out.logits if hasattr(out, "logits") else out
+        return nn.functional.cross_entropy(logits.flatten(0, 1).float(), b.flatten())
+
+    return TracedModel(name=spec, build=lambda: cls(**init_args), batch=batch, loss=loss)
+
+
+def trace_plan(model: TracedModel, workload: Any, layout: Any, hardware: Any) -> TracedMemory:
+    """Rank 0's traced step for the asked layout (see the module docstring). Raises
+    :class:`TraceError` for what is not traced (the caller falls back to the closed form)."""
+    from lightning_scale.strategies import MeshStrategy, ZeroStrategy
+    from lightning_scale.strategies.offline import trace_layout
+
+    if layout.tp > 1 or layout.pp > 1:
+        raise TraceError("tensor and pipeline parallelism are not traced from the command line (a TP plan for the "
+                         "model is needed; the pipeline is built inside a run): the closed form plans them")
+    if layout.zero_stage in (1, 2) or layout.offload:
+        raise TraceError("ZeRO-1/2 and CPU offload are not traced yet: the closed form plans them")
+    if layout.ac not in ("none", "full", "selective"):
+        raise TraceError(f"activation checkpointing {layout.ac!r} is not traced (none, full, selective are)")
+    gpus = hardware.gpus
+    if workload.batch_size % gpus:
+        raise ValueError(f"global batch {workload.batch_size} is not divisible by {gpus} data-parallel ranks")
+    rows = workload.batch_size // gpus
+    ac = None if layout.ac == "none" else layout.ac
+    options: dict[str, Any] = {"activation_checkpointing": ac}
+    if model.block_class:
+        options["block_class"] = model.block_class
+    strategy = ZeroStrategy(stage=3, **options) if layout.zero_stage == 3 else MeshStrategy(**options)
+    traced = trace_layout(model.build, lambda: model.batch(rows), model.loss, strategy, gpus, precision=workload.precision, optimizer=workload.optimizer,
+                          implementation=workload.optimizer_impl)
+    if layout.zero_stage == 0 and layout.ddp_buckets and gpus > 1:
+        # torch DDP (Lightning's "ddp") keeps a flat copy of the gradients in its buckets (C++,
+        # not seen by the tracer): one gradient's bytes, alive from the backward to the step
+        grads = sum(p.numel() for p in {id(p): p for p in _meta(model).parameters()}.values())
+        extra = grads * (2 if workload.precision in ("bf16-true", "16-true") else 4)
+        traced.parts["DDP gradient buckets (closed form)"] = extra
+        for phase in ("backward", "optimizer step"):
+            traced.phase_peaks[phase] = traced.phase_peaks.get(phase, 0) + extra
+        traced.phase = max(traced.phase_peaks, key=lambda k: traced.phase_peaks[k])
+        traced.peak = traced.phase_peaks[traced.phase]
+    return traced
+
+
+def _meta(model: TracedModel) -> nn.Module:
+    with torch.device("meta"):
+        return model.build()
