@@ -244,3 +244,36 @@ def test_plan_cli_warns_about_bf16_on_gpus_without_bf16_tensor_cores(tmp_path, c
     main(["--model", "nano", "--batch-size", "8", "--seq-len", "64", "--gpus", "1", "--gpu", "A10G",
           "--precision", "bf16-mixed", "--json", str(out)])
     assert json.loads(out.read_text())["warnings"] == []
+
+
+# -- one rule for torch DDP's buckets; the optimizer step's temporary (issue 25) -------------------
+@pytest.mark.parametrize("gpus", [1, 8])
+def test_ddp_buckets_follow_one_rule_whatever_the_entry_path(gpus: int) -> None:
+    # The GPT-2 1.5B shape entered as the suite's preset (exact states) and as its dimensions
+    # (the ZeRO paper's forms): torch DDP's gradient copy on 8 ranks in both, on one GPU in neither.
+    exact = ModelSpec.from_gpt("gpt2-xl")
+    dims = ModelSpec(n_layer=exact.n_layer, hidden=exact.hidden, heads=exact.heads, vocab=exact.vocab,
+                     mlp_hidden=exact.mlp_hidden, params=exact.params)
+    work = Workload(batch_size=8, seq_len=1024, precision="bf16-mixed")
+    hw = Hardware(gpus=gpus, memory_gb=141)
+    buckets = [plan_memory(m, work, Layout(), hw).worst.detail.get("DDP gradient buckets", 0) for m in (exact, dims)]
+    assert buckets == ([4 * exact.params] * 2 if gpus == 8 else [0, 0])
+
+
+def test_the_foreach_adam_step_temporary_can_decide_the_verdict() -> None:
+    # Model states 16 B/param; foreach AdamW adds sqrt(v) (4 B/param) at the step, measured by the
+    # tracer (tests/test_traced_memory.py); fused adds nothing. A device between the two fits
+    # only the fused run.
+    model = ModelSpec.from_gpt("gpt2-xl")
+    P = model.params
+    fused = plan_memory(model, Workload(batch_size=1, seq_len=64, precision="32-true", optimizer_impl="fused"),
+                        Layout(ac="full"), Hardware(gpus=1, memory_gb=1000)).worst
+    foreach = plan_memory(model, Workload(batch_size=1, seq_len=64, precision="32-true", optimizer_impl="foreach"),
+                          Layout(ac="full"), Hardware(gpus=1, memory_gb=1000)).worst
+    assert fused.step_temporary == 0 and foreach.step_temporary == 4 * P
+    assert foreach.peak == foreach.step_peak == 20 * P + (foreach.optimizer - 8 * P)  # + the 4-byte step counters
+    between = (fused.peak + foreach.peak) / 2 / 1e9
+    verdicts = [plan_memory(model, Workload(batch_size=1, seq_len=64, precision="32-true", optimizer_impl=impl),
+                            Layout(ac="full"), Hardware(gpus=1, memory_gb=between, reserve_fraction=0)).fits
+                for impl in ("fused", "foreach")]
+    assert verdicts == [True, False]

@@ -72,6 +72,7 @@ class StateBytes:
 
     bytes: dict[str, dict[str, int]] = field(default_factory=lambda: {c: {"device": 0, "host": 0} for c in CATEGORIES})
     transient: dict[str, int] = field(default_factory=dict)  # name -> device bytes alive only part of a step
+    stepped: int = 0  # elements the rank's optimizer updates on the device (0: offloaded to the host)
 
     def add(self, category: str, where: str, n: float) -> None:
         self.bytes[category][where] += int(n)
@@ -100,6 +101,7 @@ def psi_model_states(psi: int, dp: int, zero_stage: int, *, precision: str = "mi
     out.add("params", "host" if (offload and zero_stage == 3) else "device", params)
     out.add("grads", "host" if (offload and zero_stage >= 2) else "device", grads)
     out.add("optimizer", "host" if offload else "device", opt)
+    out.stepped = 0 if offload else math.ceil(psi / shard[2])
     return out
 
 
@@ -169,6 +171,7 @@ def rank_model_states(params: Sequence[ParamSpec], dp: int, zero_stage: int, *, 
         out.add("optimizer", "device", (k_moments * d.moment + d.master) * psi + (4 * len(params) if steps else 0))
         if ddp_buckets:
             out.transient["DDP gradient buckets"] = d.grad * psi
+        out.stepped = psi
         return out
     if zero_stage == 3:
         # FSDP2: dim 0 of every parameter padded to a multiple of dp, one shard per rank.
@@ -180,6 +183,7 @@ def rank_model_states(params: Sequence[ParamSpec], dp: int, zero_stage: int, *, 
         out.add("optimizer", where, (k_moments * d.moment + d.master) * local + (4 * len(params) if steps else 0))
         largest = sorted((d.param * math.prod(p.shape) for p in params), reverse=True)
         out.transient["all-gathered parameters (upper bound: 2 largest tensors)"] = sum(largest[:2])
+        out.stepped = 0 if offload else local
         return out
     # ZeRO-1/2: the engine's buckets (same packing function), one Adam step tensor per bucket.
     from lightning_scale.core.sharding import plan_buckets
@@ -204,6 +208,7 @@ def rank_model_states(params: Sequence[ParamSpec], dp: int, zero_stage: int, *, 
             + master * chunk + (4 * len(specs) if steps else 0))
     if zero_stage == 2:
         out.transient["reduce-scatter staging bucket"] = d.grad * max(s.padded for s in specs)
+    out.stepped = 0 if offload else chunk
     return out
 
 

@@ -534,8 +534,13 @@ def _states(model: ModelSpec, workload: Workload, layout: Layout, dp: int, pp_ra
     if model.config is None:
         # Closed form; the pipeline and TP split are taken as even (embeddings make them uneven).
         psi = math.ceil(model.params / (layout.tp * layout.pp))
-        return psi_model_states(psi, dp, layout.zero_stage, precision=workload.precision, optimizer=workload.optimizer,
-                                offload=layout.offload)
+        out = psi_model_states(psi, dp, layout.zero_stage, precision=workload.precision, optimizer=workload.optimizer,
+                               offload=layout.offload)
+        if ddp_buckets(layout, dp):  # the same rule as the exact path: torch DDP's flat gradient copy
+            from lightning_scale.core.model_states import StateDtypes
+
+            out.transient["DDP gradient buckets"] = StateDtypes.for_precision(workload.precision).grad * psi
+        return out
     from lightning_scale.core.tensor_parallel import gpt_tp_plan, vit_tp_plan
 
     tp_plan = None
@@ -568,8 +573,7 @@ def step_temporary(states: StateBytes, params: list[int] | None, workload: Workl
     from lightning_scale.core.model_states import StateDtypes
 
     d = StateDtypes.for_precision(workload.precision, zero_stage)
-    per_element = 2 * d.moment + d.master  # optimizer bytes per stepped element (plus 4-byte step counters)
-    stepped = states.total("optimizer", "device") // per_element
+    stepped = states.stepped  # elements the rank's optimizer updates on the device
     if workload.optimizer_impl == "foreach":
         return stepped * d.moment
     return min(stepped, max(params)) * d.moment if params else 0
