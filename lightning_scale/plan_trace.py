@@ -64,9 +64,14 @@ def _hf_config(path: str) -> Any:
 
 
 def hf_model(path: str, seq_len: int, attn_implementation: str | None = None) -> TracedModel:
-    """A Hugging Face model from its config (causal LM or image classifier), built from config:
-    no weights read."""
-    config = _hf_config(path)
+    """A Hugging Face model from its config file or folder (causal LM or image classifier), built
+    from the config: no weights read."""
+    return hf_model_from_config(_hf_config(path), seq_len, attn_implementation, name=path)
+
+
+def hf_model_from_config(config: Any, seq_len: int, attn_implementation: str | None = None,
+                         name: str | None = None) -> TracedModel:
+    """:func:`hf_model` from a ``transformers`` config object."""
     architectures = list(getattr(config, "architectures", None) or [])
     image = any(a.endswith("ForImageClassification") for a in architectures) or config.model_type in ("vit",)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
@@ -96,7 +101,8 @@ def hf_model(path: str, seq_len: int, attn_implementation: str | None = None) ->
         return Auto.from_config(config, **kwargs)
 
     no_split = _no_split_class(Auto, config)
-    return TracedModel(name=f"{architectures[0] if architectures else config.model_type} ({path})", build=build,
+    label = architectures[0] if architectures else config.model_type
+    return TracedModel(name=f"{label} ({name})" if name else label, build=build,
                        batch=batch, loss=loss, block_class=no_split)
 
 
