@@ -128,6 +128,8 @@ class CudaAutocastEmulation(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
+        if name == "backward" and args and isinstance(args[0], torch.Tensor):
+            return self._backward(*args, **kwargs)
         inplace = name.endswith("_") and not name.startswith("__")  # add_ (not __matmul__)
         if "out" not in kwargs and not inplace:
             to = self.dtype if name in LOWER_PRECISION_OPS else torch.float32 if name in FP32_OPS else None
@@ -135,6 +137,22 @@ class CudaAutocastEmulation(TorchFunctionMode):
                 args = tree_map(lambda v: self._cast(v, to), args)
                 kwargs = tree_map(lambda v: self._cast(v, to), kwargs)
         return func(*args, **kwargs)
+
+    def _backward(self, tensor: torch.Tensor, gradient: torch.Tensor | None = None, retain_graph: bool | None = None,
+                  create_graph: bool = False, inputs: Any = None) -> None:
+        """``tensor.backward()`` with this mode on. A mode is off while its own __torch_function__
+        runs, and ``Tensor.backward`` comes through it, so checkpointed blocks would be recomputed
+        without the casts their forward had (autocast is re-entered by the checkpoint for its
+        recomputation). Run torch's autograd engine directly (``_engine_run_backward``, what
+        ``torch.autograd.backward`` calls), with the mode pushed again."""
+        from torch.autograd.graph import _engine_run_backward
+
+        if inputs is not None:
+            raise NotImplementedError("CudaAutocastEmulation: backward(inputs=...) is not emulated")
+        grad = gradient if gradient is not None else torch.ones_like(tensor)
+        with self:
+            _engine_run_backward((tensor,), (grad,), bool(retain_graph or create_graph), create_graph, (),
+                                 allow_unreachable=True, accumulate_grad=True)
 
     def __exit__(self, *exc: Any) -> Any:
         self._cache.clear()

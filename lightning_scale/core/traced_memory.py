@@ -115,7 +115,8 @@ def trace_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Callab
             phase_peaks["forward"] = _peak(tracker)
             part_snapshots["forward"] = tracker.get_tracker_snapshot("peak")
             _restart_peak(tracker)
-        out.backward()
+        with autocast():  # activation checkpointing recomputes the forward in here: cast as the forward did
+            out.backward()
         del out
         if tracker is not None:
             phase_peaks["backward"] = _peak(tracker)

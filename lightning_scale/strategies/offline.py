@@ -110,6 +110,24 @@ def make_optimizer(params: Any, optimizer: str = "adamw", implementation: str = 
     raise ValueError(f"optimizer must be adamw, adam, sgd or sgd_momentum; got {optimizer!r}")
 
 
+def _build_fake(build: Any) -> nn.Module:
+    """``build()`` on fake tensors; a construction that reads values (an init computing a
+    statistic, e.g. Hugging Face ViT's truncated-normal init) is built on the meta device instead
+    (where such inits are skipped or shape-only) and given fake storage: values do not matter here."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    try:
+        return build()
+    except Exception as fake_error:  # noqa: BLE001
+        try:
+            with unset_fake_temporarily(), torch.device("meta"):
+                network = build()
+        except Exception as err:  # noqa: BLE001 - named, with the fallback
+            raise TraceError(f"the model could not be built on fake tensors ({type(fake_error).__name__}: {fake_error}) "
+                             f"nor on the meta device ({type(err).__name__}: {err})") from err
+        return network.to_empty(device="cpu")  # under the fake mode: fake tensors
+
+
 def trace_layout(build: Any, batch: Any, loss: Any, strategy: Any, world_size: int, precision: str = "32-true",
                  optimizer: str = "adamw", implementation: str = "foreach", rank: int = 0) -> Any:
     """One rank's :class:`~lightning_scale.core.traced_memory.TracedMemory` for ``strategy`` on
@@ -120,10 +138,7 @@ def trace_layout(build: Any, batch: Any, loss: Any, strategy: Any, world_size: i
     from lightning_scale.core.traced_memory import fake_process_group, fake_tensors, trace_step
 
     with fake_process_group(world_size, rank), fake_tensors():
-        try:
-            network = build()
-        except Exception as err:  # noqa: BLE001 - named, with the fallback
-            raise TraceError(f"the model could not be built on fake tensors: {type(err).__name__}: {err}") from err
+        network = _build_fake(build)
         dtype = compute_dtype(precision)[0]
         if dtype != torch.float32:  # *-true: Lightning converts the model
             network = network.to(dtype)
