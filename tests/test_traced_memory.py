@@ -182,3 +182,12 @@ def test_plan_traces_zero3_on_8_ranks_and_eager_attention_costs_more(tmp_path) -
     zero3 = _plan([*common, "--gpus", "8", "--strategy", "zero3"], tmp_path)
     assert eager["peak"] > one["peak"]  # the (seq x seq) scores and probabilities are kept for the backward
     assert zero3["peak"] < one["peak"] and zero3["layout"].startswith("dp8 zero3")
+
+
+def test_checkpointed_blocks_are_recomputed_in_the_forwards_precision() -> None:
+    # bf16-mixed (emulated CUDA autocast) with full checkpointing: the backward recomputes each
+    # block with the casts of its forward (else torch's checkpoint refuses the recomputed
+    # tensors' dtypes), and checkpointing lowers the forward's peak.
+    plain = _trace(MeshStrategy(), 1, precision="bf16-mixed")
+    checkpointed = _trace(MeshStrategy(activation_checkpointing="full", block_class=Block), 1, precision="bf16-mixed")
+    assert checkpointed.phase_peaks["forward"] < plain.phase_peaks["forward"]
