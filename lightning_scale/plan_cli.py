@@ -333,7 +333,7 @@ def _traced_main(a: argparse.Namespace) -> int:
         console.print(f"[bold yellow]warning:[/] {line}")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"source": "traced", "model": model.name, "layout": layout.describe(a.gpus), "peak": traced.peak,
+            json.dump({"source": "traced", "model": model.name, "layout": layout.describe(a.gpus // layout.tp), "peak": traced.peak,
                        "phase": traced.phase, "phase_peaks": traced.phase_peaks, "parts": traced.parts,
                        "usable_bytes": usable, "fits": fits}, f, indent=1)
     return 0 if fits else 1

@@ -45,6 +45,7 @@ class TracedModel:
     batch: Callable[[int], Any]  # rows -> a batch of that many rows
     loss: Callable[[nn.Module, Any], torch.Tensor]
     block_class: Any = None  # the repeated block (ZeRO-3 units, activation checkpointing)
+    tp_plan: Any = None  # {path in the LightningModule: ParallelStyle}; None: the model's own (Hugging Face)
 
 
 def _hf_config(path: str) -> Any:
@@ -145,25 +146,44 @@ def trace_plan(model: TracedModel, workload: Any, layout: Any, hardware: Any) ->
     from lightning_scale.strategies import MeshStrategy, ZeroStrategy
     from lightning_scale.strategies.offline import trace_layout
 
-    if layout.tp > 1 or layout.pp > 1:
-        raise TraceError("tensor and pipeline parallelism are not traced from the command line (a TP plan for the "
-                         "model is needed; the pipeline is built inside a run): the closed form plans them")
+    if layout.pp > 1:
+        raise TraceError("the pipeline is not traced (it is built inside a run from the first batch): the closed form "
+                         "plans it")
+    if layout.tp > 1 and (layout.zero_stage or layout.sequence_parallel):
+        raise TraceError("tensor parallelism is traced without ZeRO-3 and sequence parallelism so far: the closed form "
+                         "plans those")
     if layout.zero_stage in (1, 2) or layout.offload:
         raise TraceError("ZeRO-1/2 and CPU offload are not traced yet: the closed form plans them")
     if layout.ac not in ("none", "full", "selective"):
         raise TraceError(f"activation checkpointing {layout.ac!r} is not traced (none, full, selective are)")
     gpus = hardware.gpus
-    if workload.batch_size % gpus:
-        raise ValueError(f"global batch {workload.batch_size} is not divisible by {gpus} data-parallel ranks")
-    rows = workload.batch_size // gpus
+    dp = gpus // layout.tp
+    if gpus % layout.tp or workload.batch_size % dp:
+        raise ValueError(f"{gpus} GPUs and a global batch of {workload.batch_size} do not divide into tp={layout.tp} x "
+                         f"dp={gpus / layout.tp:g} ranks")
+    rows = workload.batch_size // dp
     ac = None if layout.ac == "none" else layout.ac
     options: dict[str, Any] = {"activation_checkpointing": ac}
     if model.block_class:
         options["block_class"] = model.block_class
-    strategy = ZeroStrategy(stage=3, **options) if layout.zero_stage == 3 else MeshStrategy(**options)
+    if layout.tp > 1:
+        from lightning_scale.adapters.huggingface import hf_tp_plan
+        from lightning_scale.strategies import TensorParallelStrategy
+
+        if model.tp_plan is None:
+            with torch.device("meta"):
+                try:
+                    model.tp_plan = hf_tp_plan(model.build(), prefix="model.")
+                except ValueError as err:
+                    raise TraceError(str(err)) from None
+        strategy = TensorParallelStrategy(tensor_parallel_size=layout.tp, tp_plan=model.tp_plan, **options)
+    elif layout.zero_stage == 3:
+        strategy = ZeroStrategy(stage=3, **options)
+    else:
+        strategy = MeshStrategy(**options)
     traced = trace_layout(model.build, lambda: model.batch(rows), model.loss, strategy, gpus, precision=workload.precision, optimizer=workload.optimizer,
                           implementation=workload.optimizer_impl)
-    if layout.zero_stage == 0 and layout.ddp_buckets and gpus > 1:
+    if layout.zero_stage == 0 and layout.tp == 1 and layout.ddp_buckets and gpus > 1:
         # torch DDP (Lightning's "ddp") keeps a flat copy of the gradients in its buckets (C++,
         # not seen by the tracer): one gradient's bytes, alive from the backward to the step
         grads = sum(p.numel() for p in {id(p): p for p in _meta(model).parameters()}.values())

@@ -191,3 +191,31 @@ def test_checkpointed_blocks_are_recomputed_in_the_forwards_precision() -> None:
     plain = _trace(MeshStrategy(), 1, precision="bf16-mixed")
     checkpointed = _trace(MeshStrategy(activation_checkpointing="full", block_class=Block), 1, precision="bf16-mixed")
     assert checkpointed.phase_peaks["forward"] < plain.phase_peaks["forward"]
+
+
+def test_tensor_parallel_from_the_models_own_hugging_face_plan(tmp_path) -> None:
+    # TP = 2 with Llama's own plan (config.base_model_tp_plan, translated to torch styles): between
+    # steps a rank holds 12 bytes per element of half of every planned projection and of every
+    # replicated tensor (embeddings, norms, head), plus a 4-byte Adam step counter per tensor,
+    # plus the rotary embedding's buffers.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_scale.adapters.huggingface import hf_tp_plan
+    from lightning_scale.core.planner import Hardware, Layout, Workload
+    from lightning_scale.plan_trace import hf_model_from_config, trace_plan
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    plan = hf_tp_plan(model)
+    assert set(plan) == {f"model.layers.*.{p}" for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                          "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                          "mlp.down_proj")}
+    planned = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    named = list(model.named_parameters())
+    held = sum(p.numel() // 2 if n.split(".")[-2] in planned else p.numel() for n, p in named)
+    traced = trace_plan(hf_model_from_config(cfg, 64), Workload(batch_size=4, seq_len=64, precision="32-true"),
+                        Layout(tp=2), Hardware(gpus=2, memory_gb=1))
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert traced.after_step == 12 * held + 4 * len(named) + buffers

@@ -30,3 +30,28 @@ def decoder_stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if getattr(stage, "lm_head", None) is not None:
         hidden = stage.lm_head(hidden)  # (B, T, V)
     return hidden
+
+
+def hf_tp_plan(model: nn.Module, prefix: str = "") -> dict:
+    """The model's own tensor-parallel plan as torch ``ParallelStyle`` objects, for
+    ``TensorParallelStrategy(tp_plan=...)``: Hugging Face configs declare one
+    (``config.base_model_tp_plan``, e.g. Llama's ``{"layers.*.self_attn.q_proj": "colwise", ...,
+    "layers.*.mlp.down_proj": "rowwise"}``), keyed by paths in the base model
+    (``model.base_model_prefix``, ``"model"`` for a ``...ForCausalLM``). ``prefix``: the model's
+    path in the LightningModule (``"model."`` when it is ``self.model``). Raises ``ValueError``
+    naming the fix when there is no plan or a style other than colwise / rowwise."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    config = getattr(model, "config", None)
+    plan = getattr(config, "base_model_tp_plan", None)
+    if not plan:
+        raise ValueError(f"{type(model).__name__}'s config declares no tensor-parallel plan (base_model_tp_plan): give "
+                         f"TensorParallelStrategy(tp_plan={{'module path pattern': ColwiseParallel() | RowwiseParallel()}})")
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    unknown = sorted({kind for kind in plan.values() if kind not in styles})
+    if unknown:
+        raise ValueError(f"{type(model).__name__}'s tensor-parallel plan uses {unknown}, which the suite does not "
+                         f"translate (colwise and rowwise only): give tp_plan= yourself")
+    base = getattr(model, "base_model_prefix", "")
+    inner = f"{base}." if base and isinstance(getattr(model, base, None), nn.Module) else ""
+    return {f"{prefix}{inner}{path}": styles[kind]() for path, kind in plan.items()}
