@@ -123,3 +123,14 @@ def fit_hf_tp(steps: int) -> dict:
     task, losses = _fit(TensorParallelStrategy(tensor_parallel_size=2, tp_plan=plan), steps)
     local_q = tuple(task.model.model.layers[0].self_attn.q_proj.weight.to_local().shape)
     return {"losses": losses, "state": _full_state(task), "local_q": local_q}
+
+
+def fit_hf_tp_own_plan(steps: int) -> dict:
+    """TensorParallelStrategy(tensor_parallel_size=2) with no tp_plan: the model's own Hugging Face
+    plan (config.base_model_tp_plan) is read and translated."""
+    from lightning_scale.strategies import TensorParallelStrategy
+
+    task, losses = _fit(TensorParallelStrategy(tensor_parallel_size=2), steps)
+    local_q = tuple(task.model.model.layers[0].self_attn.q_proj.weight.to_local().shape)
+    local_down = tuple(task.model.model.layers[0].mlp.down_proj.weight.to_local().shape)
+    return {"losses": losses, "state": _full_state(task), "local_q": local_q, "local_down": local_down}

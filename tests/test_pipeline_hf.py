@@ -34,3 +34,17 @@ def test_hugging_face_llama_with_the_documented_tp_plan_matches_single_process()
     assert set(results[0]["state"]) == set(ref["state"])
     for name, value in results[0]["state"].items():
         assert (value - ref["state"][name]).abs().max().item() <= 1e-5, name
+
+
+def test_hugging_face_llama_tp_from_the_models_own_plan_matches_single_process() -> None:
+    # No tp_plan given: the strategy reads LlamaConfig.base_model_tp_plan (q/k/v, gate/up
+    # colwise; o, down rowwise) and trains like one process, 20 steps.
+    steps = 20
+    results = run_distributed(targets.fit_hf_tp_own_plan, 2, steps, init_process_group=False, timeout=300)
+    ref = targets.reference_hf(steps, microbatches=1)
+    assert results[0]["local_q"] == (16, 32) and results[0]["local_down"] == (32, 32)  # halves of (32, 32), (32, 64)
+    assert len(results[0]["losses"]) == steps
+    for a, b in zip(results[0]["losses"], ref["losses"]):
+        assert abs(a - b) <= 1e-5 * abs(b)
+    for name, value in results[0]["state"].items():
+        assert (value - ref["state"][name]).abs().max().item() <= 1e-5, name

@@ -141,3 +141,17 @@ def test_tp_layout_does_not_depend_on_the_device(kind: str, world: int) -> None:
         assert res["n"] > 0 and res["plain"] == [], f"rank {rank}: plain-tensor parameters {res['plain']}"
         assert res["plain_after_fit"] == [] and res["steps"] == 2, (rank, res)
 
+
+
+def test_a_hugging_face_plan_with_sequence_parallel_is_refused_not_silently_off() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_scale.strategies.tensor_parallel import builtin_plan
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=32)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    assert len(builtin_plan(model, sequence_parallel=False)) == 7  # the model's own plan, translated
+    with pytest.raises(ValueError, match="sequence_parallel=True with LlamaForCausalLM's own Hugging Face plan"):
+        builtin_plan(model, sequence_parallel=True)

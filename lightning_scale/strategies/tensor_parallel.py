@@ -36,12 +36,36 @@ def builtin_plan(network: nn.Module, sequence_parallel: bool, shard_vocab: bool 
         return gpt_tp_plan(sequence_parallel, shard_vocab=shard_vocab)
     if isinstance(network, ViT):
         return vit_tp_plan(sequence_parallel)
+    if getattr(getattr(network, "config", None), "base_model_tp_plan", None):
+        return _hugging_face_plan(network, sequence_parallel)
     raise ValueError(
         f"there is no built-in tensor-parallel plan for {type(network).__name__}; pass tp_plan={{'module path pattern': "
         f"ParallelStyle}}, e.g. {{'fc1': ColwiseParallel(), 'fc2': RowwiseParallel()}}, with paths relative to the "
         f"LightningModule (or to its module_name network), or tp_plan={{}} to replicate every layer (see "
         f"docs/strategies/tensor_parallel.md)"
     )
+
+
+def _hugging_face_plan(network: nn.Module, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """A ``transformers`` model's own plan (``config.base_model_tp_plan``), translated; its head
+    counts checked against tp on every rank before any collective (in :func:`parallelize_network`)."""
+    from lightning_scale.adapters.huggingface import hf_tp_plan
+
+    if sequence_parallel:
+        raise ValueError(
+            f"sequence_parallel=True with {type(network).__name__}'s own Hugging Face plan: the suite does not add the "
+            f"SequenceParallel entries to that plan; use sequence_parallel=False, or give tp_plan= with "
+            f"SequenceParallel() on its norms"
+        )
+    return hf_tp_plan(network)
+
+
+def _check_hugging_face_heads(config: object, tp: int) -> None:
+    for field in ("num_attention_heads", "num_key_value_heads", "hidden_size", "intermediate_size"):
+        value = getattr(config, field, None)
+        if isinstance(value, int) and value % tp:
+            raise ValueError(f"tensor_parallel_size={tp} does not divide the model's {field}={value}: use a "
+                             f"tensor_parallel_size that divides it")
 
 
 def _matches_some_module(network: nn.Module, pattern: str) -> bool:
@@ -94,7 +118,9 @@ def parallelize_network(
             f"attention with nn.Linear q/k/v projections and shard those with tp_plan="
         )
     config = getattr(network, "config", None)
-    if plan is None and config is not None:
+    if plan is None and getattr(config, "base_model_tp_plan", None):
+        _check_hugging_face_heads(config, tp)
+    elif plan is None and config is not None:
         # Heads, hidden, MLP (and vocab) against tp, named by config field: raised on every rank.
         validate_tp(config, tp, None, sequence_parallel, shard_vocab=shard_vocab)
     plan = dict(plan) if plan is not None else builtin_plan(network, sequence_parallel, shard_vocab)
