@@ -58,6 +58,12 @@ def _tp(**kw: Any) -> Any:
     return TensorParallelStrategy(**kw)
 
 
+def _colwise() -> Any:
+    from torch.distributed.tensor.parallel import ColwiseParallel
+
+    return ColwiseParallel()
+
+
 def _3d(**kw: Any) -> Any:
     from lightning_scale.strategies import Parallel3DStrategy
 
@@ -230,6 +236,12 @@ TABLE: list[Bad] = [
         r"parallel degree tp must be a positive integer or -1"),
     Bad("tensor parallel sequence_parallel='yes'", lambda t: _tp(sequence_parallel="yes"), ValueError,
         r"sequence_parallel must be True or False"),
+    Bad("tensor parallel sequence_parallel with a user plan that shards no sequence",
+        lambda t: _tp(sequence_parallel=True, tp_plan={"fc1": _colwise()}), ValueError,
+        r"your tp_plan has no SequenceParallel\(\) entry, so the sequence would not be sharded"),
+    Bad("3D sequence_parallel with a user plan that shards no sequence",
+        lambda t: _3d(sequence_parallel=True, tp_plan={"fc1": _colwise()}), ValueError,
+        r"Parallel3DStrategy\(sequence_parallel=True, tp_plan=...\): your tp_plan has no SequenceParallel"),
     Bad("tensor parallel plan as a list", lambda t: _tp(tp_plan=["blocks.*"]), ValueError,
         r"tp_plan must be a dict \{'module pattern': ParallelStyle\}"),
     Bad("tensor parallel plan and tp_plan both", lambda t: _tp(plan={}, tp_plan={}), ValueError,

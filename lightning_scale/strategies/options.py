@@ -54,6 +54,24 @@ def check_tp_plan(owner: str, name: str, plan: Any) -> None:
                          f"{type(plan).__name__} {plan!r:.120}")
 
 
+def check_sequence_parallel_plan(owner: str, sequence_parallel: bool, plan: Any) -> None:
+    """``sequence_parallel=True`` with a user ``tp_plan``: the plan must shard the sequence itself
+    (the suite adds its SequenceParallel entries to its built-in plans only), else SP would be
+    reported on while it is off."""
+    if not sequence_parallel or plan is None:
+        return
+    from torch.distributed.tensor.parallel import SequenceParallel
+
+    if not any(isinstance(style, SequenceParallel) for style in plan.values()):
+        raise ValueError(
+            f"{owner}(sequence_parallel=True, tp_plan=...): your tp_plan has no SequenceParallel() entry, so the "
+            f"sequence would not be sharded (the suite adds those entries to its built-in GPT/ViT plans only). Add "
+            f"SequenceParallel() for the norms (e.g. 'blocks.*.ln_1': SequenceParallel()) with the matching "
+            f"input/output layouts on the projections (ColwiseParallel(input_layouts=Shard(1)), "
+            f"RowwiseParallel(output_layouts=Shard(1))), or use sequence_parallel=False"
+        )
+
+
 def check_mesh_options(owner: str, process_group_backend: Any, timeout: Any, trust_checkpoint: Any, module_name: Any) -> None:
     if process_group_backend is not None:
         known = sorted(b for b in dist.Backend.backend_list if b not in ("undefined", "fake")) if dist.is_available() else []

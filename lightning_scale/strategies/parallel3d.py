@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from lightning_scale.core.mesh import ParallelDims
-from lightning_scale.strategies.options import check_bool, check_tp_plan
+from lightning_scale.strategies.options import check_sequence_parallel_plan, check_bool, check_tp_plan
 from lightning_scale.strategies.pipeline import PipelineStrategy
 from lightning_scale.strategies.tensor_parallel import parallelize_network, relative_plan
 
@@ -52,6 +52,7 @@ class Parallel3DStrategy(PipelineStrategy):
     ) -> None:
         check_bool(type(self).__name__, "sequence_parallel", sequence_parallel)
         check_tp_plan(type(self).__name__, "tp_plan", tp_plan)
+        check_sequence_parallel_plan(type(self).__name__, sequence_parallel, tp_plan)
         pipeline_kwargs.setdefault("schedule", "1f1b")
         super().__init__(stages=pipeline_parallel_size, **pipeline_kwargs)
         self.dims = ParallelDims(pp=pipeline_parallel_size, dp=data_parallel_size, tp=tensor_parallel_size)

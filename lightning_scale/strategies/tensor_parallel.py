@@ -25,7 +25,7 @@ from torch.distributed.tensor.parallel import ParallelStyle
 from lightning_scale.core.mesh import ParallelDims
 from lightning_scale.core.tensor_parallel import apply_tp, gpt_tp_plan, validate_tp, vit_tp_plan
 from lightning_scale.strategies.base import MeshStrategy
-from lightning_scale.strategies.options import check_bool, check_tp_plan, renamed_option
+from lightning_scale.strategies.options import check_sequence_parallel_plan, check_bool, check_tp_plan, renamed_option
 
 
 def builtin_plan(network: nn.Module, sequence_parallel: bool, shard_vocab: bool = False) -> dict[str, ParallelStyle]:
@@ -168,6 +168,7 @@ class TensorParallelStrategy(MeshStrategy):
         check_bool(owner, "sequence_parallel", sequence_parallel)
         check_bool(owner, "shard_vocab", shard_vocab)
         check_tp_plan(owner, "tp_plan", plan)
+        check_sequence_parallel_plan(owner, sequence_parallel, plan)
         super().__init__(
             dims=ParallelDims(pp=1, dp=-1, tp=tensor_parallel_size),
             process_group_backend=process_group_backend,
