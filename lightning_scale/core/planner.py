@@ -540,6 +540,8 @@ def _states(model: ModelSpec, workload: Workload, layout: Layout, dp: int, pp_ra
             from lightning_scale.core.model_states import StateDtypes
 
             out.transient["DDP gradient buckets"] = StateDtypes.for_precision(workload.precision).grad * psi
+        if layout.zero_stage == 3 and dp > 1:
+            out.transient.update(_fsdp_unsharded(model, workload, layout))
         return out
     from lightning_scale.core.tensor_parallel import gpt_tp_plan, vit_tp_plan
 
@@ -552,6 +554,24 @@ def _states(model: ModelSpec, workload: Workload, layout: Layout, dp: int, pp_ra
     return rank_model_states(params, dp, layout.zero_stage, precision=workload.precision, optimizer=workload.optimizer,
                              offload=layout.offload, bucket_mb=layout.bucket_mb,
                              ddp_buckets=ddp_buckets(layout, dp), dp_rank=dp_rank)
+
+
+def _fsdp_unsharded(model: ModelSpec, workload: Workload, layout: Layout) -> dict[str, int]:
+    """ZeRO-3 (FSDP2, one unit per block plus the root) from dimensions: what is unsharded at the
+    backward's peak (measured with torch's MemTracker on fake tensors, ``benchmarks/planner_accuracy.py``):
+    the block being computed and the next one prefetched, gathered in the compute dtype, the
+    block's unsharded fp32 gradients, and the root's embeddings and head (their parameters stay
+    gathered from forward to backward) with their gradients. The root is taken as an untied
+    embedding and head (2 V h; an upper bound for tied ones)."""
+    root = 2 * model.vocab * model.hidden
+    if root >= model.params:
+        root = model.vocab * model.hidden
+    block = max(model.params - root, 0) // model.n_layer
+    gathered = 2 if str(workload.precision) in ("bf16-mixed", "16-mixed", "bf16-true", "16-true") else 4
+    return {
+        "FSDP2 gathered parameters (2 blocks and the root)": gathered * (2 * block + root) // layout.tp,
+        "FSDP2 unsharded gradients (a block and the root)": 4 * (block + root) // layout.tp,
+    }
 
 
 def ddp_buckets(layout: Layout, dp: int) -> bool:
