@@ -177,11 +177,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--quick", action="store_true", help="every shape cut to 2 layers")
     p.add_argument("--json", default="benchmarks/results/planner_accuracy.json")
+    p.add_argument("--closed-form-from", metavar="JSON",
+                   help="read the traced and measured figures of an earlier run and recompute only the closed form "
+                        "(instant; after a change to the closed forms)")
     args = p.parse_args(argv)
     console = Console(width=170)
     rows = []
     started = time.time()
-    for name in args.models:
+    if args.closed_form_from:
+        earlier = json.loads(Path(args.closed_form_from).read_text())
+        for row in earlier["rows"]:
+            config = _config(row["model"], args.quick)
+            gpus, zero = LAYOUTS[row["layout"]]
+            rows_per_device = args.batch if "ViTForImageClassification" not in (config.architectures or []) \
+                else max(args.batch, 8)
+            closed = closed_form_peak(config, gpus, zero, row["precision"], row["ac"], rows_per_device, args.seq)
+            row["closed_form"], row["closed_over_measured"] = closed, (closed / row["measured"] if closed else None)
+            rows.append(row)
+    for name in ([] if args.closed_form_from else args.models):
         config = _config(name, args.quick)
         image = "ViTForImageClassification" in (config.architectures or [])
         rows_per_device = args.batch if not image else max(args.batch, 8)

@@ -219,3 +219,34 @@ def test_tensor_parallel_from_the_models_own_hugging_face_plan(tmp_path) -> None
                         Layout(tp=2), Hardware(gpus=2, memory_gb=1))
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     assert traced.after_step == 12 * held + 4 * len(named) + buffers
+
+
+def test_checkpointing_a_hugging_face_model_turns_its_generation_cache_off(tmp_path) -> None:
+    # With use_cache=True (the config's default) a training forward keeps every layer's keys and
+    # values in a cache that checkpointing cannot free. The suite's checkpointing turns it off,
+    # as transformers' own gradient checkpointing does: the traced step then peaks where plain
+    # PyTorch with Hugging Face's gradient checkpointing peaks on real tensors.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_scale.core.planner import Hardware, Layout, Workload
+    from lightning_scale.plan_trace import hf_model_from_config, trace_plan
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False)
+    assert cfg.use_cache
+    with pytest.warns(UserWarning, match="config.use_cache set to False"):
+        traced = trace_plan(hf_model_from_config(cfg, 256), Workload(batch_size=4, seq_len=256, precision="32-true",
+                                                                    optimizer_impl="fused"),
+                            Layout(ac="full"), Hardware(gpus=1, memory_gb=1))
+    # the reference: plain PyTorch and transformers on fake tensors (the same kernels' shapes as
+    # the trace), Hugging Face's own gradient checkpointing, no suite code
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = LlamaForCausalLM(LlamaConfig(**{**cfg.to_dict(), "use_cache": True}))
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        x = torch.randint(0, 256, (4, 256))
+        reference = _real_step_peak(model, x, lambda m, b: m(input_ids=b, labels=b).loss,
+                                    torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True))
+    assert traced.peak == pytest.approx(reference, rel=1e-3)  # 8 KiB apart at 12.3 MB

@@ -288,6 +288,8 @@ def apply_activation_checkpointing(network: nn.Module, config: ACConfig, finder:
             _replace_forward(module, _offloaded_forward, kind)
         else:
             _replace_forward(module, partial(_checkpointed_forward, selective=kind == "selective"), kind)
+    if chosen:
+        _disable_generation_cache(network)
     if config.compile:
         # Module.compile() compiles the module's call (hooks included) in place: names and
         # parameters stay; the instance forward installed above is what Dynamo traces.
@@ -295,6 +297,26 @@ def apply_activation_checkpointing(network: nn.Module, config: ACConfig, finder:
             module.compile()
             setattr(module, _COMPILED, True)
     return {name: kind for name, (_, kind) in chosen.items()}
+
+
+def _disable_generation_cache(network: nn.Module) -> None:
+    """Hugging Face models run with ``config.use_cache=True`` keep every layer's keys and values
+    in a generation cache during a training forward, out of the checkpoint's reach: with full
+    checkpointing of a 8-layer Llama (hidden 512, batch 4 x 1024, fp32) the step peaked at 1066 MB
+    with the cache and 659 MB without (traced with torch's MemTracker,
+    ``tests/test_traced_memory.py``). ``transformers``' own gradient checkpointing turns the cache
+    off for the same reason; so does this, with a warning (generation can pass ``use_cache=True``)."""
+    import warnings
+
+    for module in network.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "use_cache", False) is True:
+            config.use_cache = False
+            warnings.warn(
+                f"activation checkpointing: {type(module).__name__}.config.use_cache set to False: a training "
+                f"forward would otherwise keep every layer's keys and values in a generation cache that "
+                f"checkpointing cannot free (Hugging Face's own gradient checkpointing does the same; pass "
+                f"use_cache=True to generate)", stacklevel=3)
 
 
 def remove_activation_checkpointing(network: nn.Module) -> None:

@@ -83,15 +83,6 @@ def parallelize_offline(strategy: Any, network: nn.Module, world_size: int, prec
     return module
 
 
-def local_bytes(module: nn.Module) -> int:
-    """Bytes of the parameters this rank holds (DTensors: the local shard)."""
-    total = 0
-    for p in {id(p): p for p in module.parameters()}.values():
-        t = p.to_local() if hasattr(p, "to_local") else p
-        total += t.numel() * t.element_size()
-    return total
-
-
 def make_optimizer(params: Any, optimizer: str = "adamw", implementation: str = "foreach",
                    lr: float = 1e-4) -> torch.optim.Optimizer:
     """The optimizer of the run to plan: ``optimizer`` (adamw, adam, sgd, sgd_momentum) with
@@ -153,4 +144,4 @@ def trace_layout(build: Any, batch: Any, loss: Any, strategy: Any, world_size: i
                              f"{type(err).__name__}: {err}") from err
 
 
-__all__ = ["local_bytes", "make_optimizer", "parallelize_offline", "trace_layout"]
+__all__ = ["make_optimizer", "parallelize_offline", "trace_layout"]
