@@ -290,6 +290,8 @@ def _traced_main(a: argparse.Namespace) -> int:
         raise SystemExit("give --batch-size (global sequences or images per step) and --gpus")
     if a.hf_config:
         model = hf_model(a.hf_config, a.seq_len or 0, a.attn_implementation)
+        if not a.seq_len and "image" not in model.name.lower() and "ImageClassification" not in model.name:
+            raise SystemExit("give --seq-len (tokens per sequence) for a language model")
     else:
         if not (a.seq_len and a.vocab):
             raise SystemExit("--model-class needs --seq-len and --vocab (the token ids it takes)")
@@ -297,7 +299,8 @@ def _traced_main(a: argparse.Namespace) -> int:
     hardware = _hardware(a, a.gpus)
     stage, offload = _zero_presets()[a.strategy or "ddp"]
     try:
-        layout = Layout(tp=a.tp or 1, pp=a.pp or 1, zero_stage=stage, offload=offload, ac=a.ac)
+        layout = Layout(tp=a.tp or 1, pp=a.pp or 1, zero_stage=stage, offload=offload, ac=a.ac,
+                        sequence_parallel=a.sp)
         workload = Workload(batch_size=a.batch_size, seq_len=a.seq_len or 1, precision=a.precision or "bf16-mixed",
                             optimizer=a.optimizer, optimizer_impl=a.optimizer_impl)
         traced = trace_plan(model, workload, layout, hardware)
@@ -310,7 +313,7 @@ def _traced_main(a: argparse.Namespace) -> int:
     console = Console(width=160)
     console.print(f"model: {model.name}; batch {a.batch_size} over {a.gpus} x {hardware.name}, "
                   f"{workload.precision}, {workload.optimizer} ({workload.optimizer_impl}), layout "
-                  f"{layout.describe(a.gpus)}")
+                  f"{layout.describe(a.gpus // layout.tp)}")
     table = Table(title="traced on fake tensors, rank 0 (GB = 1e9 bytes of tensors)")
     for col in ("phase", "peak", "params", "grads", "optimizer", "activations", "temporaries", "other"):
         table.add_column(col, justify="left" if col == "phase" else "right")

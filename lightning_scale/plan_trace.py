@@ -184,15 +184,15 @@ def trace_plan(model: TracedModel, workload: Any, layout: Any, hardware: Any) ->
     traced = trace_layout(model.build, lambda: model.batch(rows), model.loss, strategy, gpus, precision=workload.precision, optimizer=workload.optimizer,
                           implementation=workload.optimizer_impl)
     if layout.zero_stage == 0 and layout.tp == 1 and layout.ddp_buckets and gpus > 1:
-        # torch DDP (Lightning's "ddp") keeps a flat copy of the gradients in its buckets (C++,
-        # not seen by the tracer): one gradient's bytes, alive from the backward to the step
+        # torch DDP (Lightning's "ddp") keeps a flat copy of the gradients in buckets its C++
+        # reducer allocates when DDP is built (not seen by the tracer): one gradient's bytes,
+        # alive through every phase
         grads = sum(p.numel() for p in {id(p): p for p in _meta(model).parameters()}.values())
         extra = grads * (2 if workload.precision in ("bf16-true", "16-true") else 4)
         traced.parts["DDP gradient buckets (closed form)"] = extra
-        for phase in ("backward", "optimizer step"):
-            traced.phase_peaks[phase] = traced.phase_peaks.get(phase, 0) + extra
-        traced.phase = max(traced.phase_peaks, key=lambda k: traced.phase_peaks[k])
-        traced.peak = traced.phase_peaks[traced.phase]
+        traced.phase_peaks = {phase: value + extra for phase, value in traced.phase_peaks.items()}
+        traced.after_step += extra
+        traced.peak += extra
     return traced
 
 

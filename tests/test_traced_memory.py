@@ -250,3 +250,10 @@ def test_checkpointing_a_hugging_face_model_turns_its_generation_cache_off(tmp_p
         reference = _real_step_peak(model, x, lambda m, b: m(input_ids=b, labels=b).loss,
                                     torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True))
     assert traced.peak == pytest.approx(reference, rel=1e-3)  # 8 KiB apart at 12.3 MB
+
+
+def test_a_16_bit_true_precision_is_traced_in_that_dtype() -> None:
+    # bf16-true: Lightning converts the model; torch's Adam keeps its moments in the parameter
+    # dtype: 2 + 2 + 2 bytes per parameter between steps, plus the fp32 step counters.
+    traced = _trace(MeshStrategy(), 1, precision="bf16-true")
+    assert traced.after_step == 6 * P + 4 * (2 * LAYERS)

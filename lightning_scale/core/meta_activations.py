@@ -110,15 +110,16 @@ class CudaAutocastEmulation(TorchFunctionMode):
     tensors are left alone; casts of leaf tensors that require grad (parameters) are cached for
     the duration of the mode, like autocast's weight-cast cache."""
 
-    def __init__(self, dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(self, dtype: torch.dtype = torch.bfloat16, cache: bool = True) -> None:
         super().__init__()
         self.dtype = dtype
+        self.cache = cache
         self._cache: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
     def _cast(self, value: Any, to: torch.dtype) -> Any:
         if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dtype in (to, torch.float64):
             return value
-        if value.is_leaf and value.requires_grad:
+        if self.cache and value.is_leaf and value.requires_grad:
             key = (id(value), to)
             if key not in self._cache:
                 self._cache[key] = value.to(to)
@@ -144,13 +145,15 @@ class CudaAutocastEmulation(TorchFunctionMode):
         runs, and ``Tensor.backward`` comes through it, so checkpointed blocks would be recomputed
         without the casts their forward had (autocast is re-entered by the checkpoint for its
         recomputation). Run torch's autograd engine directly (``_engine_run_backward``, what
-        ``torch.autograd.backward`` calls), with the mode pushed again."""
+        ``torch.autograd.backward`` calls), with an emulation pushed again."""
         from torch.autograd.graph import _engine_run_backward
 
         if inputs is not None:
             raise NotImplementedError("CudaAutocastEmulation: backward(inputs=...) is not emulated")
         grad = gradient if gradient is not None else torch.ones_like(tensor)
-        with self:
+        # Without the weight-cast cache: autocast re-entered for one block's recomputation caches
+        # its casts for that block only; one cache for the whole backward would keep every cast.
+        with CudaAutocastEmulation(self.dtype, cache=False):
             _engine_run_backward((tensor,), (grad,), bool(retain_graph or create_graph), create_graph, (),
                                  allow_unreachable=True, accumulate_grad=True)
 

@@ -568,9 +568,10 @@ def _fsdp_unsharded(model: ModelSpec, workload: Workload, layout: Layout) -> dic
         root = model.vocab * model.hidden
     block = max(model.params - root, 0) // model.n_layer
     gathered = 2 if str(workload.precision) in ("bf16-mixed", "16-mixed", "bf16-true", "16-true") else 4
+    grad = 2 if str(workload.precision) in ("bf16-true", "16-true") else 4  # *-mixed: reduced in fp32
     return {
         "FSDP2 gathered parameters (2 blocks and the root)": gathered * (2 * block + root) // layout.tp,
-        "FSDP2 unsharded gradients (a block and the root)": 4 * (block + root) // layout.tp,
+        "FSDP2 unsharded gradients (a block and the root)": grad * (block + root) // layout.tp,
     }
 
 
@@ -586,7 +587,8 @@ def step_temporary(states: StateBytes, params: list[int] | None, workload: Workl
     MemTracker, ``tests/test_traced_memory.py``): Adam / AdamW ``foreach`` compute ``sqrt(v)`` for
     every element the rank steps at once (one moment's bytes per element: 4 B in fp32, 20 B per
     parameter at the step with the 16 of the model states); ``for-loop``, one tensor at a time
-    (the largest stepped tensor, ``params``: element counts, when known); ``fused``: none. SGD
+    (up to three times the largest stepped tensor, ``params``: element counts, when known);
+    ``fused``: none. SGD
     (without weight decay) updates in place: none."""
     if workload.optimizer not in ("adam", "adamw") or workload.optimizer_impl == "fused":
         return 0
@@ -594,9 +596,12 @@ def step_temporary(states: StateBytes, params: list[int] | None, workload: Workl
 
     d = StateDtypes.for_precision(workload.precision, zero_stage)
     stepped = states.stepped  # elements the rank's optimizer updates on the device
-    if workload.optimizer_impl == "foreach":
-        return stepped * d.moment
-    return min(stepped, max(params)) * d.moment if params else 0
+    if workload.optimizer_impl == "foreach" or not params:
+        return stepped * d.moment  # (for-loop without tensor sizes: the foreach bound)
+    # for-loop: the previous tensor's denominator is still held while the next one's sqrt and
+    # division are computed: up to 3 tensors' worth (measured with MemTracker: 2x for one
+    # tensor, 3x for two equal ones)
+    return min(stepped, 3 * max(params)) * d.moment
 
 
 def _activations(model: ModelSpec, workload: Workload, layout: Layout, am: ActivationModel, b: int,

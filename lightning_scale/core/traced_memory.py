@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 __all__ = ["TraceError", "TracedMemory", "fake_process_group", "fake_tensors", "trace_step"]
 
@@ -51,7 +52,8 @@ class TracedMemory:
     """One rank's tensor bytes in the traced step.
 
     ``peak``: the largest total seen; ``parts``: its parts at that moment (params, buffers,
-    grads, activations, temporaries, optimizer, other); ``phase``: where it happened
+    grads, activations, temporaries, optimizer, other; MemTracker files what the optimizer step
+    allocates, its temporaries included, under optimizer); ``phase``: where it happened
     (``"forward"``, ``"backward"``, ``"optimizer step"``); ``phase_peaks``: the peak of each
     phase; ``after_step``: bytes alive between steps (model states and buffers)."""
 
@@ -103,14 +105,19 @@ def trace_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Callab
 
     from lightning_scale.core.meta_activations import CudaAutocastEmulation, compute_dtype
 
-    low = compute_dtype(precision)[1]  # the autocast dtype of *-mixed, else None
+    param_dtype, low = compute_dtype(precision)  # the parameters' dtype; the autocast dtype of *-mixed
+    true_dtype = param_dtype if param_dtype != torch.float32 else None
     phase_peaks: dict[str, int] = {}  # phase -> its own peak (bytes)
     part_snapshots: dict[str, Any] = {}  # phase -> MemTracker's snapshot at that peak
     autocast = (lambda: CudaAutocastEmulation(low)) if low is not None else contextlib.nullcontext
 
     def one_step(tracker: Any = None) -> None:
+        inputs = batch()  # alive to the end of the step, as the batch of a Lightning step is
+        if true_dtype is not None:  # *-true: Lightning casts the batch's floating tensors too
+            inputs = tree_map(lambda t: t.to(true_dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                              else t, inputs)
         with autocast():
-            out = loss(model, batch())
+            out = loss(model, inputs)
         if tracker is not None:
             phase_peaks["forward"] = _peak(tracker)
             part_snapshots["forward"] = tracker.get_tracker_snapshot("peak")
@@ -127,6 +134,7 @@ def trace_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Callab
             phase_peaks["optimizer step"] = _peak(tracker)
             part_snapshots["optimizer step"] = tracker.get_tracker_snapshot("peak")
         optimizer.zero_grad(set_to_none=True)
+        del inputs
 
     for _ in range(steps - 1):  # the first step creates the optimizer states
         one_step()

@@ -129,10 +129,15 @@ def trace_layout(build: Any, batch: Any, loss: Any, strategy: Any, world_size: i
     from lightning_scale.core.traced_memory import fake_process_group, fake_tensors, trace_step
 
     with fake_process_group(world_size, rank), fake_tensors():
-        network = _build_fake(build)
         dtype = compute_dtype(precision)[0]
-        if dtype != torch.float32:  # *-true: Lightning converts the model
-            network = network.to(dtype)
+        # *-true: Lightning converts the model to 16 bits; fake parameters cannot be converted in
+        # place (torch swaps them), so the model is built in that dtype instead
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            network = _build_fake(build)
+        finally:
+            torch.set_default_dtype(default)
         parallelize_offline(strategy, network, world_size, precision)  # in place
         opt = make_optimizer(network.parameters(), optimizer, implementation)
         try:
