@@ -290,7 +290,7 @@ def _traced_main(a: argparse.Namespace) -> int:
         raise SystemExit("give --batch-size (global sequences or images per step) and --gpus")
     if a.hf_config:
         model = hf_model(a.hf_config, a.seq_len or 0, a.attn_implementation)
-        if not a.seq_len and "image" not in model.name.lower() and "ImageClassification" not in model.name:
+        if not a.seq_len and model.takes_tokens:
             raise SystemExit("give --seq-len (tokens per sequence) for a language model")
     else:
         if not (a.seq_len and a.vocab):

@@ -45,6 +45,7 @@ class TracedModel:
     batch: Callable[[int], Any]  # rows -> a batch of that many rows
     loss: Callable[[nn.Module, Any], torch.Tensor]
     block_class: Any = None  # the repeated block (ZeRO-3 units, activation checkpointing)
+    takes_tokens: bool = True  # a batch of (rows, seq) token ids (False: images)
     tp_plan: Any = None  # {path in the LightningModule: ParallelStyle}; None: the model's own (Hugging Face)
 
 
@@ -104,7 +105,7 @@ def hf_model_from_config(config: Any, seq_len: int, attn_implementation: str | N
     no_split = _no_split_class(Auto, config)
     label = architectures[0] if architectures else config.model_type
     return TracedModel(name=f"{label} ({name})" if name else label, build=build,
-                       batch=batch, loss=loss, block_class=no_split)
+                       batch=batch, loss=loss, block_class=no_split, takes_tokens=not image)
 
 
 def _no_split_class(auto: Any, config: Any) -> Any:

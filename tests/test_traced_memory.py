@@ -79,7 +79,6 @@ def test_foreach_adamw_holds_a_temporary_as_large_as_the_parameters_at_the_step(
     fused = _trace(MeshStrategy(), 1, implementation="fused")
     step_foreach, step_fused = foreach.phase_peaks["optimizer step"], fused.phase_peaks["optimizer step"]
     assert step_foreach - step_fused == 4 * P
-    assert foreach.peak >= step_foreach
 
 
 def _real_step_peak(model: nn.Module, batch: torch.Tensor, loss, optimizer) -> int:
