@@ -8,8 +8,11 @@ method: :func:`parallelize_offline` gives a strategy object the few things ``set
 (the mesh, the LightningModule, the precision) and runs it. No process is launched and no
 collective carries data (the process group is fake; TP takes each rank's local slice).
 
-Strategies that need a Trainer's run to transform the model (the pipeline: its schedule is built
-from the first batch) are refused here with a :class:`~lightning_scale.core.traced_memory.TraceError`.
+The pipeline is traced on stage views (a model with ``pipeline_stage_views`` or a
+``stage_forward``): its stages are cut by the strategy's own plan and views, and torch's schedule
+gives each rank's order of forwards and backwards (:func:`trace_pipeline_layout`). The traced
+frontend (torch's tracer cutting an unchanged forward) and ZeRO-1/2 (sharded after setup, inside
+the run) are refused with a :class:`~lightning_scale.core.traced_memory.TraceError`.
 """
 
 from __future__ import annotations
@@ -58,8 +61,7 @@ def parallelize_offline(strategy: Any, network: nn.Module, world_size: int, prec
         raise TraceError(f"{type(strategy).__name__} is not one of the suite's strategies: only those are traced "
                          f"(Lightning's own are planned by the closed forms)")
     if isinstance(strategy, PipelineStrategy):
-        raise TraceError("the pipeline is not traced yet (its stages are built from the first batch inside a run): "
-                         "the closed form plans it")
+        _check_traceable_pipeline(strategy, _holder(network))
     zero = getattr(strategy, "zero", None)
     if zero is not None and zero.stage in (1, 2):
         raise TraceError("ZeRO-1/2 shard the optimizer after setup, inside the run: the closed form plans them")
@@ -70,6 +72,13 @@ def parallelize_offline(strategy: Any, network: nn.Module, world_size: int, prec
     with unset_fake_temporarily():  # the mesh holds real rank lists
         strategy.device_mesh = build_device_mesh(strategy.resolved_dims, "cpu")
     strategy._lightning_module = module
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    environment = LightningEnvironment()  # the rank this process plays (split_pipeline asks for it)
+    environment.set_world_size(world_size)
+    environment.set_global_rank(torch.distributed.get_rank())
+    strategy._cluster_environment = environment
+    strategy.parallel_devices = [torch.device("cpu")]  # the root device: CPU plays the GPU (fake tensors)
     strategy._precision_plugin = (MixedPrecision(precision, "cpu") if str(precision).endswith("-mixed")
                                   else Precision())
     strategy.deferring = True  # TP takes each rank's local slice: no broadcast of values
@@ -81,6 +90,18 @@ def parallelize_offline(strategy: Any, network: nn.Module, world_size: int, prec
         raise TraceError(f"{type(strategy).__name__}.parallelize failed on {type(network).__name__} under the fake "
                          f"process group: {type(err).__name__}: {err}") from err
     return module
+
+
+def _check_traceable_pipeline(strategy: Any, module: Any) -> None:
+    if strategy.pipeline_config.balance == "time":
+        raise TraceError("PipelineStrategy(balance='time') times each block by running it: a traced plan uses "
+                         "balance='params' or split_points (the closed form plans the rest)")
+    network = getattr(module, strategy.module_name, module)
+    if strategy.frontend == "trace" or (strategy.frontend == "auto" and strategy.stage_forward is None
+                                        and not getattr(network, "pipeline_stage_views", False)):
+        raise TraceError(f"the pipeline of {type(network).__name__} is cut by torch's tracer in a run, which is not "
+                         f"traced offline: give PipelineStrategy a stage_forward (Hugging Face decoder LMs get one) "
+                         f"or plan it with the closed form")
 
 
 def make_optimizer(params: Any, optimizer: str = "adamw", implementation: str = "foreach",
@@ -101,10 +122,22 @@ def make_optimizer(params: Any, optimizer: str = "adamw", implementation: str = 
     raise ValueError(f"optimizer must be adamw, adam, sgd or sgd_momentum; got {optimizer!r}")
 
 
-def _build_fake(build: Any) -> nn.Module:
-    """``build()`` on fake tensors; a construction that reads values (an init computing a
-    statistic, e.g. Hugging Face ViT's truncated-normal init) is built on the meta device instead
-    (where such inits are skipped or shape-only) and given fake storage: values do not matter here."""
+def _build_fake(build: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """``build()`` on fake tensors, its floating tensors in ``dtype`` (``*-true``: Lightning
+    converts the model to 16 bits; fake parameters cannot be converted in place, torch swaps
+    them, so the model is built in that dtype instead). A construction that reads values (an init
+    computing a statistic, e.g. Hugging Face ViT's truncated-normal init) is built on the meta
+    device instead (where such inits are skipped or shape-only) and given fake storage: values do
+    not matter here."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return _build_fake_now(build)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def _build_fake_now(build: Any) -> nn.Module:
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     try:
@@ -129,15 +162,7 @@ def trace_layout(build: Any, batch: Any, loss: Any, strategy: Any, world_size: i
     from lightning_scale.core.traced_memory import fake_process_group, fake_tensors, trace_step
 
     with fake_process_group(world_size, rank), fake_tensors():
-        dtype = compute_dtype(precision)[0]
-        # *-true: Lightning converts the model to 16 bits; fake parameters cannot be converted in
-        # place (torch swaps them), so the model is built in that dtype instead
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            network = _build_fake(build)
-        finally:
-            torch.set_default_dtype(default)
+        network = _build_fake(build, compute_dtype(precision)[0])
         parallelize_offline(strategy, network, world_size, precision)  # in place
         opt = make_optimizer(network.parameters(), optimizer, implementation)
         try:
@@ -149,4 +174,79 @@ def trace_layout(build: Any, batch: Any, loss: Any, strategy: Any, world_size: i
                              f"{type(err).__name__}: {err}") from err
 
 
-__all__ = ["make_optimizer", "parallelize_offline", "trace_layout"]
+def stage_input_shapes(build: Any, inputs: tuple, strategy: Any, precision: str = "32-true") -> dict[int, list]:
+    """Stage index -> the (shape, dtype) of each tensor stage ``s`` receives from stage ``s - 1``,
+    for one microbatch ``inputs``: the stages cut by the strategy's own plan and views
+    (:func:`~lightning_scale.core.pipeline.plan_pipeline`, :func:`~lightning_scale.core.pipeline.view_of`)
+    run in order on fake tensors (call inside :func:`~lightning_scale.core.traced_memory.fake_tensors`)."""
+    from lightning_scale.core.meta_activations import compute_dtype
+    from lightning_scale.core.pipeline import plan_pipeline, view_of
+    from lightning_scale.core.traced_memory import _precision_contexts
+
+    module = _holder(_build_fake(build, compute_dtype(precision)[0]))
+    network = getattr(module, strategy.module_name, module)
+    plan = plan_pipeline(network, strategy.pipeline_config)
+    autocast, cast_batch = _precision_contexts(precision)
+    shapes: dict[int, list] = {}
+    x = cast_batch(inputs)
+    with torch.no_grad(), autocast():
+        for s in range(plan.num_stages):
+            if s:
+                shapes[s] = [(tuple(t.shape), t.dtype) for t in x]
+            view = view_of(network, plan, [s])
+            out = strategy.stage_forward(view, *x) if strategy.stage_forward is not None else view(*x)
+            x = out if isinstance(out, tuple) else (out,)
+    return shapes
+
+
+def trace_pipeline_layout(build: Any, batch: Any, output_loss: Any, make_strategy: Any, world_size: int,
+                          precision: str = "32-true", optimizer: str = "adamw", implementation: str = "foreach",
+                          steps: int = 2) -> list[Any]:
+    """Each pipeline rank's :class:`~lightning_scale.core.traced_memory.TracedMemory` (index:
+    the pipeline coordinate; data- and tensor-parallel coordinate 0) for the pipeline strategy
+    ``make_strategy()`` builds (a fresh one per rank: strategies keep state), on ``world_size``
+    ranks. ``batch()``: ``(inputs, target)`` of one rank's batch; ``output_loss(network, output,
+    target)``: the loss of the last stage's output for one microbatch."""
+    from lightning_scale.core.meta_activations import compute_dtype
+    from lightning_scale.core.traced_memory import (PipelineRank, fake_process_group, fake_tensors,
+                                                    trace_pipeline_step)
+
+    probe = make_strategy()
+    dims = probe.dims.resolve(world_size)
+    m = probe.pipeline_config.resolved_microbatches
+    dtype = compute_dtype(precision)[0]
+    results = []
+    with fake_tensors():
+        inputs, _ = batch()
+        rows = next(x.shape[0] for x in inputs if isinstance(x, torch.Tensor))
+        if rows % m:
+            raise ValueError(f"{rows} rows per device do not split into {m} pipeline microbatches")
+        one = tuple(x[: rows // m] if isinstance(x, torch.Tensor) else x for x in inputs)
+        shapes = stage_input_shapes(build, one, probe, precision)
+    for pp_rank in range(dims.pp):
+        strategy = make_strategy()
+        global_rank = pp_rank * dims.dp * dims.tp
+        with fake_process_group(world_size, global_rank), fake_tensors():
+            network = _build_fake(build, dtype)
+            module = parallelize_offline(strategy, network, world_size, precision)
+            runtime = strategy.runtime
+            order = runtime.schedule.pipeline_order
+            if order is None:
+                raise TraceError(f"torch's {type(runtime.schedule).__name__} gives no action order to trace")
+            rank_plan = PipelineRank(stages={st.stage_index: st.submod for st in runtime.stages},
+                                     actions=list(order[pp_rank]), num_stages=runtime.plan.num_stages,
+                                     microbatches=m, inputs=shapes)
+            opt = make_optimizer(module.parameters(), optimizer, implementation)
+            local = getattr(module, strategy.module_name, module)
+            try:
+                traced = trace_pipeline_step(rank_plan, opt, batch,
+                                             lambda out, target: output_loss(local, out, target), precision,
+                                             steps=steps, rank=global_rank, world_size=world_size)
+            except Exception as err:  # noqa: BLE001
+                raise TraceError(f"pipeline rank {pp_rank}'s schedule failed on fake tensors: "
+                                 f"{type(err).__name__}: {err}") from err
+            results.append(traced)
+    return results
+
+
+__all__ = ["make_optimizer", "parallelize_offline", "stage_input_shapes", "trace_layout", "trace_pipeline_layout"]
