@@ -8,9 +8,12 @@ training step (forward, backward, optimizer step) is measured per phase by torch
 (:mod:`lightning_scale.core.traced_memory`, :mod:`lightning_scale.strategies.offline`).
 
 Layouts traced: data parallelism (the suite's ``MeshStrategy``; Lightning's ``ddp`` also keeps
-torch DDP's gradient-bucket copy, one gradient's bytes, which is added and named) and ZeRO-3
-(FSDP2), with activation checkpointing (``none``, ``full``, ``selective``) and any precision.
-Tensor parallelism needs a plan for the model and the pipeline is built inside a run: both are
+torch DDP's gradient-bucket copy, one gradient's bytes, which is added and named), ZeRO-3
+(FSDP2), tensor parallelism (the model's own plan: Hugging Face's ``base_model_tp_plan``) and
+the pipeline (every schedule; stages cut by the strategy's plan, each pipeline rank traced
+through its schedule's order, the worst rank reported; with data parallelism or ZeRO-3 on the
+replicas), with activation checkpointing (``none``, ``full``, ``selective``) and any precision.
+ZeRO-1/2, CPU offload, TP with ZeRO-3 or sequence parallelism, and a pipeline with TP are
 planned by the closed forms, which say so.
 
 Inputs per model kind: a causal LM takes ``(batch, seq)`` token ids and is trained on its own
@@ -47,6 +50,13 @@ class TracedModel:
     block_class: Any = None  # the repeated block (ZeRO-3 units, activation checkpointing)
     takes_tokens: bool = True  # a batch of (rows, seq) token ids (False: images)
     tp_plan: Any = None  # {path in the LightningModule: ParallelStyle}; None: the model's own (Hugging Face)
+    # The pipeline (stage views): what a stage runs instead of the model's forward (None: the
+    # model's own forward skips missing parts), the block container, one microbatch's loss of
+    # the last stage's output, and the batch as (stage-0 inputs, target).
+    stage_forward: Any = None
+    block_container: str | None = None
+    output_loss: Callable[[nn.Module, Any, Any], torch.Tensor] | None = None
+    split: Callable[[Any], tuple[tuple, Any]] | None = None
 
 
 def _hf_config(path: str) -> Any:
@@ -104,8 +114,26 @@ def hf_model_from_config(config: Any, seq_len: int, attn_implementation: str | N
 
     no_split = _no_split_class(Auto, config)
     label = architectures[0] if architectures else config.model_type
-    return TracedModel(name=f"{label} ({name})" if name else label, build=build,
-                       batch=batch, loss=loss, block_class=no_split, takes_tokens=not image)
+    traced = TracedModel(name=f"{label} ({name})" if name else label, build=build,
+                         batch=batch, loss=loss, block_class=no_split, takes_tokens=not image)
+    if not image:
+        with torch.device("meta"):
+            decoder = _is_decoder_lm(build())
+        if decoder:  # model.embed_tokens -> model.layers -> model.norm -> lm_head: the suite's stage forward
+            from lightning_scale.adapters.huggingface import decoder_stage_forward
+
+            traced.stage_forward, traced.block_container = decoder_stage_forward, "model.layers"
+            traced.split = lambda b: ((b,), b)
+            traced.output_loss = lambda network, logits, labels: network.loss_function(
+                logits=logits, labels=labels, vocab_size=vocab)
+    return traced
+
+
+def _is_decoder_lm(model: nn.Module) -> bool:
+    body = getattr(model, "model", None)
+    return all(isinstance(getattr(body, name, None), nn.Module) for name in ("embed_tokens", "layers", "norm",
+                                                                             "rotary_emb")) \
+        and isinstance(getattr(model, "lm_head", None), nn.Module)
 
 
 def _no_split_class(auto: Any, config: Any) -> Any:
@@ -138,7 +166,14 @@ def class_model(spec: str, init_args: dict[str, Any], seq_len: int, vocab: int) 
         logits = out.logits if hasattr(out, "logits") else out
         return nn.functional.cross_entropy(logits.flatten(0, 1).float(), b.flatten())
 
-    return TracedModel(name=spec, build=lambda: cls(**init_args), batch=batch, loss=loss)
+    def output_loss(network: nn.Module, out: Any, target: torch.Tensor) -> torch.Tensor:
+        logits = out.logits if hasattr(out, "logits") else out
+        return nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
+
+    # the pipeline runs the class's own forward on stage views (it must skip missing parts:
+    # pipeline_stage_views = True, as the suite's models declare)
+    return TracedModel(name=spec, build=lambda: cls(**init_args), batch=batch, loss=loss,
+                       split=lambda b: ((b,), b), output_loss=output_loss)
 
 
 def trace_plan(model: TracedModel, workload: Any, layout: Any, hardware: Any) -> TracedMemory:
@@ -148,8 +183,7 @@ def trace_plan(model: TracedModel, workload: Any, layout: Any, hardware: Any) ->
     from lightning_scale.strategies.offline import trace_layout
 
     if layout.pp > 1:
-        raise TraceError("the pipeline is not traced (it is built inside a run from the first batch): the closed form "
-                         "plans it")
+        return _trace_pipeline(model, workload, layout, hardware)
     if layout.tp > 1 and (layout.zero_stage or layout.sequence_parallel):
         raise TraceError("tensor parallelism is traced without ZeRO-3 and sequence parallelism so far: the closed form "
                          "plans those")
@@ -195,6 +229,44 @@ def trace_plan(model: TracedModel, workload: Any, layout: Any, hardware: Any) ->
         traced.after_step += extra
         traced.peak += extra
     return traced
+
+
+def _trace_pipeline(model: TracedModel, workload: Any, layout: Any, hardware: Any) -> TracedMemory:
+    """The pipeline's worst rank (each pipeline rank is traced: the first holds the most
+    microbatches in flight, the last the logits)."""
+    from lightning_scale.strategies import PipelineStrategy
+    from lightning_scale.strategies.offline import trace_pipeline_layout
+
+    if model.split is None or model.output_loss is None:
+        raise TraceError(f"{model.name}: no pipeline stage forward for this model kind (Hugging Face decoder LMs and "
+                         f"classes with pipeline_stage_views are traced): the closed form plans it")
+    if layout.tp > 1 or layout.zero_stage not in (0, 3) or layout.offload:
+        raise TraceError("the pipeline is traced with data parallelism or ZeRO-3 on the replicas (no TP, no offload "
+                         "yet): the closed form plans the rest")
+    gpus = hardware.gpus
+    if gpus % layout.pp:
+        raise ValueError(f"{gpus} GPUs do not divide into pp={layout.pp} stages")
+    dp = gpus // layout.pp
+    if workload.batch_size % dp:
+        raise ValueError(f"a global batch of {workload.batch_size} does not divide into dp={dp} replicas")
+    rows = workload.batch_size // dp
+    options: dict[str, Any] = {"activation_checkpointing": None if layout.ac == "none" else layout.ac}
+    if model.block_container:
+        options["block_container"] = model.block_container
+    if model.stage_forward is not None:
+        options["stage_forward"] = model.stage_forward
+
+    def make() -> Any:
+        return PipelineStrategy(stages=layout.pp, schedule=layout.schedule, microbatches=layout.m,
+                                virtual_stages=layout.virtual_stages if layout.virtual_stages > 1 else None,
+                                zero_stage=layout.zero_stage, **options)
+
+    ranks = trace_pipeline_layout(model.build, lambda: model.split(model.batch(rows)), model.output_loss, make, gpus,
+                                  precision=workload.precision, optimizer=workload.optimizer,
+                                  implementation=workload.optimizer_impl)
+    worst = max(ranks, key=lambda r: r.peak)
+    worst.stage_peaks = [r.peak for r in ranks]
+    return worst
 
 
 def _meta(model: TracedModel) -> nn.Module:

@@ -29,8 +29,8 @@ def _loss(output, target):
     return F.cross_entropy(logits.flatten(0, 1), target.flatten())
 
 
-def _fit(strategy, steps: int):
-    """Train the Llama with ``strategy`` on 2 ranks; returns the task and rank's per-step losses."""
+def _fit(strategy, steps: int, devices: int = 2):
+    """Train the Llama with ``strategy`` on ``devices`` ranks; returns the task and rank's per-step losses."""
     import lightning as L
 
     class HFTask(L.LightningModule):
@@ -55,7 +55,7 @@ def _fit(strategy, steps: int):
             losses.append(float(outputs["loss"]))
 
     os.environ["PL_GLOBAL_SEED"] = "0"
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=steps, logger=False, callbacks=[Record()],
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, logger=False, callbacks=[Record()],
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     task = HFTask()
     trainer.fit(task, DataLoader(_data(), batch_size=8, drop_last=True))
@@ -79,30 +79,45 @@ def fit_hf(steps: int) -> dict:
     return {"losses": losses, "state": _full_state(task)}
 
 
-def reference_hf(steps: int, microbatches: int = 4) -> dict:
-    """One process: the same batches (Lightning's DistributedSampler order), ``microbatches`` accumulated."""
+def reference_hf(steps: int, microbatches: int = 4, replicas: int = 1) -> dict:
+    """One process: the same batches (Lightning's DistributedSampler order, each of ``replicas``
+    data-parallel replicas' share), ``microbatches`` accumulated per replica, gradients averaged
+    over the replicas; ``losses``: replica 0's (what rank 0 reports)."""
     from torch.utils.data import DistributedSampler
 
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     data = _data()
-    sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0)
-    per_epoch = len(data) // 8
+    samplers = [DistributedSampler(data, num_replicas=replicas, rank=r, shuffle=True, seed=0) for r in range(replicas)]
+    per_epoch = len(data) // replicas // 8
     losses = []
     for step in range(steps):
         epoch, i = divmod(step, per_epoch)
-        sampler.set_epoch(epoch)
-        idx = torch.tensor(list(sampler))[i * 8 : (i + 1) * 8]
-        x, y = data.tensors[0][idx], data.tensors[1][idx]
         opt.zero_grad()
-        total = 0.0
-        for xc, yc in zip(x.chunk(microbatches), y.chunk(microbatches)):
-            loss = _loss(model(xc), yc) / microbatches
-            loss.backward()
-            total += loss.item()
+        for r, sampler in enumerate(samplers):
+            sampler.set_epoch(epoch)
+            idx = torch.tensor(list(sampler))[i * 8 : (i + 1) * 8]
+            x, y = data.tensors[0][idx], data.tensors[1][idx]
+            total = 0.0
+            for xc, yc in zip(x.chunk(microbatches), y.chunk(microbatches)):
+                loss = _loss(model(xc), yc) / microbatches
+                (loss / replicas).backward()
+                total += loss.item()
+            if r == 0:
+                losses.append(total)
         opt.step()
-        losses.append(total)
     return {"losses": losses, "state": {f"model.{k}": v for k, v in model.state_dict().items()}}
+
+
+def fit_hf_pp_zero3(steps: int) -> dict:
+    """pp=2 x dp=2 on 4 ranks, ZeRO-3 (FSDP2) over each stage's replicas, the decoder adapter as
+    each stage's forward (its FSDP root unit is the adapter the schedule calls)."""
+    from lightning_scale.strategies import PipelineStrategy
+
+    strategy = PipelineStrategy(stages=2, microbatches=4, split_points=["model.layers.2"], zero_stage=3,
+                                stage_forward="lightning_scale.adapters.huggingface.decoder_stage_forward")
+    task, losses = _fit(strategy, steps, devices=4)
+    return {"losses": losses, "state": _full_state(task)}
 
 
 def fit_hf_tp(steps: int) -> dict:

@@ -66,6 +66,7 @@ class TracedMemory:
     rank: int = 0
     world_size: int = 1
     source: str = "traced"
+    stage_peaks: list[int] = field(default_factory=list)  # a pipeline: each pipeline rank's peak (bytes)
 
 
 @contextlib.contextmanager

@@ -497,7 +497,11 @@ class PipelineStrategy(MeshStrategy):
             return
         from lightning_scale.core.fsdp import fully_shard_blocks, mixed_precision_policy
 
-        network, stage_modules = local, (self.runtime.stage_modules if self.runtime is not None else [local])
+        # The root units are what each PipelineStage calls: the stage module, or with stage_forward
+        # its adapter, whose forward calls the stage's parts directly (not the stage module's own
+        # forward): FSDP's root hooks must run on the module the schedule calls.
+        network = local
+        stage_modules = [stage.submod for stage in self.runtime.stages] if self.runtime is not None else [local]
         mesh = self.device_mesh["dp"]
         blocks = [b for _, b in self.block_finder.find(network, type(self).__name__)]
         mp_policy = mixed_precision_policy(self.precision_plugin.precision)
