@@ -49,7 +49,7 @@ class TracedModel:
     loss: Callable[[nn.Module, Any], torch.Tensor]
     block_class: Any = None  # the repeated block (ZeRO-3 units, activation checkpointing)
     takes_tokens: bool = True  # a batch of (rows, seq) token ids (False: images)
-    tp_plan: Any = None  # {path in the LightningModule: ParallelStyle}; None: the model's own (Hugging Face)
+    tp_plan: Any = None  # {path in the network: ParallelStyle}; None: the strategy's choice (the model's own)
     # The pipeline (stage views): what a stage runs instead of the model's forward (None: the
     # model's own forward skips missing parts), the block container, one microbatch's loss of
     # the last stage's output, and the batch as (stage-0 inputs, target).
@@ -202,15 +202,10 @@ def trace_plan(model: TracedModel, workload: Any, layout: Any, hardware: Any) ->
     if model.block_class:
         options["block_class"] = model.block_class
     if layout.tp > 1:
-        from lightning_scale.adapters.huggingface import hf_tp_plan
         from lightning_scale.strategies import TensorParallelStrategy
 
-        if model.tp_plan is None:
-            with torch.device("meta"):
-                try:
-                    model.tp_plan = hf_tp_plan(model.build(), prefix="model.")
-                except ValueError as err:
-                    raise TraceError(str(err)) from None
+        # tp_plan None: the strategy's own choice, as in a run (the suite's models' plans, a
+        # Hugging Face model's base_model_tp_plan; a model without one is refused, named)
         strategy = TensorParallelStrategy(tensor_parallel_size=layout.tp, tp_plan=model.tp_plan, **options)
     elif layout.zero_stage == 3:
         strategy = ZeroStrategy(stage=3, **options)

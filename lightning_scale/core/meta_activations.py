@@ -129,8 +129,15 @@ class CudaAutocastEmulation(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if name == "backward" and args and isinstance(args[0], torch.Tensor):
+        if func is torch.Tensor.backward:
             return self._backward(*args, **kwargs)
+        if func is torch.autograd.backward:  # (tensors, grad_tensors=None, retain_graph=None, create_graph=False, ...)
+            tensors = args[0] if args else kwargs.pop("tensors")
+            grads = args[1] if len(args) > 1 else kwargs.pop("grad_tensors", None)
+            tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+            grads = (grads,) if grads is None or isinstance(grads, torch.Tensor) else tuple(grads)
+            grads = grads * len(tensors) if grads == (None,) else grads
+            return self._backward(tensors, grads, *args[2:], **kwargs)
         inplace = name.endswith("_") and not name.startswith("__")  # add_ (not __matmul__)
         if "out" not in kwargs and not inplace:
             to = self.dtype if name in LOWER_PRECISION_OPS else torch.float32 if name in FP32_OPS else None
@@ -139,22 +146,25 @@ class CudaAutocastEmulation(TorchFunctionMode):
                 kwargs = tree_map(lambda v: self._cast(v, to), kwargs)
         return func(*args, **kwargs)
 
-    def _backward(self, tensor: torch.Tensor, gradient: torch.Tensor | None = None, retain_graph: bool | None = None,
-                  create_graph: bool = False, inputs: Any = None) -> None:
-        """``tensor.backward()`` with this mode on. A mode is off while its own __torch_function__
-        runs, and ``Tensor.backward`` comes through it, so checkpointed blocks would be recomputed
-        without the casts their forward had (autocast is re-entered by the checkpoint for its
-        recomputation). Run torch's autograd engine directly (``_engine_run_backward``, what
-        ``torch.autograd.backward`` calls), with an emulation pushed again."""
+    def _backward(self, tensor: torch.Tensor | tuple[torch.Tensor, ...], gradient: Any = None,
+                  retain_graph: bool | None = None, create_graph: bool = False, inputs: Any = None,
+                  grad_variables: Any = None) -> None:
+        """``tensor.backward()`` or ``torch.autograd.backward(tensors, grads)`` with this mode on.
+        A mode is off while its own __torch_function__ runs, and both come through it, so
+        checkpointed blocks would be recomputed without the casts their forward had (autocast is
+        re-entered by the checkpoint for its recomputation). Run torch's autograd engine directly
+        (``_engine_run_backward``, what ``torch.autograd.backward`` calls), with an emulation
+        pushed again."""
         from torch.autograd.graph import _engine_run_backward
 
-        if inputs is not None:
-            raise NotImplementedError("CudaAutocastEmulation: backward(inputs=...) is not emulated")
-        grad = gradient if gradient is not None else torch.ones_like(tensor)
+        tensors = tensor if isinstance(tensor, tuple) else (tensor,)
+        grads = gradient if isinstance(gradient, tuple) else (gradient,)
+        grads = tuple(g if g is not None else torch.ones_like(t) for t, g in zip(tensors, grads))
+        inputs = () if inputs is None else ((inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs))
         # Without the weight-cast cache: autocast re-entered for one block's recomputation caches
         # its casts for that block only; one cache for the whole backward would keep every cast.
         with CudaAutocastEmulation(self.dtype, cache=False):
-            _engine_run_backward((tensor,), (grad,), bool(retain_graph or create_graph), create_graph, (),
+            _engine_run_backward(tensors, grads, bool(retain_graph or create_graph), create_graph, inputs,
                                  allow_unreachable=True, accumulate_grad=True)
 
     def __exit__(self, *exc: Any) -> Any:
