@@ -65,7 +65,12 @@ def _parser() -> argparse.ArgumentParser:
                    "B200-180GB, B200-192GB, L4, L40S, A10G, T4, V100-32GB, MI300X")
     h.add_argument("--gpu-memory-gb", type=float, help="device memory in GB (1e9 bytes) instead of --gpu")
     h.add_argument("--gpus-per-node", type=int, default=8)
-    h.add_argument("--reserve", type=float, default=0.10, help="fraction of memory kept free (context, fragmentation)")
+    h.add_argument("--reserve", type=float, default=0.10,
+                   help="fraction of device memory kept free for allocator fragmentation and communication buffers "
+                        "(an assumption; default 0.10)")
+    h.add_argument("--context-gb", type=float, default=None,
+                   help="GB the CUDA context takes per device (default 0.287, measured in PyTorch PR #86509 with lazy "
+                        "module loading)")
     s = p.add_argument_group("layout")
     s.add_argument("--strategy", default=None, choices=sorted(_zero_presets()),
                    help="with --recipe: replaces the recipe's strategy (so do --tp / --pp)")
@@ -200,9 +205,11 @@ def _inputs(a: argparse.Namespace) -> tuple[ModelSpec, Workload, Layout, Hardwar
         raise SystemExit("give --gpus")
     if a.gpu_memory_gb:
         hardware = Hardware(gpus=gpus, memory_gb=a.gpu_memory_gb, name=f"{a.gpu_memory_gb:g} GB device",
-                            gpus_per_node=a.gpus_per_node, reserve_fraction=a.reserve)
+                            gpus_per_node=a.gpus_per_node, reserve_fraction=a.reserve,
+                        **_context(a))
     elif a.gpu:
-        hardware = Hardware.named(a.gpu, gpus, gpus_per_node=a.gpus_per_node, reserve_fraction=a.reserve)
+        hardware = Hardware.named(a.gpu, gpus, gpus_per_node=a.gpus_per_node, reserve_fraction=a.reserve,
+                        **_context(a))
     else:
         raise SystemExit("give --gpu NAME or --gpu-memory-gb")
     if recipe and not (a.strategy or a.tp or a.pp):
@@ -268,12 +275,18 @@ def main(args: Sequence[str] | None = None) -> int:
     return 0 if found else 1
 
 
+def _context(a: argparse.Namespace) -> dict:
+    return {} if a.context_gb is None else {"context_gb": a.context_gb}
+
+
 def _hardware(a: argparse.Namespace, gpus: int) -> Hardware:
     if a.gpu_memory_gb:
         return Hardware(gpus=gpus, memory_gb=a.gpu_memory_gb, name=f"{a.gpu_memory_gb:g} GB device",
-                        gpus_per_node=a.gpus_per_node, reserve_fraction=a.reserve)
+                        gpus_per_node=a.gpus_per_node, reserve_fraction=a.reserve,
+                        **_context(a))
     if a.gpu:
-        return Hardware.named(a.gpu, gpus, gpus_per_node=a.gpus_per_node, reserve_fraction=a.reserve)
+        return Hardware.named(a.gpu, gpus, gpus_per_node=a.gpus_per_node, reserve_fraction=a.reserve,
+                        **_context(a))
     raise SystemExit("give --gpu NAME or --gpu-memory-gb")
 
 
@@ -328,9 +341,8 @@ def _traced_main(a: argparse.Namespace) -> int:
     console.print(table)
     usable = hardware.usable_bytes
     fits = traced.peak < usable
-    console.print(f"traced peak {traced.peak / GB:.2f} GB ({traced.phase}) vs {usable / GB:.1f} GB usable on "
-                  f"{hardware.name} ({hardware.memory_gb:g} GB less the {hardware.reserve_fraction:.0%} reserve for the "
-                  f"CUDA context and allocator, an assumption): margin {(usable - traced.peak) / GB:+.2f} GB -> "
+    console.print(f"traced peak {traced.peak / GB:.2f} GB ({traced.phase}) vs {usable / GB:.2f} GB usable on "
+                  f"{hardware.name} ({hardware.describe_reserve()}): margin {(usable - traced.peak) / GB:+.2f} GB -> "
                   + ("fits" if fits else "does NOT fit"))
     for line in precision_warnings(hardware.name, workload.precision):
         console.print(f"[bold yellow]warning:[/] {line}")

@@ -187,7 +187,7 @@ def test_plan_cli_prints_and_writes_the_asked_layout_and_a_recommendation(tmp_pa
 def test_plan_cli_reads_a_recipe(tmp_path, capsys) -> None:
     from lightning_scale.plan_cli import main
 
-    assert main(["--recipe", "recipes/gpt/nano-cpu.yaml", "--gpu-memory-gb", "0.05", "--json", str(tmp_path / "p.json")]) == 0
+    assert main(["--recipe", "recipes/gpt/nano-cpu.yaml", "--gpu-memory-gb", "0.05", "--context-gb", "0", "--json", str(tmp_path / "p.json")]) == 0
     import json
 
     asked = json.loads((tmp_path / "p.json").read_text())["asked"]
@@ -274,6 +274,7 @@ def test_the_foreach_adam_step_temporary_can_decide_the_verdict() -> None:
     assert foreach.peak == foreach.step_peak == 20 * P + (foreach.optimizer - 8 * P)  # + the 4-byte step counters
     between = (fused.peak + foreach.peak) / 2 / 1e9
     verdicts = [plan_memory(model, Workload(batch_size=1, seq_len=64, precision="32-true", optimizer_impl=impl),
-                            Layout(ac="full"), Hardware(gpus=1, memory_gb=between, reserve_fraction=0)).fits
+                            Layout(ac="full"), Hardware(gpus=1, memory_gb=between, reserve_fraction=0,
+                                                               context_gb=0)).fits
                 for impl in ("fused", "foreach")]
     assert verdicts == [True, False]

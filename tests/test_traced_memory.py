@@ -168,8 +168,14 @@ def test_plan_traces_a_hugging_face_llama_from_its_config(tmp_path) -> None:
                            torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True))
     assert data["peak"] == pytest.approx(real, rel=0.03), (data["peak"], real)
     # "fits" only below the usable memory: the same run on a device just too small is refused
-    small = _plan([*common, "--gpu-memory-gb", f"{data['peak'] * 0.999 / 1e9:.9f}", "--reserve", "0"], tmp_path)
+    small = _plan([*common, "--gpu-memory-gb", f"{data['peak'] * 0.999 / 1e9:.9f}", "--reserve", "0", "--context-gb",
+                   "0"], tmp_path)
     assert not small["fits"] and small["peak"] == data["peak"]
+    # the CUDA context (0.287 GB by default) is not the model's: 0.2 GB of room above the peak
+    # is not enough with it, and is without it
+    room = f"{(data['peak'] + 0.2e9) / 1e9:.9f}"
+    assert not _plan([*common, "--gpu-memory-gb", room, "--reserve", "0"], tmp_path)["fits"]
+    assert _plan([*common, "--gpu-memory-gb", room, "--reserve", "0", "--context-gb", "0"], tmp_path)["fits"]
 
 
 def test_plan_traces_zero3_on_8_ranks_and_eager_attention_costs_more(tmp_path) -> None:

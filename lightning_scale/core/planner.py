@@ -17,9 +17,10 @@ rank hold the same amounts), of
   buffers (BatchNorm running statistics), which live all step but are none of the model states.
 
 **Units**: bytes; tables print GB = 1e9 bytes (the ZeRO paper's unit). A device "fits" when the
-peak is at most ``memory_gb * 1e9 * (1 - reserve_fraction)``; the reserve (default 10%) stands
-for the CUDA context, communication buffers and allocator fragmentation, which no tensor count
-sees. It is an assumption, not a measurement.
+peak is at most ``memory_gb * 1e9 * (1 - reserve_fraction) - context_gb * 1e9``: the CUDA
+context (0.287 GB, measured in PyTorch PR #86509 with lazy module loading) and a reserve
+(default 10%) for communication buffers and allocator fragmentation, which no tensor count sees;
+the reserve is an assumption, not a measurement (see :class:`Hardware`).
 
 **Recommendation** (:func:`recommend`): candidate layouts in a fixed order of expected speed,
 first the one that fits: plain data parallelism; ZeRO-1, -2, -3; each again with selective then
@@ -192,25 +193,46 @@ class Workload:
         ActivationModel.for_precision(self.precision)  # validates the precision string
 
 
+#: GB one process's CUDA context takes on the device with lazy module loading (torch's default
+#: since 1.13, CUDA's since 12.2): 287,047,680 bytes measured in PyTorch PR #86509
+#: (https://github.com/pytorch/pytorch/pull/86509; 666,632,192 bytes with eager loading). Kernels
+#: loaded later (cuBLAS, NCCL) add to it: the fragmentation allowance below is kept on top.
+CUDA_CONTEXT_GB = 0.287
+
+
 @dataclass(frozen=True)
 class Hardware:
-    """``gpus`` devices of ``memory_gb`` GB each (GB = 1e9 bytes), ``gpus_per_node`` per node."""
+    """``gpus`` devices of ``memory_gb`` GB each (GB = 1e9 bytes), ``gpus_per_node`` per node.
+
+    Usable per device: ``memory_gb`` less ``context_gb`` for the CUDA context (sourced:
+    :data:`CUDA_CONTEXT_GB`) and less ``reserve_fraction`` of the memory for what tensors do not
+    account for: the caching allocator's rounding and fragmentation, NCCL's buffers, library
+    workspaces (an assumption, 10% by default: no published figure holds across models)."""
 
     gpus: int
     memory_gb: float
     name: str = "custom"
     gpus_per_node: int = 8
     reserve_fraction: float = 0.10
+    context_gb: float = CUDA_CONTEXT_GB
 
     def __post_init__(self) -> None:
         if self.gpus < 1 or self.memory_gb <= 0 or self.gpus_per_node < 1:
             raise ValueError(f"gpus, memory_gb and gpus_per_node must be positive; got {self.gpus}, {self.memory_gb}, {self.gpus_per_node}")
         if not 0 <= self.reserve_fraction < 1:
             raise ValueError(f"reserve_fraction must be in [0, 1); got {self.reserve_fraction}")
+        if self.context_gb < 0:
+            raise ValueError(f"context_gb must be >= 0; got {self.context_gb}")
 
     @property
     def usable_bytes(self) -> float:
-        return self.memory_gb * GB * (1 - self.reserve_fraction)
+        return self.memory_gb * GB * (1 - self.reserve_fraction) - self.context_gb * GB
+
+    def describe_reserve(self) -> str:
+        """How usable memory was derived, for the verdict line."""
+        return (f"{self.memory_gb:g} GB less {self.context_gb:g} GB for the CUDA context (PyTorch PR #86509) and "
+                f"{self.reserve_fraction:.0%} for allocator fragmentation and communication buffers (an assumption; "
+                f"--reserve, --context-gb)")
 
     @classmethod
     def named(cls, gpu: str, gpus: int, **kwargs: Any) -> Hardware:

@@ -105,7 +105,7 @@ def trace_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Callab
     autocast."""
     autocast, cast_batch = _precision_contexts(precision)
 
-    def body(mark: Callable[[str], None], tracker: Any) -> None:
+    def body(mark: Callable[[str], None], tracker: Any) -> Any:
         inputs = cast_batch(batch())  # alive to the end of the step, as the batch of a Lightning step is
         with autocast():
             out = loss(model, inputs)
@@ -114,6 +114,7 @@ def trace_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Callab
             out.backward()
         del out
         mark("backward")
+        return inputs  # alive through the optimizer step
 
     return _traced_steps(body, optimizer, [model], steps, rank, world_size)
 
@@ -136,10 +137,11 @@ def _precision_contexts(precision: str) -> tuple[Callable[[], Any], Callable[[An
     return autocast, cast_batch
 
 
-def _traced_steps(body: Callable[[Callable[[str], None], Any], None], optimizer: torch.optim.Optimizer,
+def _traced_steps(body: Callable[[Callable[[str], None], Any], Any], optimizer: torch.optim.Optimizer,
                   external: list[Any], steps: int, rank: int, world_size: int) -> TracedMemory:
     """``steps`` times: ``body(mark, tracker)`` (forward and backward; ``mark(phase)`` closes a
-    phase; ``tracker``: the MemTracker, None on the untracked steps),
+    phase; ``tracker``: the MemTracker, None on the untracked steps; it returns what stays alive
+    to the end of the step: the batch, as in a Lightning step),
     ``optimizer.step()``, ``zero_grad``; the last one under a fresh ``MemTracker`` that also
     counts ``external`` (modules and tensors made before it: parameters, persistent buffers)."""
     from torch.distributed._tools.mem_tracker import MemTracker
@@ -154,10 +156,11 @@ def _traced_steps(body: Callable[[Callable[[str], None], Any], None], optimizer:
                 part_snapshots[phase] = tracker.get_tracker_snapshot("peak")
                 _restart_peak(tracker)
 
-        body(mark, tracker)
+        kept = body(mark, tracker)
         optimizer.step()
         mark("optimizer step")
         optimizer.zero_grad(set_to_none=True)
+        del kept
 
     for _ in range(steps - 1):  # the first step creates the optimizer states
         one_step()
@@ -227,7 +230,7 @@ def trace_pipeline_step(rank_plan: PipelineRank, optimizer: torch.optim.Optimize
     persistent = [t for bufs in (*act_buffers.values(), *grad_buffers.values()) for mb in bufs for t in mb]
     modules = list(rank_plan.stages.values())
 
-    def body(mark: Callable[[str], None], tracker: Any) -> None:
+    def body(mark: Callable[[str], None], tracker: Any) -> Any:
         inputs, target = cast_batch(batch())
         chunks = [tuple(x.tensor_split(m) if isinstance(x, torch.Tensor) else [x] * m for x in inputs)]
         first_inputs = [tuple(c[i] for c in chunks[0]) for i in range(m)]
@@ -301,7 +304,8 @@ def trace_pipeline_step(rank_plan: PipelineRank, optimizer: torch.optim.Optimize
                         same_rank_grad[(s, mb)] = tuple(a.grad for a in wants)
                 del cache[(s, mb)], tensors, grads, outs, args, wants
         mark("schedule")
-        del inputs, target, chunks, first_inputs, targets, losses
+        del chunks, first_inputs, targets, losses
+        return inputs, target  # the batch: alive through the optimizer step
 
     return _traced_steps(body, optimizer, [*modules, *persistent], steps, rank, world_size)
 
