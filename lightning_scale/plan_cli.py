@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("the user's own model, traced on fake tensors (lightning_scale/plan_trace.py)")
     t.add_argument("--hf-config", help="a Hugging Face config.json (or its folder): causal LM or image classifier; "
                                        "nothing is downloaded")
+    t.add_argument("--config", help="a LightningCLI YAML with your own LightningModule and datamodule: the model, one "
+                                    "batch, trainer.strategy / devices / precision and configure_optimizers are "
+                                    "those of the run (--gpus and --precision override)")
     t.add_argument("--model-class", help="package.module:Class of a module taking (batch, seq) token ids")
     t.add_argument("--init-args", default="{}", help="JSON keyword arguments of --model-class")
     t.add_argument("--attn-implementation", choices=["eager", "sdpa"], default=None,
@@ -242,6 +245,8 @@ def main(args: Sequence[str] | None = None) -> int:
     from rich.console import Console
 
     a = _parser().parse_args(args)
+    if a.config:
+        return _recipe_main(a)
     if a.hf_config or a.model_class:
         return _traced_main(a)
     try:
@@ -294,7 +299,6 @@ def _traced_main(a: argparse.Namespace) -> int:
     """The asked layout of the user's model, traced (see :mod:`lightning_scale.plan_trace`); the
     verdict says "fits" only when the traced peak is below the usable memory."""
     from rich.console import Console
-    from rich.table import Table
 
     from lightning_scale.core.traced_memory import TraceError
     from lightning_scale.plan_trace import class_model, hf_model, trace_plan
@@ -313,7 +317,8 @@ def _traced_main(a: argparse.Namespace) -> int:
     stage, offload = _zero_presets()[a.strategy or "ddp"]
     try:
         layout = Layout(tp=a.tp or 1, pp=a.pp or 1, zero_stage=stage, offload=offload, ac=a.ac,
-                        sequence_parallel=a.sp)
+                        sequence_parallel=a.sp, schedule=a.schedule, microbatches=a.microbatches,
+                        virtual_stages=a.virtual_stages or (2 if a.schedule == "interleaved_1f1b" else 1))
         workload = Workload(batch_size=a.batch_size, seq_len=a.seq_len or 1, precision=a.precision or "bf16-mixed",
                             optimizer=a.optimizer, optimizer_impl=a.optimizer_impl)
         traced = trace_plan(model, workload, layout, hardware)
@@ -326,32 +331,68 @@ def _traced_main(a: argparse.Namespace) -> int:
     console = Console(width=160)
     console.print(f"model: {model.name}; batch {a.batch_size} over {a.gpus} x {hardware.name}, "
                   f"{workload.precision}, {workload.optimizer} ({workload.optimizer_impl}), layout "
-                  f"{layout.describe(a.gpus // layout.tp)}")
-    table = Table(title="traced on fake tensors, rank 0 (GB = 1e9 bytes of tensors)")
+                  f"{layout.describe(a.gpus // (layout.tp * layout.pp))}")
+    return _report_traced(a, console, model.name, layout.describe(a.gpus // (layout.tp * layout.pp)), traced,
+                          hardware, workload.precision)
+
+
+def _report_traced(a: argparse.Namespace, console: Any, name: str, layout: str, traced: Any, hardware: Hardware,
+                   precision: str) -> int:
+    """The traced step's table (phases and parts), the verdict against usable memory, --json."""
+    from rich.table import Table
+
+    who = (f"pipeline rank {traced.stage_peaks.index(traced.peak)} of {len(traced.stage_peaks)}, the largest"
+           if traced.stage_peaks else "rank 0")
+    table = Table(title=f"traced on fake tensors, {who} (GB = 1e9 bytes of tensors)")
     for col in ("phase", "peak", "params", "grads", "optimizer", "activations", "temporaries", "other"):
         table.add_column(col, justify="left" if col == "phase" else "right")
+    known = ("params", "grads", "optimizer", "activations", "temporaries")
     for phase, value in traced.phase_peaks.items():
         parts = traced.parts if phase == traced.phase else {}
-        cells = [f"{parts[k] / GB:.3f}" if k in parts else "" for k in ("params", "grads", "optimizer", "activations",
-                                                                          "temporaries")]
-        known = {"params", "grads", "optimizer", "activations", "temporaries"}
+        cells = [f"{parts[k] / GB:.3f}" if k in parts else "" for k in known]
         other = sum(v for k, v in parts.items() if k not in known)
         table.add_row(phase + (" (peak)" if phase == traced.phase else ""), f"{value / GB:.3f}", *cells,
                       f"{other / GB:.3f}" if parts else "")
     console.print(table)
+    if traced.stage_peaks:
+        console.print("peak per pipeline rank: " + ", ".join(f"rank {i}: {v / GB:.2f} GB"
+                                                            for i, v in enumerate(traced.stage_peaks)))
     usable = hardware.usable_bytes
     fits = traced.peak < usable
     console.print(f"traced peak {traced.peak / GB:.2f} GB ({traced.phase}) vs {usable / GB:.2f} GB usable on "
                   f"{hardware.name} ({hardware.describe_reserve()}): margin {(usable - traced.peak) / GB:+.2f} GB -> "
                   + ("fits" if fits else "does NOT fit"))
-    for line in precision_warnings(hardware.name, workload.precision):
+    for line in precision_warnings(hardware.name, precision):
         console.print(f"[bold yellow]warning:[/] {line}")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"source": "traced", "model": model.name, "layout": layout.describe(a.gpus // layout.tp), "peak": traced.peak,
+            json.dump({"source": "traced", "model": name, "layout": layout, "peak": traced.peak,
                        "phase": traced.phase, "phase_peaks": traced.phase_peaks, "parts": traced.parts,
-                       "usable_bytes": usable, "fits": fits}, f, indent=1)
+                       "stage_peaks": traced.stage_peaks, "after_step": traced.after_step, "usable_bytes": usable,
+                       "fits": fits}, f, indent=1)
     return 0 if fits else 1
+
+
+def _recipe_main(a: argparse.Namespace) -> int:
+    """``--config``: the recipe's own run traced (see :func:`lightning_scale.plan_trace.recipe`)."""
+    from rich.console import Console
+
+    from lightning_scale.core.traced_memory import TraceError
+    from lightning_scale.plan_trace import recipe, trace_recipe
+
+    run = recipe(a.config, a.gpus, a.precision)
+    hardware = _hardware(a, run.world_size)
+    try:
+        traced = trace_recipe(run, a.optimizer_impl)
+    except TraceError as err:
+        raise SystemExit(f"lightning-scale plan: traced planning of {run.name} failed: {err}") from None
+    except ValueError as err:
+        raise SystemExit(f"lightning-scale plan: {err}") from None
+    console = Console(width=160)
+    layout = f"{type(run.strategy).__name__} on {run.world_size} ranks"
+    console.print(f"recipe: {a.config}; model {run.name}, the training loader's batch per rank, {layout}, "
+                  f"{run.precision}, the optimizer of configure_optimizers (foreach left to torch: {a.optimizer_impl})")
+    return _report_traced(a, console, run.name, layout, traced, hardware, run.precision)
 
 
 #: GPUs without bf16 tensor cores (pre-Ampere): bf16 runs there emulated or not at all.

@@ -176,6 +176,129 @@ def class_model(spec: str, init_args: dict[str, Any], seq_len: int, vocab: int) 
                        split=lambda b: ((b,), b), output_loss=output_loss)
 
 
+@dataclass
+class TracedRecipe:
+    """A LightningCLI config's run, as :func:`trace_recipe` traces it: the user's LightningModule
+    (its ``training_step`` is the loss, its ``configure_optimizers`` the optimizer), one batch
+    of its datamodule's training loader, and the trainer's strategy, devices and precision."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    batch: Any  # one real batch of the training loader (the per-device batch)
+    strategy: Any  # a strategy object built from trainer.strategy
+    world_size: int
+    precision: str
+
+
+def recipe(path: str, gpus: int | None = None, precision: str | None = None) -> TracedRecipe:
+    """Read a LightningCLI YAML (``model``, ``data``, ``trainer``): classes are built from their
+    ``class_path`` / ``init_args`` by Lightning's ``instantiate_class``, the datamodule for real
+    (one batch of ``train_dataloader``), the model later, on fake tensors. ``gpus`` and
+    ``precision`` override ``trainer.devices x trainer.num_nodes`` and ``trainer.precision``."""
+    import yaml
+    from lightning.pytorch.cli import instantiate_class
+
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise SystemExit(f"--config {path}: cannot read it ({err})") from None
+    model_cfg, data_cfg = config.get("model"), config.get("data")
+    trainer = config.get("trainer") or {}
+    if not isinstance(model_cfg, dict) or "class_path" not in model_cfg:
+        raise SystemExit(f"--config {path}: needs model: {{class_path: ..., init_args: ...}} (the LightningModule)")
+    if not isinstance(data_cfg, dict) or "class_path" not in data_cfg:
+        raise SystemExit(f"--config {path}: needs data: {{class_path: ..., init_args: ...}} (one batch of its training "
+                         f"loader is the per-device batch)")
+    for section in (model_cfg, data_cfg):
+        nested = [k for k, v in (section.get("init_args") or {}).items() if isinstance(v, dict) and "class_path" in v]
+        if nested:
+            raise SystemExit(f"--config {path}: {section['class_path']} takes nested classes ({', '.join(nested)}), "
+                             f"which the planner does not build; give --model-class with --init-args instead")
+    data = instantiate_class((), data_cfg)
+    if hasattr(data, "prepare_data"):
+        data.prepare_data()
+    if hasattr(data, "setup"):
+        data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    devices = trainer.get("devices", 1)
+    if not isinstance(devices, int):
+        devices = len(devices) if isinstance(devices, list) else 1
+    world = gpus or devices * int(trainer.get("num_nodes", 1))
+    return TracedRecipe(name=model_cfg["class_path"], build=lambda: instantiate_class((), model_cfg), batch=batch,
+                        strategy=_strategy(trainer.get("strategy", "ddp")), world_size=world,
+                        precision=precision or str(trainer.get("precision", "32-true")))
+
+
+def _strategy(spec: Any) -> Any:
+    """A strategy object from ``trainer.strategy``: a class_path dict, a preset name of the suite
+    or ``"ddp"`` (the suite's data parallel MeshStrategy, which holds the same tensors; Lightning's
+    ddp also keeps torch DDP's gradient buckets: see :func:`trace_plan`)."""
+    from lightning.pytorch.cli import instantiate_class
+
+    from lightning_scale.strategies import MeshStrategy, PRESETS
+
+    if isinstance(spec, dict):
+        return instantiate_class((), spec)
+    if spec in PRESETS:
+        cls, _, params = PRESETS[spec]
+        return cls(**params)
+    if spec in ("ddp", "auto", None):
+        return MeshStrategy()
+    raise TraceError(f"trainer.strategy {spec!r} is none of the suite's strategies: only those are traced")
+
+
+def trace_recipe(run: TracedRecipe, implementation: str = "foreach") -> TracedMemory:
+    """Rank 0's traced step of a :func:`recipe` run: the LightningModule built on fake tensors,
+    parallelized by the recipe's strategy, ``training_step`` as the loss, the optimizer its
+    ``configure_optimizers`` returns (with ``foreach`` left to torch, the GPU default
+    ``implementation`` is used; an explicit ``foreach=``/``fused=`` is kept)."""
+    from torch.utils._pytree import tree_map
+
+    from lightning_scale.strategies import PipelineStrategy
+    from lightning_scale.strategies.offline import trace_layout
+
+    if isinstance(run.strategy, PipelineStrategy):
+        raise TraceError("a recipe's pipeline is not traced from --config yet (its loss runs on the last stage): plan it "
+                         "with --model-class / --hf-config and --pp")
+
+    def batch() -> Any:  # a fresh copy each step (made under the fake mode: fake tensors, counted)
+        return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, run.batch)
+
+    def loss(module: nn.Module, b: Any) -> torch.Tensor:
+        import warnings
+
+        with warnings.catch_warnings():  # self.log without a Trainer: nothing to log here
+            warnings.filterwarnings("ignore", message=r".*self\.log\(\)")
+            out = module.training_step(b, 0)
+        return out["loss"] if isinstance(out, dict) else out
+
+    def optimizer(module: nn.Module) -> torch.optim.Optimizer:
+        return _first_optimizer(module.configure_optimizers(), implementation)
+
+    return trace_layout(run.build, batch, loss, run.strategy, run.world_size, precision=run.precision,
+                        optimizer=optimizer)
+
+
+def _first_optimizer(configured: Any, implementation: str) -> torch.optim.Optimizer:
+    """The first optimizer of what ``configure_optimizers`` returned, with torch's GPU choice
+    of implementation where the user left it to torch (``foreach=None`` picks the for-loop on
+    the CPU tensors traced here, and foreach on CUDA)."""
+    if isinstance(configured, dict):
+        configured = configured["optimizer"]
+    while isinstance(configured, (list, tuple)):
+        configured = configured[0]
+        if isinstance(configured, dict):
+            configured = configured["optimizer"]
+    if not isinstance(configured, torch.optim.Optimizer):
+        raise TraceError(f"configure_optimizers returned {type(configured).__name__}, not an optimizer")
+    for group in configured.param_groups:
+        if "foreach" in group and group["foreach"] is None and not group.get("fused"):
+            group["foreach"] = implementation == "foreach"
+            if implementation == "fused" and "fused" in group:
+                group["fused"] = True
+    return configured
+
+
 def trace_plan(model: TracedModel, workload: Any, layout: Any, hardware: Any) -> TracedMemory:
     """Rank 0's traced step for the asked layout (see the module docstring). Raises
     :class:`TraceError` for what is not traced (the caller falls back to the closed form)."""

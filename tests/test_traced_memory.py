@@ -298,3 +298,44 @@ def test_a_traced_pipeline_matches_torchs_own_schedule_measured_on_gloo(schedule
     assert len(traced) == 2
     for rank, (t, m) in enumerate(zip(traced, measured)):
         assert abs(t.peak / m - 1) <= 0.02, f"rank {rank}: traced {t.peak} vs measured {m} bytes"
+
+
+# -- the command line: a LightningCLI recipe with the user's own module ----------------------------
+def _recipe(tmp_path, strategy: str, devices: int, batch: int = 8) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"""
+model:
+  class_path: zoo.LayersOnModule
+data:
+  class_path: zoo.ZooData
+  init_args: {{batch_size: {batch}}}
+trainer:
+  devices: {devices}
+  precision: 32-true
+  strategy: {strategy}
+""")
+    return str(path)
+
+
+def test_plan_traces_a_recipes_own_module_datamodule_and_optimizer(tmp_path) -> None:
+    # Independent reference: the same user LightningModule stepped for real on CPU (its own
+    # training_step and configure_optimizers: AdamW, which picks the for-loop on CPU tensors).
+    import zoo
+
+    from lightning_scale.plan_cli import main
+
+    data = _plan(["--config", _recipe(tmp_path, "ddp", 1), "--gpu-memory-gb", "1", "--optimizer-impl", "for-loop"],
+                 tmp_path)
+    assert data["source"] == "traced" and data["fits"]
+    module = zoo.LayersOnModule()
+    x, y = zoo.batches("layers_on_module", 8)
+    real = _real_step_peak(module, (x, y), lambda m, b: m.training_step(b, 0), module.configure_optimizers())
+    assert data["peak"] == pytest.approx(real, rel=0.03), (data["peak"], real)
+    # the recipe's ZeRO-3 over 4 ranks: a quarter of the parameters and AdamW moments between steps
+    # (fp32: parameter 4 B + two moments 8 B; every dim 0 of this module divides by 4; one 4-byte
+    # step counter per parameter tensor, not sharded)
+    sharded = _plan(["--config", _recipe(tmp_path, "zero3", 4), "--gpu-memory-gb", "1"], tmp_path)
+    params = sum(p.numel() for p in module.parameters())
+    assert sharded["after_step"] == 12 * params // 4 + 4 * len(list(module.parameters()))
+    with pytest.raises(SystemExit, match="pipeline is not traced from --config"):
+        main(["--config", _recipe(tmp_path, "pipeline", 2), "--gpu-memory-gb", "1"])

@@ -344,6 +344,19 @@ def batches(shape: str, n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tens
     return torch.randn(n, HIDDEN, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
 
 
+class ZooData(L.LightningDataModule):
+    """The samples of ``batches(shape, samples)`` as a datamodule (what a LightningCLI recipe names)."""
+
+    def __init__(self, shape: str = "layers_on_module", batch_size: int = 8, samples: int = 64) -> None:
+        super().__init__()
+        self.shape, self.batch_size, self.samples = shape, batch_size, samples
+
+    def train_dataloader(self):
+        from torch.utils.data import DataLoader, TensorDataset
+
+        return DataLoader(TensorDataset(*batches(self.shape, self.samples)), batch_size=self.batch_size)
+
+
 # -- the change PipelineStrategy asks of a module ---------------------------------------------------
 class LossMethod:
     """Mixin: the loss as a method, ``loss = self.loss_fn(network(x), y)``, and example inputs.

@@ -153,18 +153,22 @@ def _build_fake_now(build: Any) -> nn.Module:
 
 
 def trace_layout(build: Any, batch: Any, loss: Any, strategy: Any, world_size: int, precision: str = "32-true",
-                 optimizer: str = "adamw", implementation: str = "foreach", rank: int = 0) -> Any:
+                 optimizer: Any = "adamw", implementation: str = "foreach", rank: int = 0) -> Any:
     """One rank's :class:`~lightning_scale.core.traced_memory.TracedMemory` for ``strategy`` on
     ``world_size`` ranks: ``build()`` makes the network (called under fake tensors), the strategy
     parallelizes it in place (:func:`parallelize_offline`), ``loss(network, batch())`` is one
-    step's loss."""
+    step's loss. ``optimizer``: a name for :func:`make_optimizer` (with ``implementation``), or
+    ``optimizer(module)`` building it from the parallelized module."""
     from lightning_scale.core.meta_activations import compute_dtype
     from lightning_scale.core.traced_memory import fake_process_group, fake_tensors, trace_step
 
     with fake_process_group(world_size, rank), fake_tensors():
         network = _build_fake(build, compute_dtype(precision)[0])
-        parallelize_offline(strategy, network, world_size, precision)  # in place
-        opt = make_optimizer(network.parameters(), optimizer, implementation)
+        module = parallelize_offline(strategy, network, world_size, precision)  # in place
+        # the optimizer by name, or a callable building it from the parallelized module (a
+        # LightningModule's configure_optimizers)
+        opt = (optimizer(module) if callable(optimizer)
+               else make_optimizer(network.parameters(), optimizer, implementation))
         try:
             return trace_step(network, opt, batch, loss, precision, rank=rank, world_size=world_size)
         except TraceError:
