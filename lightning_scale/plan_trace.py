@@ -299,14 +299,12 @@ def _first_optimizer(configured: Any, implementation: str) -> torch.optim.Optimi
     return configured
 
 
-def trace_plan(model: TracedModel, workload: Any, layout: Any, hardware: Any) -> TracedMemory:
-    """Rank 0's traced step for the asked layout (see the module docstring). Raises
-    :class:`TraceError` for what is not traced (the caller falls back to the closed form)."""
-    from lightning_scale.strategies import MeshStrategy, ZeroStrategy
-    from lightning_scale.strategies.offline import trace_layout
+def strategy_for(layout: Any, block_class: Any = None, tp_plan: Any = None) -> Any:
+    """The suite's strategy that runs ``layout`` (a planner ``Layout`` without a pipeline): data
+    parallel (``MeshStrategy``), ZeRO-3 (``ZeroStrategy``) or tensor parallel; raises
+    :class:`TraceError` for what is not traced."""
+    from lightning_scale.strategies import MeshStrategy, TensorParallelStrategy, ZeroStrategy
 
-    if layout.pp > 1:
-        return _trace_pipeline(model, workload, layout, hardware)
     if layout.tp > 1 and (layout.zero_stage or layout.sequence_parallel):
         raise TraceError("tensor parallelism is traced without ZeRO-3 and sequence parallelism so far: the closed form "
                          "plans those")
@@ -314,26 +312,32 @@ def trace_plan(model: TracedModel, workload: Any, layout: Any, hardware: Any) ->
         raise TraceError("ZeRO-1/2 and CPU offload are not traced yet: the closed form plans them")
     if layout.ac not in ("none", "full", "selective"):
         raise TraceError(f"activation checkpointing {layout.ac!r} is not traced (none, full, selective are)")
+    options: dict[str, Any] = {"activation_checkpointing": None if layout.ac == "none" else layout.ac}
+    if block_class:
+        options["block_class"] = block_class
+    if layout.tp > 1:
+        # tp_plan None: the strategy's own choice, as in a run (the suite's models' plans, a
+        # Hugging Face model's base_model_tp_plan; a model without one is refused, named)
+        return TensorParallelStrategy(tensor_parallel_size=layout.tp, tp_plan=tp_plan, **options)
+    if layout.zero_stage == 3:
+        return ZeroStrategy(stage=3, **options)
+    return MeshStrategy(**options)
+
+
+def trace_plan(model: TracedModel, workload: Any, layout: Any, hardware: Any) -> TracedMemory:
+    """Rank 0's traced step for the asked layout (see the module docstring). Raises
+    :class:`TraceError` for what is not traced (the caller falls back to the closed form)."""
+    from lightning_scale.strategies.offline import trace_layout
+
+    if layout.pp > 1:
+        return _trace_pipeline(model, workload, layout, hardware)
+    strategy = strategy_for(layout, model.block_class, model.tp_plan)
     gpus = hardware.gpus
     dp = gpus // layout.tp
     if gpus % layout.tp or workload.batch_size % dp:
         raise ValueError(f"{gpus} GPUs and a global batch of {workload.batch_size} do not divide into tp={layout.tp} x "
                          f"dp={gpus / layout.tp:g} ranks")
     rows = workload.batch_size // dp
-    ac = None if layout.ac == "none" else layout.ac
-    options: dict[str, Any] = {"activation_checkpointing": ac}
-    if model.block_class:
-        options["block_class"] = model.block_class
-    if layout.tp > 1:
-        from lightning_scale.strategies import TensorParallelStrategy
-
-        # tp_plan None: the strategy's own choice, as in a run (the suite's models' plans, a
-        # Hugging Face model's base_model_tp_plan; a model without one is refused, named)
-        strategy = TensorParallelStrategy(tensor_parallel_size=layout.tp, tp_plan=model.tp_plan, **options)
-    elif layout.zero_stage == 3:
-        strategy = ZeroStrategy(stage=3, **options)
-    else:
-        strategy = MeshStrategy(**options)
     traced = trace_layout(model.build, lambda: model.batch(rows), model.loss, strategy, gpus, precision=workload.precision, optimizer=workload.optimizer,
                           implementation=workload.optimizer_impl)
     if layout.zero_stage == 0 and layout.tp == 1 and layout.ddp_buckets and gpus > 1:

@@ -236,17 +236,23 @@ class MemoryAccountant(Callback):
         oom_dump: on an out-of-memory error write ``memory_oom_rank<R>.json`` to the run directory.
         dirpath: run directory for the PNG and the OOM dump; default ``trainer.log_dir``, else
             ``trainer.default_root_dir``.
+        traced_prediction: for a model the planner's closed forms do not cover (anything but the
+            suite's GPT, ViT and ResNet), predict rank 0's figures by tracing the run's own
+            LightningModule on fake tensors in a child process (seconds for small models, about a
+            minute for 7B shapes, once, at the sampled step; rank 0 only). It is rebuilt as
+            ``cls(**self.hparams)``: call ``save_hyperparameters()`` in ``__init__``.
 
     After fit, ``record`` holds this rank's figures and ``records`` every rank's (index = rank;
     every rank has them), or None when training ended before the sampled step.
     """
 
     def __init__(self, sample_step: int = 1, log: bool = True, print_table: bool = True, plot: bool = True,
-                 oom_dump: bool = True, dirpath: str | None = None) -> None:
+                 oom_dump: bool = True, dirpath: str | None = None, traced_prediction: bool = True) -> None:
         if isinstance(sample_step, bool) or not isinstance(sample_step, int) or sample_step < 0:
             raise ValueError(f"sample_step must be an int >= 0 (the optimizer step to measure; 1 = the first step "
                              f"with optimizer state); got {sample_step!r}")
-        for name, value in (("log", log), ("print_table", print_table), ("plot", plot), ("oom_dump", oom_dump)):
+        for name, value in (("log", log), ("print_table", print_table), ("plot", plot), ("oom_dump", oom_dump),
+                            ("traced_prediction", traced_prediction)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False; got {value!r}")
         if dirpath is not None and (not isinstance(dirpath, (str, Path)) or not str(dirpath)):
@@ -257,6 +263,7 @@ class MemoryAccountant(Callback):
         self.plot = plot
         self.oom_dump = oom_dump
         self.dirpath = dirpath
+        self.traced_prediction = traced_prediction
         self.record: dict[str, Any] | None = None
         self.records: list[dict[str, Any]] | None = None
         self.png_path: Path | None = None
@@ -379,22 +386,39 @@ class MemoryAccountant(Callback):
             states = record["params"] + record["grads"] + record["optimizer"] + (record["ddp_buckets"] or 0)
             record["peak"] = states + record["activations"] if activations is not None else None
             record["peak_kind"] = "tensor sum: model states (+ DDP buckets) + activations"
-        record["predicted"] = self._predict(trainer, pl_module, batch)
+        record["predicted"], record["predicted_source"] = self._predict(trainer, pl_module, batch)
         return record
 
-    @staticmethod
-    def _predict(trainer, pl_module, batch) -> dict[str, int] | None:
+    def _predict(self, trainer, pl_module, batch) -> tuple[dict[str, int] | None, str | None]:
+        """(prediction, its source): the closed form for the suite's models; else, on rank 0 and
+        with ``traced_prediction``, the run's LightningModule traced in a child process
+        (:mod:`lightning_scale.callbacks._traced_prediction`)."""
         from lightning_scale.callbacks._run_layout import predict_run
 
         try:
             predicted = predict_run(trainer, pl_module, batch)
-            if predicted is None:
-                return None
-            return {k: int(predicted.get(k, 0)) for k in (*PARTS, "ddp_buckets")}
+            if predicted is not None:
+                return {k: int(predicted.get(k, 0)) for k in (*PARTS, "ddp_buckets")}, "closed form"
         except Exception as err:  # noqa: BLE001 - a prediction must not stop training
             warnings.warn(f"MemoryAccountant: the planner's prediction failed ({type(err).__name__}: {err}); "
                           f"the predicted column is left empty", stacklevel=2)
-            return None
+            return None, None
+        if not (self.traced_prediction and trainer.is_global_zero):
+            return None, None
+        from lightning_scale.callbacks._traced_prediction import predict_traced, traced_spec
+
+        spec = traced_spec(trainer, pl_module, batch)
+        if isinstance(spec, str):
+            warnings.warn(f"MemoryAccountant: no prediction for this run: the closed forms model the suite's models "
+                          f"only, and {spec}", stacklevel=2)
+            return None, None
+        try:
+            predicted = predict_traced(spec)
+        except Exception as err:  # noqa: BLE001 - a prediction must not stop training
+            warnings.warn(f"MemoryAccountant: the traced prediction failed ({type(err).__name__}: {err}); the "
+                          f"predicted column is left empty", stacklevel=2)
+            return None, None
+        return {k: int(predicted.get(k, 0)) for k in (*PARTS, "ddp_buckets")}, "traced (rank 0)"
 
     @staticmethod
     def _gather(record: dict[str, Any]) -> list[dict[str, Any]]:
@@ -466,7 +490,9 @@ class MemoryAccountant(Callback):
             pred = r["predicted"]
             cells = [mib(pred[p]) if pred else "-" for p in PARTS]
             pred_total = sum(pred[p] for p in PARTS) + pred.get("ddp_buckets", 0) if pred else None
-            table.add_row("", "predicted", *cells, mib(pred_total), "-")
+            source = r.get("predicted_source")
+            table.add_row("", "predicted" + (" (traced)" if source and source.startswith("traced") else ""), *cells,
+                          mib(pred_total), "-")
         Console().print(table)
 
     @staticmethod

@@ -67,6 +67,8 @@ class TracedMemory:
     world_size: int = 1
     source: str = "traced"
     stage_peaks: list[int] = field(default_factory=list)  # a pipeline: each pipeline rank's peak (bytes)
+    phase_parts: dict[str, dict[str, int]] = field(default_factory=dict)  # phase -> its parts at its peak
+    after_parts: dict[str, int] = field(default_factory=dict)  # the parts of ``after_step``
 
 
 @contextlib.contextmanager
@@ -168,15 +170,23 @@ def _traced_steps(body: Callable[[Callable[[str], None], Any], Any], optimizer: 
     tracker.track_external(*external, optimizer)
     with tracker:
         one_step(tracker)
-        after = sum(dev.get("Total", 0) for dev in tracker.get_tracker_snapshot("current").values())
+        current = tracker.get_tracker_snapshot("current")
+        after = sum(dev.get("Total", 0) for dev in current.values())
     peak_phase = max(phase_peaks, key=lambda name: phase_peaks[name])
+    phase_parts = {phase: _parts(snapshot) for phase, snapshot in part_snapshots.items()}
+    return TracedMemory(peak=phase_peaks[peak_phase], parts=phase_parts[peak_phase], phase=peak_phase,
+                        phase_peaks=phase_peaks, after_step=after, rank=rank, world_size=world_size,
+                        phase_parts=phase_parts, after_parts=_parts(current))
+
+
+def _parts(snapshot: dict[Any, dict[str, int]]) -> dict[str, int]:
+    """MemTracker's snapshot (device -> kind -> bytes) as the planner's kinds summed over devices."""
     parts: dict[str, int] = {}
-    for dev in part_snapshots[peak_phase].values():
+    for dev in snapshot.values():
         for kind, nbytes in dev.items():
             if kind != "Total":
                 parts[_KINDS.get(kind, kind)] = parts.get(_KINDS.get(kind, kind), 0) + nbytes
-    return TracedMemory(peak=phase_peaks[peak_phase], parts=parts, phase=peak_phase, phase_peaks=phase_peaks,
-                        after_step=after, rank=rank, world_size=world_size)
+    return parts
 
 
 @dataclass
