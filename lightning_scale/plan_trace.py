@@ -116,24 +116,20 @@ def hf_model_from_config(config: Any, seq_len: int, attn_implementation: str | N
     label = architectures[0] if architectures else config.model_type
     traced = TracedModel(name=f"{label} ({name})" if name else label, build=build,
                          batch=batch, loss=loss, block_class=no_split, takes_tokens=not image)
-    if not image:
-        with torch.device("meta"):
-            decoder = _is_decoder_lm(build())
-        if decoder:  # model.embed_tokens -> model.layers -> model.norm -> lm_head: the suite's stage forward
-            from lightning_scale.adapters.huggingface import decoder_stage_forward
+    with torch.device("meta"):
+        from lightning_scale.adapters.huggingface import stage_family
 
-            traced.stage_forward, traced.block_container = decoder_stage_forward, "model.layers"
+        family = stage_family(build())
+    if family is not None:  # the pipeline: the family's shipped stage forward (as PipelineStrategy picks it)
+        traced.stage_forward, traced.block_container = family.stage_forward, family.block_container
+        if image:
+            traced.split = lambda b: ((b[0],), b[1])
+            traced.output_loss = lambda network, logits, labels: nn.functional.cross_entropy(logits.float(), labels)
+        else:
             traced.split = lambda b: ((b,), b)
             traced.output_loss = lambda network, logits, labels: network.loss_function(
                 logits=logits, labels=labels, vocab_size=vocab)
     return traced
-
-
-def _is_decoder_lm(model: nn.Module) -> bool:
-    body = getattr(model, "model", None)
-    return all(isinstance(getattr(body, name, None), nn.Module) for name in ("embed_tokens", "layers", "norm",
-                                                                             "rotary_emb")) \
-        and isinstance(getattr(model, "lm_head", None), nn.Module)
 
 
 def _no_split_class(auto: Any, config: Any) -> Any:
@@ -360,8 +356,9 @@ def _trace_pipeline(model: TracedModel, workload: Any, layout: Any, hardware: An
     from lightning_scale.strategies.offline import trace_pipeline_layout
 
     if model.split is None or model.output_loss is None:
-        raise TraceError(f"{model.name}: no pipeline stage forward for this model kind (Hugging Face decoder LMs and "
-                         f"classes with pipeline_stage_views are traced): the closed form plans it")
+        raise TraceError(f"{model.name}: no pipeline stage forward for this model kind (traced: the Hugging Face "
+                         f"families with a shipped stage forward, Llama-style decoders, GPT-2, ViT, BERT/RoBERTa "
+                         f"classifiers, and classes with pipeline_stage_views): the closed form plans it")
     if layout.tp > 1 or layout.zero_stage not in (0, 3) or layout.offload:
         raise TraceError("the pipeline is traced with data parallelism or ZeRO-3 on the replicas (no TP, no offload "
                          "yet): the closed form plans the rest")

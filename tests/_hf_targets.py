@@ -26,17 +26,52 @@ def _data():
 
 def _loss(output, target):
     logits = output.logits if hasattr(output, "logits") else output  # HF output object or stage logits
+    if logits.dim() == 2:  # a classifier: (B, classes) against (B,)
+        return F.cross_entropy(logits, target)
     return F.cross_entropy(logits.flatten(0, 1), target.flatten())
 
 
-def _fit(strategy, steps: int, devices: int = 2):
-    """Train the Llama with ``strategy`` on ``devices`` ranks; returns the task and rank's per-step losses."""
+# -- other families (issue 26): tiny configs, dropout off, built under one seed ---------------------
+def _family_model(family: str):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if family == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=4, n_head=2, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+        return tf.GPT2LMHeadModel(cfg)
+    if family == "vit":
+        cfg = tf.ViTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                           image_size=8, patch_size=4, num_channels=3, num_labels=4, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0)
+        return tf.ViTForImageClassification(cfg)
+    if family == "bert":
+        cfg = tf.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=32, num_labels=4, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+        return tf.BertForSequenceClassification(cfg)
+    raise ValueError(family)
+
+
+def _family_data(family: str):
+    g = torch.Generator().manual_seed(5)
+    if family == "gpt2":
+        x = torch.randint(0, 64, (64, 12), generator=g)
+        return TensorDataset(x, torch.roll(x, -1, 1))
+    if family == "vit":
+        return TensorDataset(torch.randn(64, 3, 8, 8, generator=g), torch.randint(0, 4, (64,), generator=g))
+    return TensorDataset(torch.randint(0, 64, (64, 12), generator=g), torch.randint(0, 4, (64,), generator=g))
+
+
+def _fit(strategy, steps: int, devices: int = 2, family: str = "llama"):
+    """Train the model (the Llama, or a ``family`` of :func:`_family_model`) with ``strategy`` on
+    ``devices`` ranks; returns the task and this rank's per-step losses."""
     import lightning as L
 
     class HFTask(L.LightningModule):
         def __init__(self):
             super().__init__()
-            self.model = _model()
+            self.model = _model() if family == "llama" else _family_model(family)
 
         def loss_fn(self, output, target):  # the loss method PipelineStrategy runs on the last stage
             return _loss(output, target)
@@ -58,7 +93,8 @@ def _fit(strategy, steps: int, devices: int = 2):
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, logger=False, callbacks=[Record()],
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     task = HFTask()
-    trainer.fit(task, DataLoader(_data(), batch_size=8, drop_last=True))
+    data = _data() if family == "llama" else _family_data(family)
+    trainer.fit(task, DataLoader(data, batch_size=8, drop_last=True))
     return task, losses
 
 
@@ -79,15 +115,31 @@ def fit_hf(steps: int) -> dict:
     return {"losses": losses, "state": _full_state(task)}
 
 
-def reference_hf(steps: int, microbatches: int = 4, replicas: int = 1) -> dict:
+def fit_family_pipeline(family: str, steps: int, zero_stage: int = 0, devices: int = 2) -> dict:
+    """2 pipeline stages, no stage_forward given: the strategy picks the family's own."""
+    from lightning_scale.strategies import PipelineStrategy
+
+    task, losses = _fit(PipelineStrategy(stages=2, microbatches=4, zero_stage=zero_stage), steps, devices=devices,
+                        family=family)
+    return {"losses": losses, "state": _full_state(task)}
+
+
+def fit_family_zero3(family: str, steps: int) -> dict:
+    from lightning_scale.strategies import ZeroStrategy
+
+    task, losses = _fit(ZeroStrategy(stage=3), steps, devices=2, family=family)
+    return {"losses": losses, "state": _full_state(task)}
+
+
+def reference_hf(steps: int, microbatches: int = 4, replicas: int = 1, family: str = "llama") -> dict:
     """One process: the same batches (Lightning's DistributedSampler order, each of ``replicas``
     data-parallel replicas' share), ``microbatches`` accumulated per replica, gradients averaged
     over the replicas; ``losses``: replica 0's (what rank 0 reports)."""
     from torch.utils.data import DistributedSampler
 
-    model = _model()
+    model = _model() if family == "llama" else _family_model(family)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    data = _data()
+    data = _data() if family == "llama" else _family_data(family)
     samplers = [DistributedSampler(data, num_replicas=replicas, rank=r, shuffle=True, seed=0) for r in range(replicas)]
     per_epoch = len(data) // replicas // 8
     losses = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import _hf_targets as targets
 from lightning_scale.testing import run_distributed
 
@@ -65,3 +67,61 @@ def test_hugging_face_llama_tp_from_the_models_own_plan_matches_single_process()
         assert abs(a - b) <= 1e-5 * abs(b)
     for name, value in results[0]["state"].items():
         assert (value - ref["state"][name]).abs().max().item() <= 1e-5, name
+
+
+def _zero_true_gradient(name: str) -> bool:
+    """An attention key bias adds the same q.b_k to every score of a query, which softmax
+    cancels: its true gradient is 0, so what it gets is rounding noise that Adam scales to
+    lr-sized steps in either direction. Its values are not compared (the losses are)."""
+    return name.endswith(("k_proj.bias", "key.bias"))
+
+
+def _assert_matches(results: list[dict], ref: dict, steps: int) -> None:
+    assert len(results[0]["losses"]) == len(ref["losses"]) == steps
+    for a, b in zip(results[0]["losses"], ref["losses"]):
+        assert abs(a - b) <= 1e-5 * abs(b)
+    held = {}
+    for r in results:
+        held.update(r["state"])
+    assert set(held) == set(ref["state"])
+    for name, value in held.items():
+        if not _zero_true_gradient(name):
+            assert (value - ref["state"][name]).abs().max().item() <= 1e-5, name
+
+
+@pytest.mark.parametrize("family", ["gpt2", "vit", "bert"])
+def test_a_hugging_face_family_pipelines_with_no_stage_forward_given(family) -> None:
+    # PipelineStrategy(stages=2) and nothing else: the family's shipped stage forward and block
+    # container are picked from the model's structure (GPT-2: tied head, its copy on stage 1).
+    steps = 20
+    results = run_distributed(targets.fit_family_pipeline, 2, family, steps, init_process_group=False, timeout=300)
+    _assert_matches(results, targets.reference_hf(steps, family=family), steps)
+
+
+def test_bert_under_zero3_matches_single_process() -> None:
+    steps = 20
+    results = run_distributed(targets.fit_family_zero3, 2, "bert", steps, init_process_group=False, timeout=300)
+    ref = targets.reference_hf(steps, microbatches=1, replicas=2, family="bert")
+    assert len(results[0]["losses"]) == steps
+    for a, b in zip(results[0]["losses"], ref["losses"]):
+        assert abs(a - b) <= 1e-5 * abs(b)
+    for name, value in results[0]["state"].items():
+        if not _zero_true_gradient(name):
+            assert (value - ref["state"][name]).abs().max().item() <= 1e-5, name
+
+
+def test_a_hugging_face_family_without_a_stage_forward_is_refused_with_the_ways_out() -> None:
+    # GPT2Model (no LM head) matches no shipped family: named, with stage_forward= and
+    # frontend='trace' as the two ways out (raised at setup, on every rank, before any collective).
+    import transformers as tf
+
+    from lightning_scale.strategies import PipelineStrategy
+
+    model = tf.GPT2Model(tf.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2))
+    with pytest.raises(ValueError, match=r"no pipeline stage forward ships for GPT2Model \(Hugging Face model_type "
+                                         r"'gpt2'.*stage_forward=fn\(stage, \*inputs\).*frontend='trace'"):
+        PipelineStrategy(stages=2)._adopt_hugging_face_family(model)
+    # an explicit stage_forward wins: nothing is adopted
+    mine = PipelineStrategy(stages=2, stage_forward=lambda stage, x: x)
+    mine._adopt_hugging_face_family(model)
+    assert mine.stage_forward.__name__ == "<lambda>"

@@ -1,35 +1,152 @@
-"""Pipeline stages of Hugging Face ``transformers`` decoder LMs (Llama, Mistral, Qwen2, ...).
+"""Hugging Face ``transformers`` models under the suite's strategies, without glue code.
 
-Their ``forward`` does not skip missing modules, so a pipeline stage runs this function
-instead (``PipelineStrategy(stage_forward=decoder_stage_forward, block_container="model.layers")``).
-It follows the structure those models declare in their ``_pp_plan``: ``model.embed_tokens``
-(first stage) -> ``model.layers`` (split) -> ``model.norm`` -> ``lm_head`` (last stage), with
-``model.rotary_emb`` (buffers only) on every stage. Causal attention without padding masks.
+**Pipeline stage forwards.** A ``transformers`` model's ``forward`` does not skip the parts a
+pipeline stage does not hold, so each stage runs a stage forward instead: a function
+``fn(stage, *inputs)`` that runs what the stage holds (the modules of other stages are ``None``
+in a stage view). One ships per family, and :func:`stage_family` picks it from the model's
+structure (``PipelineStrategy`` does so when no ``stage_forward=`` is given):
 
-Imports nothing from ``transformers`` itself: it only uses the module attributes.
+================  =======================================  ==========================================
+family            structure                                stage 0 takes -> last stage returns
+================  =======================================  ==========================================
+decoder           ``model.embed_tokens`` -> ``model.layers``  token ids (B, T) -> logits (B, T, V)
+                  -> ``model.norm`` -> ``lm_head``, rotary  (Llama, Mistral, Qwen2, ...)
+gpt2              ``transformer.wte/wpe`` -> ``transformer.h``  token ids (B, T) -> logits (B, T, V)
+                  -> ``transformer.ln_f`` -> ``lm_head``
+vit               ``vit.embeddings`` -> ``vit.layers`` ->    images (B, C, H, W) -> logits (B, classes)
+                  ``vit.layernorm`` -> ``classifier`` (CLS)
+bert              ``<base>.embeddings`` -> ``<base>.encoder.layer``  token ids (B, T) -> logits (B, labels)
+                  -> ``<base>.pooler`` -> ``classifier``  (BERT, RoBERTa sequence classification)
+================  =======================================  ==========================================
+
+Decoders build the causal mask the model's own forward builds (``create_causal_mask``: ``None``
+for SDPA without padding, a 4-D mask for eager attention); encoders attend to every token (no
+padding masks: a batch of equal-length sequences). Hidden states between stages are (B, T, D).
+
+Imports ``transformers`` only for the mask helpers, inside the decoder forwards.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 
+def _causal_mask(config, hidden: torch.Tensor, positions: torch.Tensor):  # noqa: ANN001, ANN202
+    """The mask a decoder's forward builds for an unpadded batch (None under SDPA: is_causal)."""
+    from transformers.masking_utils import create_causal_mask
+
+    return create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=None, cache=None,
+                              position_ids=positions)
+
+
 def decoder_stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """One stage of a ``*ForCausalLM``: token ids (B, T) or hidden states (B, T, D) in;
+    """One stage of a Llama-style ``*ForCausalLM``: token ids (B, T) or hidden states (B, T, D) in;
     hidden states (B, T, D) or logits (B, T, V) out."""
     body = stage.model
     hidden = body.embed_tokens(x) if body.embed_tokens is not None else x  # (B, T, D)
     positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)  # (1, T)
     rotary = body.rotary_emb(hidden, position_ids=positions)  # (cos, sin), each (1, T, head_dim)
+    mask = _causal_mask(stage.config, hidden, positions)
     for layer in body.layers:
-        out = layer(hidden, attention_mask=None, position_embeddings=rotary, position_ids=positions)
+        out = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=positions)
         hidden = out[0] if isinstance(out, tuple) else out
     if body.norm is not None:
         hidden = body.norm(hidden)
     if getattr(stage, "lm_head", None) is not None:
         hidden = stage.lm_head(hidden)  # (B, T, V)
     return hidden
+
+
+def gpt2_stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One stage of a ``GPT2LMHeadModel``: token ids (B, T) or hidden states (B, T, D) in; hidden
+    states or logits (B, T, V) out. The tied head keeps its own copy on the last stage (the
+    strategy sums the two copies' gradients)."""
+    body = stage.transformer
+    if body.wte is not None:
+        positions = torch.arange(x.shape[1], device=x.device).unsqueeze(0)  # (1, T)
+        hidden = body.drop(body.wte(x) + body.wpe(positions))  # (B, T, D)
+    else:
+        hidden = x
+        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+    mask = _causal_mask(stage.config, hidden, positions)
+    for block in body.h:
+        out = block(hidden, None, mask, position_ids=positions)
+        hidden = out[0] if isinstance(out, tuple) else out
+    if body.ln_f is not None:
+        hidden = body.ln_f(hidden)
+    if getattr(stage, "lm_head", None) is not None:
+        hidden = stage.lm_head(hidden)  # (B, T, V)
+    return hidden
+
+
+def vit_stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One stage of a ``ViTForImageClassification``: images (B, C, H, W) or hidden states
+    (B, 1 + patches, D) in; hidden states or logits (B, classes) from the CLS token out."""
+    body = stage.vit
+    hidden = body.embeddings(x.to(body.embeddings.patch_embeddings.projection.weight.dtype)) \
+        if body.embeddings is not None else x
+    for layer in body.layers:
+        out = layer(hidden)
+        hidden = out[0] if isinstance(out, tuple) else out
+    if body.layernorm is not None:
+        hidden = body.layernorm(hidden)
+    if getattr(stage, "classifier", None) is not None:
+        hidden = stage.classifier(hidden[:, 0, :])  # (B, classes)
+    return hidden
+
+
+def bert_stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One stage of a BERT-style ``*ForSequenceClassification`` (BERT, RoBERTa): token ids (B, T)
+    or hidden states (B, T, D) in; hidden states or logits (B, labels) out."""
+    body = getattr(stage, stage.base_model_prefix)
+    hidden = body.embeddings(input_ids=x) if body.embeddings is not None else x  # (B, T, D)
+    for layer in body.encoder.layer:
+        out = layer(hidden)
+        hidden = out[0] if isinstance(out, tuple) else out
+    head = getattr(stage, "classifier", None)
+    if head is None:
+        return hidden
+    if getattr(body, "pooler", None) is not None:  # BERT: the pooled CLS token; RoBERTa's head pools itself
+        return head(stage.dropout(body.pooler(hidden)))
+    return head(hidden)
+
+
+@dataclass(frozen=True)
+class StageFamily:
+    """A model family's pipeline stage forward and where its blocks are."""
+
+    name: str
+    block_container: str
+    stage_forward: Callable[..., torch.Tensor]
+
+
+def _has(module: nn.Module | None, *names: str) -> bool:
+    return module is not None and all(isinstance(getattr(module, n, None), nn.Module) for n in names)
+
+
+def stage_family(model: nn.Module) -> StageFamily | None:
+    """The family of a ``transformers`` model by its structure (see the module docstring), or
+    None when no stage forward ships for it."""
+    if _has(getattr(model, "model", None), "embed_tokens", "layers", "norm", "rotary_emb") and _has(model, "lm_head"):
+        return StageFamily("decoder", "model.layers", decoder_stage_forward)
+    if _has(getattr(model, "transformer", None), "wte", "wpe", "h", "ln_f") and _has(model, "lm_head"):
+        return StageFamily("gpt2", "transformer.h", gpt2_stage_forward)
+    if _has(getattr(model, "vit", None), "embeddings", "layers", "layernorm") and _has(model, "classifier"):
+        return StageFamily("vit", "vit.layers", vit_stage_forward)
+    prefix = getattr(model, "base_model_prefix", "")
+    base = getattr(model, prefix, None) if prefix else None
+    if _has(base, "embeddings", "encoder") and _has(getattr(base, "encoder", None), "layer") and _has(model, "classifier"):
+        return StageFamily("bert", f"{prefix}.encoder.layer", bert_stage_forward)
+    return None
+
+
+def is_hugging_face(model: nn.Module) -> bool:
+    """A ``transformers`` ``PreTrainedModel`` (by its config and base-model prefix; no import)."""
+    return hasattr(model, "config") and hasattr(model, "base_model_prefix") and hasattr(model.config, "model_type")
 
 
 def hf_tp_plan(model: nn.Module, prefix: str = "") -> dict:

@@ -229,7 +229,34 @@ class PipelineStrategy(MeshStrategy):
             loss = no_loss_method
         return network, loss
 
+    def _adopt_hugging_face_family(self, network: nn.Module) -> None:
+        """A ``transformers`` model with no ``stage_forward``: the family's shipped stage forward
+        and block container (:func:`lightning_scale.adapters.huggingface.stage_family`); an
+        unknown family is refused with the two ways out, on every rank, before any collective."""
+        from lightning_scale.adapters.huggingface import is_hugging_face, stage_family
+
+        if self.frontend != "auto" or self.stage_forward is not None or not is_hugging_face(network):
+            return
+        family = stage_family(network)
+        if family is None:
+            raise ValueError(
+                f"PipelineStrategy: no pipeline stage forward ships for {type(network).__name__} (Hugging Face model_type "
+                f"{network.config.model_type!r}; shipped: Llama-style decoders, GPT-2, ViT, BERT/RoBERTa classifiers). "
+                f"Give stage_forward=fn(stage, *inputs) that runs the parts a stage holds (the others are None) and "
+                f"block_container='<path of the layer list>', or try frontend='trace' (torch's tracer on your forward)"
+            )
+        self.stage_forward = family.stage_forward
+        cfg = self.pipeline_config
+        if cfg.block_container is None and cfg.block_class is None and cfg.split_points is None:
+            cfg.block_container = family.block_container
+            from lightning_scale.core.blocks import BlockFinder
+
+            self.block_finder = BlockFinder(container=family.block_container)
+        rank_zero_info(f"PipelineStrategy: {type(network).__name__} runs the shipped {family.name!r} stage forward "
+                       f"(blocks: {family.block_container})")
+
     def _choose_frontend(self, network: nn.Module) -> str:
+        self._adopt_hugging_face_family(network)
         if self.frontend != "auto":
             chosen = self.frontend
         elif self.stage_forward is not None or getattr(network, "pipeline_stage_views", False):
