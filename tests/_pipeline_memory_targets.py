@@ -26,6 +26,7 @@ class _Stage(nn.Module):
     def __init__(self, model: nn.Module, stage: int) -> None:
         super().__init__()
         self.stage = stage
+        self.config = model.config
         self.embed = model.model.embed_tokens if stage == 0 else None
         self.layers = nn.ModuleList(model.model.layers[:2] if stage == 0 else model.model.layers[2:])
         self.rotary = model.model.rotary_emb
@@ -36,8 +37,12 @@ class _Stage(nn.Module):
         h = self.embed(x) if self.embed is not None else x
         positions = torch.arange(h.shape[1]).unsqueeze(0)
         rotary = self.rotary(h, position_ids=positions)
+        from transformers.masking_utils import create_causal_mask  # the mask LlamaModel.forward builds
+
+        mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=None, cache=None,
+                                  position_ids=positions)
         for layer in self.layers:
-            out = layer(h, attention_mask=None, position_embeddings=rotary, position_ids=positions)
+            out = layer(h, attention_mask=mask, position_embeddings=rotary, position_ids=positions)
             h = out[0] if isinstance(out, tuple) else out
         return self.head(self.norm(h)) if self.head is not None else h
 
