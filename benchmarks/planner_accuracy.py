@@ -104,56 +104,86 @@ def _decoder_layers(model, image: bool):
 class _Stage:
     """Reference pipeline stages, written here (no suite code): stage 0 the embeddings and the
     layers before ``split``, stage 1 the rest, the final norm and the head (its own copy of a
-    tied weight, as every pipeline keeps one per stage). Llama-style decoders and the suite's GPT."""
+    tied weight, as every pipeline keeps one per stage). Llama-style decoders, GPT-2, ViT and the
+    suite's GPT; decoders build the causal mask their model's forward builds."""
 
     def __init__(self, model, stage: int, split: int) -> None:
         import torch
         import torch.nn as nn
 
-        suite = hasattr(model, "blocks")
-        layers = list(model.blocks.values()) if suite else list(model.model.layers)
+        kind = ("suite" if hasattr(model, "blocks") else "gpt2" if hasattr(model, "transformer")
+                else "vit" if hasattr(model, "vit") else "decoder")
+        layers = _decoder_layers(model, kind == "vit")
+        first, last = stage == 0, stage == 1
 
         class Stage(nn.Module):
             def __init__(self) -> None:
                 super().__init__()
-                self.layers = nn.ModuleList(layers[:split] if stage == 0 else layers[split:])
-                if suite:
-                    self.tok, self.pos = (model.tok_emb, model.pos_emb) if stage == 0 else (None, None)
-                    self.norm, self.head = (model.ln_f, model.head) if stage == 1 else (None, None)
+                self.layers = nn.ModuleList(layers[:split] if first else layers[split:])
+                if kind == "suite":
+                    self.tok, self.pos = (model.tok_emb, model.pos_emb) if first else (None, None)
+                    self.norm, self.head = (model.ln_f, model.head) if last else (None, None)
+                elif kind == "gpt2":
+                    self.tok, self.pos = (model.transformer.wte, model.transformer.wpe) if first else (None, None)
+                    self.norm, self.head = (model.transformer.ln_f, model.lm_head) if last else (None, None)
+                elif kind == "vit":
+                    self.tok = model.vit.embeddings if first else None
+                    self.norm, self.head = (model.vit.layernorm, model.classifier) if last else (None, None)
                 else:
-                    self.tok = model.model.embed_tokens if stage == 0 else None
+                    self.tok = model.model.embed_tokens if first else None
                     self.rotary = model.model.rotary_emb
-                    self.norm, self.head = (model.model.norm, model.lm_head) if stage == 1 else (None, None)
+                    self.norm, self.head = (model.model.norm, model.lm_head) if last else (None, None)
 
             def forward(self, x):
-                if suite:
+                if kind == "vit":
+                    h = self.tok(x) if self.tok is not None else x
+                    for layer in self.layers:
+                        h = layer(h)
+                    return self.head(self.norm(h)[:, 0]) if self.head is not None else h
+                if kind == "suite":
                     h = self.tok(x) + self.pos(torch.arange(x.shape[1])) if self.tok is not None else x
                     for layer in self.layers:
                         h = layer(h)
+                    return self.head(self.norm(h)) if self.head is not None else h
+                from transformers.masking_utils import create_causal_mask
+
+                positions = torch.arange(x.shape[1]).unsqueeze(0)
+                if kind == "gpt2":
+                    h = self.tok(x) + self.pos(positions) if self.tok is not None else x
                 else:
                     h = self.tok(x) if self.tok is not None else x
-                    positions = torch.arange(h.shape[1]).unsqueeze(0)
-                    rotary = self.rotary(h, position_ids=positions)
-                    for layer in self.layers:
-                        out = layer(h, attention_mask=None, position_embeddings=rotary, position_ids=positions)
-                        h = out[0] if isinstance(out, tuple) else out
+                mask = create_causal_mask(config=model.config, inputs_embeds=h, attention_mask=None, cache=None,
+                                          position_ids=positions)
+                for layer in self.layers:
+                    if kind == "gpt2":
+                        out = layer(h, None, mask, position_ids=positions)
+                    else:
+                        out = layer(h, attention_mask=mask, position_embeddings=self.rotary(h, position_ids=positions),
+                                    position_ids=positions)
+                    h = out[0] if isinstance(out, tuple) else out
                 return self.head(self.norm(h)) if self.head is not None else h
 
         self.module = Stage()
 
 
-def _pipeline_split(config, seq: int) -> int:
+def _pipeline_split(config) -> int:
     """The first layer of stage 1 in the split the pipeline strategy picks (its parameter
     balance, ``plan_pipeline``): the reference measures that same partition."""
     import torch
 
     from lightning_scale.core.pipeline import PipelineConfig, plan_pipeline
 
+    image = _is_image(config)
     with torch.device("meta"):
-        model = _build(config, False)
-    container = "blocks" if _is_suite(config) else "model.layers"
+        model = _build(config, image)
+    container = ("blocks" if _is_suite(config) else "vit.layers" if image
+                 else "transformer.h" if hasattr(model, "transformer") else "model.layers")
     plan = plan_pipeline(model, PipelineConfig(stages=2, block_container=container))
     return len(plan.stage_keys[0])
+
+
+def _is_image(config) -> bool:
+    return "ViTForImageClassification" in (getattr(config, "architectures", None) or [])
 
 
 def measured_peak(config, layout: str, precision: str, ac: str, rows: int, seq: int) -> int:
@@ -299,10 +329,10 @@ def _measured(config, gpus: int, zero: int, tp: int, precision: str, ac: str, ro
 
 
 def _measured_pipeline_rank(config, rank: int, pp: int, precision: str, ac: str, rows: int, seq: int) -> int:
-    """Pipeline rank ``rank`` of 2, 1F1B with ``rows`` microbatches of one sequence, written out:
-    rank 0 runs F0 F1 B0 F2 B1 ... (two in flight), rank 1 F0 B0 F1 B1 ...; each receives into one
-    buffer per microbatch and tensor (as torch's PipelineStage allocates them) and keeps a
-    microbatch's output and graph from its forward to its backward."""
+    """Pipeline rank ``rank`` of 2, 1F1B with 2 x pp microbatches of ``rows / m`` rows, written
+    out: rank 0 runs F0 F1 B0 F2 B1 ... (two in flight), rank 1 F0 B0 F1 B1 ...; each receives
+    into one buffer per microbatch and tensor (as torch's PipelineStage allocates them) and keeps a
+    microbatch's output and graph from its forward to its backward; the batch lives all step."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
@@ -310,22 +340,35 @@ def _measured_pipeline_rank(config, rank: int, pp: int, precision: str, ac: str,
     from lightning_scale.core.meta_activations import CudaAutocastEmulation
 
     assert pp == 2, "the reference pipeline is written for 2 stages"
-    m = rows
-    split = _pipeline_split(config, seq)
-    loss_of = (lambda model, logits, ids: torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())) \
-        if _is_suite(config) else \
-        (lambda model, logits, ids: model.loss_function(logits=logits, labels=ids, vocab_size=config.vocab_size))
+    m = 2 * pp
+    per = rows // m
+    image = _is_image(config)
+    split = _pipeline_split(config)
+    if _is_suite(config):
+        loss_of = lambda model, logits, t: torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), t.flatten())  # noqa: E731
+    elif image:
+        loss_of = lambda model, logits, t: torch.nn.functional.cross_entropy(logits.float(), t)  # noqa: E731
+    else:
+        loss_of = lambda model, logits, t: model.loss_function(logits=logits, labels=t, vocab_size=config.vocab_size)  # noqa: E731
+
+    def batch():
+        if image:
+            return (torch.randn(rows, 3, config.image_size, config.image_size),
+                    torch.randint(0, config.num_labels, (rows,)))
+        ids = torch.randint(0, config.vocab_size, (rows, seq))
+        return ids, ids
+
     with FakeTensorMode(allow_non_fake_inputs=True):
-        model = _build(config, False)
+        model = _build(config, image)
         if precision == "bf16-true":
             model = model.to(torch.bfloat16)
         if ac == "full":
-            _checkpoint(model, _decoder_layers(model, False))
+            _checkpoint(model, _decoder_layers(model, image))
         stage = _Stage(model, rank, split).module
         autocast = (lambda: CudaAutocastEmulation(torch.bfloat16)) if precision == "bf16-mixed" \
             else contextlib.nullcontext
         with torch.no_grad(), autocast():  # the activation's shape and dtype (torch's shape inference)
-            sent = _Stage(model, 0, split).module(torch.randint(0, config.vocab_size, (1, seq)))
+            sent = _Stage(model, 0, split).module(batch()[0][:per])
         meta = (tuple(sent.shape), sent.dtype)
         del sent
         buffers = [torch.empty(meta[0], dtype=meta[1]) for _ in range(m)]  # activations in (rank 1), grads in (rank 0)
@@ -334,17 +377,17 @@ def _measured_pipeline_rank(config, rank: int, pp: int, precision: str, ac: str,
                  + [("B", m - 2), ("B", m - 1)]) if rank == 0 else [x for i in range(m) for x in (("F", i), ("B", i))]
 
         def step(tracker=None) -> None:
-            ids = torch.randint(0, config.vocab_size, (m, seq))
+            inputs, target = batch()
             held = {}
             for kind, mb in order:
                 if kind == "F":
                     if tracker is not None:
                         tracker.memory_tracking.pop(stage, None)  # a root module run once per microbatch
-                    x = ids[mb:mb + 1] if rank == 0 else buffers[mb].detach().requires_grad_()
+                    x = inputs[mb * per:(mb + 1) * per] if rank == 0 else buffers[mb].detach().requires_grad_()
                     with autocast():
                         out = stage(x)
                         if rank == 1:
-                            loss = loss_of(model, out, ids[mb:mb + 1])
+                            loss = loss_of(model, out, target[mb * per:(mb + 1) * per])
                             held[mb] = (loss, out, x)
                         else:
                             held[mb] = (out, x)
