@@ -38,12 +38,33 @@ def builtin_plan(network: nn.Module, sequence_parallel: bool, shard_vocab: bool 
         return vit_tp_plan(sequence_parallel)
     if getattr(getattr(network, "config", None), "base_model_tp_plan", None):
         return _hugging_face_plan(network, sequence_parallel)
+    _refuse_conv1d(network, None)
     raise ValueError(
         f"there is no built-in tensor-parallel plan for {type(network).__name__}; pass tp_plan={{'module path pattern': "
         f"ParallelStyle}}, e.g. {{'fc1': ColwiseParallel(), 'fc2': RowwiseParallel()}}, with paths relative to the "
         f"LightningModule (or to its module_name network), or tp_plan={{}} to replicate every layer (see "
         f"docs/strategies/tensor_parallel.md)"
     )
+
+
+def _refuse_conv1d(network: nn.Module, plan: dict | None) -> None:
+    """``transformers``' ``Conv1D`` (GPT-2-style: weight (in, out), q/k/v fused in ``c_attn``)
+    cannot take torch's column/row styles, which split ``nn.Linear`` weights (out, in), and a
+    plain column split of a fused q/k/v matrix would cut across q, k and v. Refused, named, at
+    setup on every rank (not a NotImplementedError from inside torch)."""
+    import fnmatch
+
+    found = [name for name, module in network.named_modules() if type(module).__name__ == "Conv1D"]
+    if not found:
+        return
+    hit = found if plan is None else [n for n in found if any(fnmatch.fnmatchcase(n, pat) for pat in plan)]
+    if hit:
+        raise ValueError(
+            f"{type(network).__name__} projects with transformers' Conv1D ({', '.join(hit[:3])}"
+            f"{', ...' if len(hit) > 3 else ''}): GPT-2-style weights are transposed and c_attn fuses q, k and v, which "
+            f"tensor parallelism does not split yet. Train it with ZeroStrategy(stage=3), the pipeline "
+            f"(PipelineStrategy(stages=2) picks GPT-2's stage forward) or data parallelism"
+        )
 
 
 def _hugging_face_plan(network: nn.Module, sequence_parallel: bool) -> dict[str, ParallelStyle]:
@@ -188,6 +209,8 @@ class TensorParallelStrategy(MeshStrategy):
     def apply_tensor_parallel(self, local: nn.Module) -> None:
         network = local
         user_plan = relative_plan(self.tp_plan, None if network is self.lightning_module else self.module_name, network)
+        if user_plan:
+            _refuse_conv1d(network, user_plan)
         plan = parallelize_network(network, self.device_mesh["tp"], user_plan, self.sequence_parallel, self.shard_vocab,
                                    src_data_rank=None if self.deferring else 0)
         rank_zero_info(f"TensorParallelStrategy: tp={self.tp}, sequence_parallel={self.sequence_parallel}, {len(plan)} plan entries")
