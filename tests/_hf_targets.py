@@ -124,6 +124,16 @@ def fit_family_pipeline(family: str, steps: int, zero_stage: int = 0, devices: i
     return {"losses": losses, "state": _full_state(task)}
 
 
+def fit_hf_3d(steps: int) -> dict:
+    """pp=2 x tp=2 on 4 ranks: the decoder stage forward picked from the model, TP from the
+    model's own plan on each stage; nothing model-specific given."""
+    from lightning_scale.strategies import Parallel3DStrategy
+
+    task, losses = _fit(Parallel3DStrategy(pipeline_parallel_size=2, tensor_parallel_size=2, microbatches=4), steps,
+                        devices=4)
+    return {"losses": losses, "state": _full_state(task)}
+
+
 def fit_family_zero3(family: str, steps: int) -> dict:
     from lightning_scale.strategies import ZeroStrategy
 

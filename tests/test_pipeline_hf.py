@@ -142,3 +142,11 @@ def test_gpt2_tensor_parallelism_is_refused_with_the_reason_and_the_alternatives
     with pytest.raises(ValueError, match=r"Conv1D \(transformer\.h\.0\.attn\.c_attn, transformer\.h\.1\.attn\.c_attn\)"):
         _refuse_conv1d(model, {"transformer.h.*.attn.c_attn": ColwiseParallel()})
     _refuse_conv1d(model, {"lm_head": ColwiseParallel()})  # a plan that leaves the Conv1D layers alone passes
+
+
+def test_hugging_face_llama_in_3d_from_its_own_plan_and_stage_forward() -> None:
+    # pp=2 x tp=2 (4 ranks), Parallel3DStrategy with no tp_plan, stage_forward or block_container:
+    # the stage forward and the TP plan both come from the model; 20 steps against one process.
+    steps = 20
+    results = run_distributed(targets.fit_hf_3d, 4, steps, init_process_group=False, timeout=300)
+    _assert_matches(results, targets.reference_hf(steps), steps)
