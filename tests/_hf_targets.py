@@ -63,7 +63,7 @@ def _family_data(family: str):
     return TensorDataset(torch.randint(0, 64, (64, 12), generator=g), torch.randint(0, 4, (64,), generator=g))
 
 
-def _fit(strategy, steps: int, devices: int = 2, family: str = "llama"):
+def _fit(strategy, steps: int, devices: int = 2, family: str = "llama", save_to: str | None = None):
     """Train the model (the Llama, or a ``family`` of :func:`_family_model`) with ``strategy`` on
     ``devices`` ranks; returns the task and this rank's per-step losses."""
     import lightning as L
@@ -95,6 +95,8 @@ def _fit(strategy, steps: int, devices: int = 2, family: str = "llama"):
     task = HFTask()
     data = _data() if family == "llama" else _family_data(family)
     trainer.fit(task, DataLoader(data, batch_size=8, drop_last=True))
+    if save_to is not None:  # the strategy's own checkpoint (every rank takes part)
+        trainer.save_checkpoint(save_to)
     return task, losses
 
 
@@ -115,12 +117,13 @@ def fit_hf(steps: int) -> dict:
     return {"losses": losses, "state": _full_state(task)}
 
 
-def fit_family_pipeline(family: str, steps: int, zero_stage: int = 0, devices: int = 2) -> dict:
+def fit_family_pipeline(family: str, steps: int, zero_stage: int = 0, devices: int = 2,
+                        save_to: str | None = None) -> dict:
     """2 pipeline stages, no stage_forward given: the strategy picks the family's own."""
     from lightning_scale.strategies import PipelineStrategy
 
     task, losses = _fit(PipelineStrategy(stages=2, microbatches=4, zero_stage=zero_stage), steps, devices=devices,
-                        family=family)
+                        family=family, save_to=save_to)
     return {"losses": losses, "state": _full_state(task)}
 
 

@@ -150,3 +150,35 @@ def test_hugging_face_llama_in_3d_from_its_own_plan_and_stage_forward() -> None:
     steps = 20
     results = run_distributed(targets.fit_hf_3d, 4, steps, init_process_group=False, timeout=300)
     _assert_matches(results, targets.reference_hf(steps), steps)
+
+
+def test_save_pretrained_round_trip_through_a_two_stage_run(tmp_path) -> None:
+    # GPT-2 (tied head) trained in 2 pipeline stages, its sharded checkpoint exported to a
+    # save_pretrained directory, loaded back by transformers: the weights are the one-process
+    # reference's after the same 20 steps, and the loaded model gives the reference's logits.
+    import torch
+    import transformers as tf
+
+    from lightning_scale.adapters.huggingface import save_pretrained
+
+    steps = 20
+    ckpt = tmp_path / "run.ckpt"
+    run_distributed(targets.fit_family_pipeline, 2, "gpt2", steps, save_to=str(ckpt), init_process_group=False,
+                    timeout=300)
+    with torch.device("meta"):
+        like = targets._family_model("gpt2")
+    written = save_pretrained(str(ckpt), str(tmp_path / "hf"), like)
+    assert "lm_head.weight" in written and "transformer.wte.weight" in written
+    loaded = tf.GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
+    ref = targets.reference_hf(steps, family="gpt2")["state"]
+    for name, value in loaded.state_dict().items():
+        if not _zero_true_gradient(name) and f"model.{name}" in ref:
+            assert (value - ref[f"model.{name}"]).abs().max().item() <= 1e-5, name
+    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()  # still tied
+    reference = targets._family_model("gpt2")
+    reference.load_state_dict({k[len("model."):]: v for k, v in ref.items()})
+    x = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        assert torch.allclose(loaded(x).logits, reference(x).logits, atol=1e-4)
+    with pytest.raises(ValueError, match="under prefix 'net.'"):
+        save_pretrained(str(ckpt), str(tmp_path / "other"), like, prefix="net.")

@@ -172,3 +172,35 @@ def hf_tp_plan(model: nn.Module, prefix: str = "") -> dict:
     base = getattr(model, "base_model_prefix", "")
     inner = f"{base}." if base and isinstance(getattr(model, base, None), nn.Module) else ""
     return {f"{prefix}{inner}{path}": styles[kind]() for path, kind in plan.items()}
+
+
+def save_pretrained(checkpoint: str, out_dir: str, like: nn.Module, prefix: str = "model.",
+                    trust: bool = False) -> dict[str, torch.Tensor]:
+    """A Hugging Face ``save_pretrained`` directory from a checkpoint the suite's strategies wrote
+    (sharded by pipeline stage, tensor or ZeRO-3 rank, or a plain single file): the full state
+    dict is gathered in this one process (:func:`lightning_scale.core.checkpoint.consolidate`),
+    the LightningModule's ``prefix`` (the attribute holding the model) is stripped, and
+    ``like.save_pretrained(out_dir, state_dict=...)`` writes the config and safetensors, so that
+    ``AutoModel*.from_pretrained(out_dir)`` loads the trained weights. ``like``: a model of the
+    same class and config (its own values are not written; it can live on the meta device).
+    A tied weight held once per pipeline stage is written once. Returns the state dict written."""
+    from pathlib import Path
+
+    from lightning_scale.core.checkpoint import consolidate
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        state = consolidate(path, trust=trust)["state_dict"]
+    else:
+        from lightning_scale.core.checkpoint import load_file
+
+        state = load_file(path, trust=trust)["state_dict"]
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    expected = set(like.state_dict())
+    missing = sorted(expected - set(weights))
+    if missing:
+        raise ValueError(f"{checkpoint} holds no {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} under "
+                         f"prefix {prefix!r} for {type(like).__name__}: is the model at LightningModule.{prefix[:-1]}?")
+    weights = {k: v.contiguous() for k, v in weights.items() if k in expected}
+    like.save_pretrained(out_dir, state_dict=dict(weights))  # (transformers empties the dict it is given)
+    return weights
