@@ -304,8 +304,9 @@ def strategy_for(layout: Any, block_class: Any = None, tp_plan: Any = None) -> A
     if layout.tp > 1 and (layout.zero_stage or layout.sequence_parallel):
         raise TraceError("tensor parallelism is traced without ZeRO-3 and sequence parallelism so far: the closed form "
                          "plans those")
-    if layout.zero_stage in (1, 2) or layout.offload:
-        raise TraceError("ZeRO-1/2 and CPU offload are not traced yet: the closed form plans them")
+    if layout.offload:
+        raise TraceError("CPU offload is not traced (host memory is not told apart from the device's here): the "
+                         "closed form plans it")
     if layout.ac not in ("none", "full", "selective"):
         raise TraceError(f"activation checkpointing {layout.ac!r} is not traced (none, full, selective are)")
     options: dict[str, Any] = {"activation_checkpointing": None if layout.ac == "none" else layout.ac}
@@ -315,8 +316,8 @@ def strategy_for(layout: Any, block_class: Any = None, tp_plan: Any = None) -> A
         # tp_plan None: the strategy's own choice, as in a run (the suite's models' plans, a
         # Hugging Face model's base_model_tp_plan; a model without one is refused, named)
         return TensorParallelStrategy(tensor_parallel_size=layout.tp, tp_plan=tp_plan, **options)
-    if layout.zero_stage == 3:
-        return ZeroStrategy(stage=3, **options)
+    if layout.zero_stage:
+        return ZeroStrategy(stage=layout.zero_stage, bucket_mb=layout.bucket_mb, **options)
     return MeshStrategy(**options)
 
 

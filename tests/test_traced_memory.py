@@ -72,6 +72,22 @@ def test_between_steps_a_rank_holds_its_share_of_parameters_and_adam_states(stra
     assert traced.world_size == world
 
 
+@pytest.mark.parametrize(("stage", "grads_share"), [(1, 1), (2, 4)])
+def test_zero_1_and_2_hold_the_buckets_of_the_strategys_own_engine(stage, grads_share) -> None:
+    # ZeroStrategy's engine (core/sharding.py) on 4 ranks, one 25 MiB bucket (P fp32 elements,
+    # divisible by 4): the full flat parameters (4 P), gradients (stage 1: the full flat buffer
+    # kept between steps, 4 P; stage 2: this rank's reduced chunk, P), AdamW moments of the
+    # rank's chunk (8 P / 4) and one 4-byte step counter for the bucket's chunk parameter.
+    traced = _trace(ZeroStrategy(stage=stage), 4)
+    assert traced.after_step == 4 * P + 4 * P // grads_share + 8 * P // 4 + 4
+    # stage 2 reduces bucket by bucket as gradients arrive: with 8 buckets of 64 KiB it holds at
+    # most a few buckets' staging, where stage 1 holds every gradient
+    if stage == 2:
+        two = _trace(ZeroStrategy(stage=2, bucket_mb=1 / 16), 4)
+        one = _trace(ZeroStrategy(stage=1, bucket_mb=1 / 16), 4)
+        assert two.phase_peaks["backward"] < one.phase_peaks["backward"] - 2 * P
+
+
 def test_foreach_adamw_holds_a_temporary_as_large_as_the_parameters_at_the_step() -> None:
     # torch's default (foreach) AdamW computes sqrt(v) for all parameters at once: 4 more bytes
     # per parameter at the step than the fused kernel (the Llama figure of issue 25).

@@ -99,12 +99,14 @@ def fake_tensors() -> Any:
 
 def trace_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Callable[[], Any],
                loss: Callable[[nn.Module, Any], torch.Tensor], precision: str = "32-true", steps: int = 2,
-               rank: int = 0, world_size: int = 1) -> TracedMemory:
+               rank: int = 0, world_size: int = 1, before_step: Callable[[], None] | None = None,
+               after_step: Callable[[], None] | None = None) -> TracedMemory:
     """Run ``steps`` training steps (``loss(model, batch()).backward(); optimizer.step();
     optimizer.zero_grad()``) of the already built and parallelized ``model`` (its tensors fake)
     under ``MemTracker`` (inside the caller's ``FakeTensorMode``) and return the last step's
     :class:`TracedMemory`. ``precision``: ``*-mixed`` runs the forward under emulated CUDA
-    autocast."""
+    autocast. ``before_step`` / ``after_step``: what a strategy runs around ``optimizer.step()``
+    (ZeRO-1/2: the gradient reduce-scatter, the parameter all-gather), inside the step's phase."""
     autocast, cast_batch = _precision_contexts(precision)
 
     def body(mark: Callable[[str], None], tracker: Any) -> Any:
@@ -118,7 +120,7 @@ def trace_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Callab
         mark("backward")
         return inputs  # alive through the optimizer step
 
-    return _traced_steps(body, optimizer, [model], steps, rank, world_size)
+    return _traced_steps(body, optimizer, [model], steps, rank, world_size, before_step, after_step)
 
 
 def _precision_contexts(precision: str) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
@@ -140,7 +142,9 @@ def _precision_contexts(precision: str) -> tuple[Callable[[], Any], Callable[[An
 
 
 def _traced_steps(body: Callable[[Callable[[str], None], Any], Any], optimizer: torch.optim.Optimizer,
-                  external: list[Any], steps: int, rank: int, world_size: int) -> TracedMemory:
+                  external: list[Any], steps: int, rank: int, world_size: int,
+                  before_step: Callable[[], None] | None = None,
+                  after_step: Callable[[], None] | None = None) -> TracedMemory:
     """``steps`` times: ``body(mark, tracker)`` (forward and backward; ``mark(phase)`` closes a
     phase; ``tracker``: the MemTracker, None on the untracked steps; it returns what stays alive
     to the end of the step: the batch, as in a Lightning step),
@@ -159,7 +163,11 @@ def _traced_steps(body: Callable[[Callable[[str], None], Any], Any], optimizer: 
                 _restart_peak(tracker)
 
         kept = body(mark, tracker)
+        if before_step is not None:
+            before_step()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         mark("optimizer step")
         optimizer.zero_grad(set_to_none=True)
         del kept

@@ -63,8 +63,9 @@ def parallelize_offline(strategy: Any, network: nn.Module, world_size: int, prec
     if isinstance(strategy, PipelineStrategy):
         _check_traceable_pipeline(strategy, _holder(network))
     zero = getattr(strategy, "zero", None)
-    if zero is not None and zero.stage in (1, 2):
-        raise TraceError("ZeRO-1/2 shard the optimizer after setup, inside the run: the closed form plans them")
+    if zero is not None and (zero.offload_optimizer or zero.offload_params or zero.implementation != "native"):
+        raise TraceError("CPU offload (host memory is not told apart from the device's here) and the fairscale "
+                         "engine are not traced: the closed form plans them")
     module = _holder(network)
     strategy.resolved_dims = strategy.dims.resolve(world_size)
     from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -169,8 +170,17 @@ def trace_layout(build: Any, batch: Any, loss: Any, strategy: Any, world_size: i
         # LightningModule's configure_optimizers)
         opt = (optimizer(module) if callable(optimizer)
                else make_optimizer(network.parameters(), optimizer, implementation))
+        hooks: dict[str, Any] = {}
+        zero = getattr(strategy, "zero", None)
+        if zero is not None and zero.stage in (1, 2):
+            # ZeRO-1/2: the strategy's engine (built at setup in a run) re-points the optimizer
+            # at this rank's chunks and reduces / gathers around the step
+            from lightning_scale.core.sharding import ZeroOptimizer
+
+            engine = ZeroOptimizer(module, opt, strategy.group("dp"), zero)
+            hooks = {"before_step": engine.reduce_gradients, "after_step": engine.after_step}
         try:
-            return trace_step(network, opt, batch, loss, precision, rank=rank, world_size=world_size)
+            return trace_step(network, opt, batch, loss, precision, rank=rank, world_size=world_size, **hooks)
         except TraceError:
             raise
         except Exception as err:  # noqa: BLE001
