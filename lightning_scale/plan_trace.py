@@ -301,9 +301,8 @@ def strategy_for(layout: Any, block_class: Any = None, tp_plan: Any = None) -> A
     :class:`TraceError` for what is not traced."""
     from lightning_scale.strategies import MeshStrategy, TensorParallelStrategy, ZeroStrategy
 
-    if layout.tp > 1 and (layout.zero_stage or layout.sequence_parallel):
-        raise TraceError("tensor parallelism is traced without ZeRO-3 and sequence parallelism so far: the closed form "
-                         "plans those")
+    if layout.tp > 1 and layout.zero_stage in (1, 2):
+        raise ValueError("ZeRO-1/2 shard plain parameters; with tensor parallelism use ZeRO-3")
     if layout.offload:
         raise TraceError("CPU offload is not traced (host memory is not told apart from the device's here): the "
                          "closed form plans it")
@@ -312,10 +311,18 @@ def strategy_for(layout: Any, block_class: Any = None, tp_plan: Any = None) -> A
     options: dict[str, Any] = {"activation_checkpointing": None if layout.ac == "none" else layout.ac}
     if block_class:
         options["block_class"] = block_class
+    if layout.tp > 1 and layout.zero_stage == 3:
+        # TP inside each replica, FSDP2 over the replicas: the 3D strategy with one stage
+        from lightning_scale.strategies import Parallel3DStrategy
+
+        return Parallel3DStrategy(pipeline_parallel_size=1, tensor_parallel_size=layout.tp, zero_stage=3,
+                                  sequence_parallel=layout.sequence_parallel, tp_plan=tp_plan, microbatches=1,
+                                  **options)
     if layout.tp > 1:
         # tp_plan None: the strategy's own choice, as in a run (the suite's models' plans, a
         # Hugging Face model's base_model_tp_plan; a model without one is refused, named)
-        return TensorParallelStrategy(tensor_parallel_size=layout.tp, tp_plan=tp_plan, **options)
+        return TensorParallelStrategy(tensor_parallel_size=layout.tp, tp_plan=tp_plan,
+                                      sequence_parallel=layout.sequence_parallel, **options)
     if layout.zero_stage:
         return ZeroStrategy(stage=layout.zero_stage, bucket_mb=layout.bucket_mb, **options)
     return MeshStrategy(**options)

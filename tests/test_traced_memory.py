@@ -62,6 +62,10 @@ def _trace(strategy, world: int, **kwargs):
     (lambda: ZeroStrategy(stage=3), 4, 4),  # FSDP2 over 4 ranks: a quarter
     (lambda: TensorParallelStrategy(tensor_parallel_size=2, tp_plan={
         "model.blocks.*.fc1": ColwiseParallel(), "model.blocks.*.fc2": RowwiseParallel()}), 2, 2),
+    # TP = 2 inside each replica, FSDP2 over 2 replicas: a quarter
+    (lambda: __import__("lightning_scale.strategies", fromlist=["Parallel3DStrategy"]).Parallel3DStrategy(
+        pipeline_parallel_size=1, tensor_parallel_size=2, zero_stage=3, microbatches=1, tp_plan={
+            "model.blocks.*.fc1": ColwiseParallel(), "model.blocks.*.fc2": RowwiseParallel()}), 4, 4),
 ])
 def test_between_steps_a_rank_holds_its_share_of_parameters_and_adam_states(strategy, world, share) -> None:
     # fp32 AdamW: parameter 4 B + two moments 8 B per parameter this rank holds (gradients freed

@@ -241,6 +241,13 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` and ``b`` start at the same element of the same storage (what comparing data
+    pointers says for real tensors; fake tensors, which the traced planner steps through this
+    engine, have storages but no data pointers)."""
+    return a.untyped_storage()._cdata == b.untyped_storage()._cdata and a.storage_offset() == b.storage_offset()
+
+
 class ZeroOptimizer:
     """Shards ``optimizer``'s state (stage 1) and the gradients (stage 2) of ``module`` over ``group``.
 
@@ -404,7 +411,7 @@ class ZeroOptimizer:
                 for slot, p in zip(b.spec.slots, b.params):
                     g = p.grad
                     view = b.grads[slot.offset : slot.offset + slot.numel]
-                    if g is not None and g.data_ptr() != view.data_ptr():
+                    if g is not None and not _same_memory(g, view):
                         view.add_(g.detach().reshape(-1))
                 lo, hi = b.spec.chunk_range(self.rank, self.world)
                 if self.world > 1:
@@ -439,7 +446,7 @@ class ZeroOptimizer:
             # the all-gathers read them and before the next step writes the masters again.
             chunks = [b.flat[slice(*b.spec.chunk_range(self.rank, self.world))] for b in self.buckets]
             dev.wait_all([dev.copy_(chunk, b.master.detach()) for b, chunk in zip(self.buckets, chunks)
-                          if b.master.data_ptr() != chunk.data_ptr()])
+                          if not _same_memory(b.master, chunk)])
             if self.config.offload_optimizer and not self._state_on_host:  # created by the first step
                 self._register_host_state()
             for b in self.buckets:

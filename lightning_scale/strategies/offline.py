@@ -17,6 +17,7 @@ the run) are refused with a :class:`~lightning_scale.core.traced_memory.TraceErr
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -60,7 +61,7 @@ def parallelize_offline(strategy: Any, network: nn.Module, world_size: int, prec
     if not isinstance(strategy, MeshStrategy):
         raise TraceError(f"{type(strategy).__name__} is not one of the suite's strategies: only those are traced "
                          f"(Lightning's own are planned by the closed forms)")
-    if isinstance(strategy, PipelineStrategy):
+    if isinstance(strategy, PipelineStrategy) and strategy.dims.pp > 1:
         _check_traceable_pipeline(strategy, _holder(network))
     zero = getattr(strategy, "zero", None)
     if zero is not None and (zero.offload_optimizer or zero.offload_params or zero.implementation != "native"):
@@ -84,13 +85,35 @@ def parallelize_offline(strategy: Any, network: nn.Module, world_size: int, prec
                                   else Precision())
     strategy.deferring = True  # TP takes each rank's local slice: no broadcast of values
     try:
-        strategy.parallelize()
+        with _real_device_meshes():
+            strategy.parallelize()
     except TraceError:
         raise
     except Exception as err:  # noqa: BLE001 - named, with the fallback
         raise TraceError(f"{type(strategy).__name__}.parallelize failed on {type(network).__name__} under the fake "
                          f"process group: {type(err).__name__}: {err}") from err
     return module
+
+
+@contextlib.contextmanager
+def _real_device_meshes() -> Any:
+    """Device meshes made while parallelizing (FSDP2 over TP joins the dp and tp meshes) hold
+    real rank tensors, not fake ones: their coordinates are computed from values (``nonzero``),
+    which fake tensors do not have. Patches ``DeviceMesh.__init__`` for the duration."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.distributed.device_mesh import DeviceMesh
+
+    original = DeviceMesh.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        with unset_fake_temporarily():
+            original(self, *args, **kwargs)
+
+    DeviceMesh.__init__ = init  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        DeviceMesh.__init__ = original  # type: ignore[method-assign]
 
 
 def _check_traceable_pipeline(strategy: Any, module: Any) -> None:
