@@ -182,3 +182,15 @@ def test_save_pretrained_round_trip_through_a_two_stage_run(tmp_path) -> None:
         assert torch.allclose(loaded(x).logits, reference(x).logits, atol=1e-4)
     with pytest.raises(ValueError, match="under prefix 'net.'"):
         save_pretrained(str(ckpt), str(tmp_path / "other"), like, prefix="net.")
+
+
+def test_a_hugging_face_model_without_a_tp_plan_is_refused_naming_the_config() -> None:
+    import transformers as tf
+
+    from lightning_scale.strategies.tensor_parallel import builtin_plan
+
+    vit = tf.ViTForImageClassification(tf.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                    intermediate_size=64, image_size=8, patch_size=4))
+    with pytest.raises(ValueError, match=r"ViTForImageClassification's config declares no tensor-parallel plan "
+                                         r"\(transformers' base_model_tp_plan, model_type 'vit'\); give tp_plan="):
+        builtin_plan(vit, sequence_parallel=False)

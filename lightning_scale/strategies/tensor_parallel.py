@@ -25,6 +25,7 @@ from torch.distributed.tensor.parallel import ParallelStyle
 from lightning_scale.core.mesh import ParallelDims
 from lightning_scale.core.tensor_parallel import apply_tp, gpt_tp_plan, validate_tp, vit_tp_plan
 from lightning_scale.strategies.base import MeshStrategy
+from lightning_scale.adapters.huggingface import is_hugging_face
 from lightning_scale.strategies.options import check_sequence_parallel_plan, check_bool, check_tp_plan, renamed_option
 
 
@@ -39,6 +40,13 @@ def builtin_plan(network: nn.Module, sequence_parallel: bool, shard_vocab: bool 
     if getattr(getattr(network, "config", None), "base_model_tp_plan", None):
         return _hugging_face_plan(network, sequence_parallel)
     _refuse_conv1d(network, None)
+    if is_hugging_face(network):
+        raise ValueError(
+            f"{type(network).__name__}'s config declares no tensor-parallel plan (transformers' base_model_tp_plan, "
+            f"model_type {network.config.model_type!r}); give tp_plan={{'module path pattern': ParallelStyle}} for its "
+            f"projections (ColwiseParallel on q/k/v and the MLP's first layer, RowwiseParallel on the attention output "
+            f"and the MLP's last), or train it with ZeroStrategy(stage=3) or the pipeline"
+        )
     raise ValueError(
         f"there is no built-in tensor-parallel plan for {type(network).__name__}; pass tp_plan={{'module path pattern': "
         f"ParallelStyle}}, e.g. {{'fc1': ColwiseParallel(), 'fc2': RowwiseParallel()}}, with paths relative to the "
@@ -141,8 +149,9 @@ def parallelize_network(
     config = getattr(network, "config", None)
     if plan is None and getattr(config, "base_model_tp_plan", None):
         _check_hugging_face_heads(config, tp)
-    elif plan is None and config is not None:
-        # Heads, hidden, MLP (and vocab) against tp, named by config field: raised on every rank.
+    elif plan is None and config is not None and not is_hugging_face(network):
+        # The suite's models: heads, hidden, MLP (and vocab) against tp, named by config field,
+        # raised on every rank. (A transformers model without a plan is refused by builtin_plan.)
         validate_tp(config, tp, None, sequence_parallel, shard_vocab=shard_vocab)
     plan = dict(plan) if plan is not None else builtin_plan(network, sequence_parallel, shard_vocab)
     # One layout on every device: every parameter a DTensor (the ones the plan leaves alone
