@@ -47,10 +47,11 @@ class _Stage(nn.Module):
         return self.head(self.norm(h)) if self.head is not None else h
 
 
-def measured_pipeline_peak(schedule: str) -> int:
+def measured_pipeline_peak(schedule: str, zero3: bool = False) -> int:
     """This rank's peak of live tensor bytes in the second training step of a 2-stage pipeline
     (``schedule``: ``"GPipe"`` or ``"1F1B"``, ``MICROBATCHES`` microbatches of ``ROWS / MICROBATCHES``
-    rows x ``SEQ`` tokens, AdamW foreach)."""
+    rows x ``SEQ`` tokens, AdamW foreach). ``zero3``: 4 ranks, 2 stages x 2 replicas with FSDP2 on
+    each stage's replicas (torch's schedule runs its no-sync backwards and the final reduction)."""
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage
     from torch.distributed.pipelining.schedules import get_schedule_class
@@ -58,10 +59,24 @@ def measured_pipeline_peak(schedule: str) -> int:
     from transformers import LlamaForCausalLM
 
     rank = dist.get_rank()
+    group = None
+    if zero3:  # 4 ranks: pp x dp = 2 x 2 (rank = 2 pp + dp), FSDP2 over each stage's dp pair
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
+        group = mesh["pp"].get_group()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         torch.manual_seed(0)
-        stage = _Stage(LlamaForCausalLM(config()), rank)
-        pipe = PipelineStage(stage, rank, 2, torch.device("cpu"))
+        pp_rank = rank // 2 if zero3 else rank
+        stage = _Stage(LlamaForCausalLM(config()), pp_rank)
+        if zero3:  # each layer, then the stage, kept gathered from forward to backward (as under a schedule)
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in stage.layers:
+                fully_shard(layer, mesh=mesh["dp"], reshard_after_forward=False)
+            fully_shard(stage, mesh=mesh["dp"], reshard_after_forward=False)
+        rank = pp_rank
+        pipe = PipelineStage(stage, rank, 2, torch.device("cpu"), group=group)
 
         def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             return nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())

@@ -359,3 +359,36 @@ def test_plan_traces_a_recipes_own_module_datamodule_and_optimizer(tmp_path) -> 
     assert sharded["after_step"] == 12 * params // 4 + 4 * len(list(module.parameters()))
     with pytest.raises(SystemExit, match="pipeline is not traced from --config"):
         main(["--config", _recipe(tmp_path, "pipeline", 2), "--gpu-memory-gb", "1"])
+
+
+def test_a_traced_pipeline_with_zero3_on_the_replicas_matches_torchs_own_schedule() -> None:
+    # pp=2 x dp=2 on 4 gloo processes: FSDP2 on each stage's replicas, kept gathered through the
+    # schedule, torch's 1F1B with its no-sync backwards and the reduction at the end (the
+    # unsharded gradients accumulate over the microbatches); live bytes from the profiler.
+    # Traced: PipelineStrategy(zero_stage=3) on fake tensors, ranks (pp, dp=0).
+    import _pipeline_memory_targets as targets
+
+    from lightning_scale.adapters.huggingface import decoder_stage_forward
+    from lightning_scale.plan_trace import hf_model_from_config
+    from lightning_scale.strategies import PipelineStrategy
+    from lightning_scale.strategies.offline import trace_pipeline_layout
+    from lightning_scale.testing import run_distributed
+
+    measured = run_distributed(targets.measured_pipeline_peak, 4, "1F1B", True, timeout=300)
+    model = hf_model_from_config(targets.config(), targets.SEQ)
+
+    def batch():
+        ids = torch.randint(0, targets.CONFIG["vocab_size"], (targets.ROWS, targets.SEQ))
+        return (ids,), ids
+
+    traced = trace_pipeline_layout(
+        model.build, batch, lambda network, logits, t: nn.functional.cross_entropy(logits.flatten(0, 1), t.flatten()),
+        lambda: PipelineStrategy(stages=2, schedule="1f1b", microbatches=targets.MICROBATCHES, zero_stage=3,
+                                 split_points=["model.layers.2"], stage_forward=decoder_stage_forward),
+        world_size=4)
+    # Measured on 2026-12-03 over 5 runs: pipeline rank 0 11,517,164 bytes every time, traced 0.994
+    # (without the no-sync backwards the trace gave 0.969); pipeline rank 1 9,666,036 in 4 runs and
+    # 10,322,420 in one (when its asynchronous sends and reductions complete moves its peak), traced
+    # 1.014 and 0.949: the real run's own spread is 6.8% there.
+    assert abs(traced[0].peak / measured[0] - 1) <= 0.02, (traced[0].peak, measured[0])
+    assert abs(traced[1].peak / measured[2] - 1) <= 0.06, (traced[1].peak, measured[2])

@@ -212,6 +212,10 @@ class PipelineRank:
     num_stages: int
     microbatches: int
     inputs: dict[int, list[tuple[tuple[int, ...], torch.dtype]]]
+    # ZeRO-3 stages (FSDP2): torch's PipelineStage runs each backward without gradient sync or
+    # reshard (unsharded gradients accumulate over the microbatches) and reduces them at
+    # REDUCE_GRAD: stage index -> the stage's perform_reduce_grad (None: not FSDP)
+    reduce_grad: dict[int, Callable[[], None]] = field(default_factory=dict)
 
 
 def trace_pipeline_step(rank_plan: PipelineRank, optimizer: torch.optim.Optimizer,
@@ -258,10 +262,21 @@ def trace_pipeline_step(rank_plan: PipelineRank, optimizer: torch.optim.Optimize
         same_rank_grad: dict[tuple[int, int], tuple] = {}  # input gradients handed to the previous stage
         forwards = dict.fromkeys(local, 0)
         losses = []
+        reduced: set[int] = set()
         for action in rank_plan.actions:
             if action is None:
                 continue
             s, kind = action.stage_index, action.computation_type
+            if kind == Kind.REDUCE_GRAD:
+                if s in rank_plan.reduce_grad:
+                    rank_plan.reduce_grad[s]()
+                reduced.add(s)
+                continue
+            if s in rank_plan.reduce_grad and kind in (Kind.FULL_BACKWARD, Kind.BACKWARD_INPUT, Kind.BACKWARD_WEIGHT):
+                module = rank_plan.stages[s]  # as torch's backward_maybe_with_nosync does for an FSDP stage
+                module.set_is_last_backward(False)
+                module.set_reshard_after_backward(False)
+                module.set_requires_gradient_sync(False)
             if kind == Kind.FORWARD:
                 mb = forwards[s]  # forwards run in microbatch order on every schedule
                 if tracker is not None:
@@ -321,6 +336,8 @@ def trace_pipeline_step(rank_plan: PipelineRank, optimizer: torch.optim.Optimize
                     if kind == Kind.FULL_BACKWARD and wants and s - 1 in local:
                         same_rank_grad[(s, mb)] = tuple(a.grad for a in wants)
                 del cache[(s, mb)], tensors, grads, outs, args, wants
+        for s in sorted(set(rank_plan.reduce_grad) - reduced):  # schedules whose order lists no REDUCE_GRAD
+            rank_plan.reduce_grad[s]()
         mark("schedule")
         del chunks, first_inputs, targets, losses
         return inputs, target  # the batch: alive through the optimizer step

@@ -270,9 +270,13 @@ def trace_pipeline_layout(build: Any, batch: Any, output_loss: Any, make_strateg
             order = runtime.schedule.pipeline_order
             if order is None:
                 raise TraceError(f"torch's {type(runtime.schedule).__name__} gives no action order to trace")
+            from torch.distributed.fsdp import FSDPModule
+
             rank_plan = PipelineRank(stages={st.stage_index: st.submod for st in runtime.stages},
                                      actions=list(order[pp_rank]), num_stages=runtime.plan.num_stages,
-                                     microbatches=m, inputs=shapes)
+                                     microbatches=m, inputs=shapes,
+                                     reduce_grad={st.stage_index: (lambda st=st: st.perform_reduce_grad(1))
+                                                  for st in runtime.stages if isinstance(st.submod, FSDPModule)})
             opt = make_optimizer(module.parameters(), optimizer, implementation)
             local = getattr(module, strategy.module_name, module)
             try:
