@@ -392,3 +392,20 @@ def test_a_traced_pipeline_with_zero3_on_the_replicas_matches_torchs_own_schedul
     # 1.014 and 0.949: the real run's own spread is 6.8% there.
     assert abs(traced[0].peak / measured[0] - 1) <= 0.02, (traced[0].peak, measured[0])
     assert abs(traced[1].peak / measured[2] - 1) <= 0.06, (traced[1].peak, measured[2])
+
+
+def test_tracing_another_rank_leaves_this_process_rank_zero() -> None:
+    # Tracing pipeline rank 1 plays global rank 1; Lightning's rank_zero_only (loggers, prints)
+    # must still see this process as rank 0 afterwards.
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+    from transformers import LlamaConfig
+
+    from lightning_scale.core.planner import Hardware, Layout, Workload
+    from lightning_scale.plan_trace import hf_model_from_config, trace_plan
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, architectures=["LlamaForCausalLM"])
+    traced = trace_plan(hf_model_from_config(cfg, 16), Workload(batch_size=4, seq_len=16, precision="32-true"),
+                        Layout(pp=2), Hardware(gpus=2, memory_gb=1))
+    assert len(traced.stage_peaks) == 2
+    assert rank_zero_only.rank == 0

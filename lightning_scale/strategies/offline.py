@@ -74,12 +74,7 @@ def parallelize_offline(strategy: Any, network: nn.Module, world_size: int, prec
     with unset_fake_temporarily():  # the mesh holds real rank lists
         strategy.device_mesh = build_device_mesh(strategy.resolved_dims, "cpu")
     strategy._lightning_module = module
-    from lightning.fabric.plugins.environments import LightningEnvironment
-
-    environment = LightningEnvironment()  # the rank this process plays (split_pipeline asks for it)
-    environment.set_world_size(world_size)
-    environment.set_global_rank(torch.distributed.get_rank())
-    strategy._cluster_environment = environment
+    strategy._cluster_environment = _PlayedRank(torch.distributed.get_rank(), world_size)
     strategy.parallel_devices = [torch.device("cpu")]  # the root device: CPU plays the GPU (fake tensors)
     strategy._precision_plugin = (MixedPrecision(precision, "cpu") if str(precision).endswith("-mixed")
                                   else Precision())
@@ -93,6 +88,22 @@ def parallelize_offline(strategy: Any, network: nn.Module, world_size: int, prec
         raise TraceError(f"{type(strategy).__name__}.parallelize failed on {type(network).__name__} under the fake "
                          f"process group: {type(err).__name__}: {err}") from err
     return module
+
+
+def _PlayedRank(rank: int, world_size: int) -> Any:
+    """A cluster environment saying which rank this process plays (``split_pipeline`` asks),
+    without Lightning's ``set_global_rank``, which would also set ``rank_zero_only.rank`` for the
+    whole process (silencing rank-zero output and loggers afterwards)."""
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    class Played(LightningEnvironment):
+        def global_rank(self) -> int:
+            return rank
+
+        def world_size(self) -> int:
+            return world_size
+
+    return Played()
 
 
 @contextlib.contextmanager
