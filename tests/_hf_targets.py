@@ -50,12 +50,17 @@ def _family_model(family: str):
                             intermediate_size=64, max_position_embeddings=32, num_labels=4, hidden_dropout_prob=0.0,
                             attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
         return tf.BertForSequenceClassification(cfg)
+    if family == "bert_mlm":  # the masked-LM head, its decoder tied to the word embeddings
+        cfg = tf.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0)
+        return tf.BertForMaskedLM(cfg)
     raise ValueError(family)
 
 
 def _family_data(family: str):
     g = torch.Generator().manual_seed(5)
-    if family == "gpt2":
+    if family in ("gpt2", "bert_mlm"):  # next-token targets (masked-LM: any token targets train the same head)
         x = torch.randint(0, 64, (64, 12), generator=g)
         return TensorDataset(x, torch.roll(x, -1, 1))
     if family == "vit":

@@ -16,7 +16,8 @@ gpt2              ``transformer.wte/wpe`` -> ``transformer.h``  token ids (B, T)
 vit               ``vit.embeddings`` -> ``vit.layers`` ->    images (B, C, H, W) -> logits (B, classes)
                   ``vit.layernorm`` -> ``classifier`` (CLS)
 bert              ``<base>.embeddings`` -> ``<base>.encoder.layer``  token ids (B, T) -> logits (B, labels)
-                  -> ``<base>.pooler`` -> ``classifier``  (BERT, RoBERTa sequence classification)
+                  -> ``<base>.pooler`` -> ``classifier``  (BERT, RoBERTa sequence classification),
+                  or -> ``cls`` / ``lm_head``             or token logits (B, T, V) (masked LM)
 ================  =======================================  ==========================================
 
 Decoders build the causal mask the model's own forward builds (``create_causal_mask``: ``None``
@@ -100,13 +101,20 @@ def vit_stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def bert_stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """One stage of a BERT-style ``*ForSequenceClassification`` (BERT, RoBERTa): token ids (B, T)
-    or hidden states (B, T, D) in; hidden states or logits (B, labels) out."""
+    """One stage of a BERT-style encoder (BERT, RoBERTa): ``*ForSequenceClassification`` or
+    ``*ForMaskedLM``. Token ids (B, T) or hidden states (B, T, D) in; hidden states, logits
+    (B, labels) or token logits (B, T, V) out (the masked-LM head's decoder is tied to the word
+    embeddings: the last stage keeps its own copy)."""
     body = getattr(stage, stage.base_model_prefix)
     hidden = body.embeddings(input_ids=x) if body.embeddings is not None else x  # (B, T, D)
     for layer in body.encoder.layer:
         out = layer(hidden)
         hidden = out[0] if isinstance(out, tuple) else out
+    lm_head = getattr(stage, "cls", None)  # BERT's masked-LM head
+    if lm_head is None:
+        lm_head = getattr(stage, "lm_head", None)  # RoBERTa's
+    if lm_head is not None:
+        return lm_head(hidden)  # (B, T, V)
     head = getattr(stage, "classifier", None)
     if head is None:
         return hidden
@@ -139,7 +147,9 @@ def stage_family(model: nn.Module) -> StageFamily | None:
         return StageFamily("vit", "vit.layers", vit_stage_forward)
     prefix = getattr(model, "base_model_prefix", "")
     base = getattr(model, prefix, None) if prefix else None
-    if _has(base, "embeddings", "encoder") and _has(getattr(base, "encoder", None), "layer") and _has(model, "classifier"):
+    heads = ("classifier", "cls") if prefix == "bert" else ("classifier", "lm_head")
+    if (_has(base, "embeddings", "encoder") and _has(getattr(base, "encoder", None), "layer")
+            and any(_has(model, h) for h in heads)):
         return StageFamily("bert", f"{prefix}.encoder.layer", bert_stage_forward)
     return None
 
