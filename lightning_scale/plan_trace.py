@@ -7,14 +7,15 @@ strategy for the asked layout under a fake process group of the asked GPU count,
 training step (forward, backward, optimizer step) is measured per phase by torch's MemTracker
 (:mod:`lightning_scale.core.traced_memory`, :mod:`lightning_scale.strategies.offline`).
 
-Layouts traced: data parallelism (the suite's ``MeshStrategy``; Lightning's ``ddp`` also keeps
-torch DDP's gradient-bucket copy, one gradient's bytes, which is added and named), ZeRO-3
-(FSDP2), tensor parallelism (the model's own plan: Hugging Face's ``base_model_tp_plan``) and
-the pipeline (every schedule; stages cut by the strategy's plan, each pipeline rank traced
-through its schedule's order, the worst rank reported; with data parallelism or ZeRO-3 on the
-replicas), with activation checkpointing (``none``, ``full``, ``selective``) and any precision.
-ZeRO-1/2, CPU offload, TP with ZeRO-3 or sequence parallelism, and a pipeline with TP are
-planned by the closed forms, which say so.
+Layouts traced (:func:`strategy_for`): data parallelism (the suite's ``MeshStrategy``;
+Lightning's ``ddp`` also keeps torch DDP's gradient-bucket copy, one gradient's bytes, which is
+added and named), ZeRO-1/2 (the strategy's engine) and ZeRO-3 (FSDP2), tensor parallelism (the
+strategy's choice of plan, e.g. Hugging Face's ``base_model_tp_plan``) with sequence parallelism
+or with ZeRO-3 over the replicas, and the pipeline (every schedule; stages cut by the strategy's
+plan, each pipeline rank traced through its schedule's order, the worst rank reported; with data
+parallelism or ZeRO-3 on the replicas), with activation checkpointing (``none``, ``full``,
+``selective``) and any precision. CPU offload and a pipeline with TP are planned by the closed
+forms, which say so. A LightningCLI recipe is traced by :func:`recipe` / :func:`trace_recipe`.
 
 Inputs per model kind: a causal LM takes ``(batch, seq)`` token ids and is trained on its own
 loss (``labels=input_ids``); an image classifier (``...ForImageClassification``) takes
@@ -295,20 +296,27 @@ def _first_optimizer(configured: Any, implementation: str) -> torch.optim.Optimi
     return configured
 
 
-def strategy_for(layout: Any, block_class: Any = None, tp_plan: Any = None) -> Any:
-    """The suite's strategy that runs ``layout`` (a planner ``Layout`` without a pipeline): data
-    parallel (``MeshStrategy``), ZeRO-3 (``ZeroStrategy``) or tensor parallel; raises
-    :class:`TraceError` for what is not traced."""
-    from lightning_scale.strategies import MeshStrategy, TensorParallelStrategy, ZeroStrategy
-
-    if layout.tp > 1 and layout.zero_stage in (1, 2):
-        raise ValueError("ZeRO-1/2 shard plain parameters; with tensor parallelism use ZeRO-3")
+def _traced_options(layout: Any) -> dict[str, Any]:
+    """The strategy options every traced layout shares (activation checkpointing); raises
+    :class:`TraceError` for what is not traced (offload, checkpointing policies other than these)."""
     if layout.offload:
         raise TraceError("CPU offload is not traced (host memory is not told apart from the device's here): the "
                          "closed form plans it")
     if layout.ac not in ("none", "full", "selective"):
         raise TraceError(f"activation checkpointing {layout.ac!r} is not traced (none, full, selective are)")
-    options: dict[str, Any] = {"activation_checkpointing": None if layout.ac == "none" else layout.ac}
+    return {"activation_checkpointing": None if layout.ac == "none" else layout.ac}
+
+
+def strategy_for(layout: Any, block_class: Any = None, tp_plan: Any = None) -> Any:
+    """The suite's strategy that runs ``layout`` (a planner ``Layout`` without a pipeline): data
+    parallel (``MeshStrategy``), ZeRO-1/2/3 (``ZeroStrategy``), tensor parallel (with sequence
+    parallelism) or TP x ZeRO-3 (``Parallel3DStrategy`` with one stage); raises
+    :class:`TraceError` for what is not traced."""
+    from lightning_scale.strategies import MeshStrategy, TensorParallelStrategy, ZeroStrategy
+
+    if layout.tp > 1 and layout.zero_stage in (1, 2):
+        raise ValueError("ZeRO-1/2 shard plain parameters; with tensor parallelism use ZeRO-3")
+    options = _traced_options(layout)
     if block_class:
         options["block_class"] = block_class
     if layout.tp > 1 and layout.zero_stage == 3:
@@ -366,10 +374,10 @@ def _trace_pipeline(model: TracedModel, workload: Any, layout: Any, hardware: An
     if model.split is None or model.output_loss is None:
         raise TraceError(f"{model.name}: no pipeline stage forward for this model kind (traced: the Hugging Face "
                          f"families with a shipped stage forward, Llama-style decoders, GPT-2, ViT, BERT/RoBERTa "
-                         f"classifiers, and classes with pipeline_stage_views): the closed form plans it")
-    if layout.tp > 1 or layout.zero_stage not in (0, 3) or layout.offload:
-        raise TraceError("the pipeline is traced with data parallelism or ZeRO-3 on the replicas (no TP, no offload "
-                         "yet): the closed form plans the rest")
+                         f"classifiers and masked LMs, and classes with pipeline_stage_views): the closed form plans it")
+    if layout.tp > 1 or layout.zero_stage not in (0, 3):
+        raise TraceError("the pipeline is traced with data parallelism or ZeRO-3 on the replicas (no TP yet): the "
+                         "closed form plans the rest")
     gpus = hardware.gpus
     if gpus % layout.pp:
         raise ValueError(f"{gpus} GPUs do not divide into pp={layout.pp} stages")
@@ -377,7 +385,7 @@ def _trace_pipeline(model: TracedModel, workload: Any, layout: Any, hardware: An
     if workload.batch_size % dp:
         raise ValueError(f"a global batch of {workload.batch_size} does not divide into dp={dp} replicas")
     rows = workload.batch_size // dp
-    options: dict[str, Any] = {"activation_checkpointing": None if layout.ac == "none" else layout.ac}
+    options = _traced_options(layout)
     if model.block_container:
         options["block_container"] = model.block_container
     if model.stage_forward is not None:

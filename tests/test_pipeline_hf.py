@@ -171,8 +171,10 @@ def test_save_pretrained_round_trip_through_a_two_stage_run(tmp_path) -> None:
     assert "lm_head.weight" in written and "transformer.wte.weight" in written
     loaded = tf.GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
     ref = targets.reference_hf(steps, family="gpt2")["state"]
-    for name, value in loaded.state_dict().items():
-        if not _zero_true_gradient(name) and f"model.{name}" in ref:
+    loaded_state = loaded.state_dict()
+    assert {f"model.{name}" for name in loaded_state} <= set(ref)  # every loaded tensor is compared
+    for name, value in loaded_state.items():
+        if not _zero_true_gradient(name):
             assert (value - ref[f"model.{name}"]).abs().max().item() <= 1e-5, name
     assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()  # still tied
     reference = targets._family_model("gpt2")

@@ -238,8 +238,8 @@ class MemoryAccountant(Callback):
             ``trainer.default_root_dir``.
         traced_prediction: for a model the planner's closed forms do not cover (anything but the
             suite's GPT, ViT and ResNet), predict rank 0's figures by tracing the run's own
-            LightningModule on fake tensors in a child process (seconds for small models, about a
-            minute for 7B shapes, once, at the sampled step; rank 0 only). It is rebuilt as
+            LightningModule on fake tensors in a child process (once, at the sampled step, rank 0
+            only; its time grows with the model: seconds for the tests' small modules). It is rebuilt as
             ``cls(**self.hparams)``: call ``save_hyperparameters()`` in ``__init__``.
 
     After fit, ``record`` holds this rank's figures and ``records`` every rank's (index = rank;

@@ -254,8 +254,8 @@ def trace_pipeline_step(rank_plan: PipelineRank, optimizer: torch.optim.Optimize
 
     def body(mark: Callable[[str], None], tracker: Any) -> Any:
         inputs, target = cast_batch(batch())
-        chunks = [tuple(x.tensor_split(m) if isinstance(x, torch.Tensor) else [x] * m for x in inputs)]
-        first_inputs = [tuple(c[i] for c in chunks[0]) for i in range(m)]
+        chunks = tuple(x.tensor_split(m) if isinstance(x, torch.Tensor) else [x] * m for x in inputs)
+        first_inputs = [tuple(c[i] for c in chunks) for i in range(m)]
         targets = target.tensor_split(m) if isinstance(target, torch.Tensor) else [target] * m
         cache: dict[tuple[int, int], tuple[tuple, tuple]] = {}  # (stage, mb) -> (outputs or loss, inputs)
         same_rank_out: dict[tuple[int, int], tuple] = {}  # outputs handed to the next stage on this rank

@@ -74,7 +74,7 @@ def parallelize_offline(strategy: Any, network: nn.Module, world_size: int, prec
     with unset_fake_temporarily():  # the mesh holds real rank lists
         strategy.device_mesh = build_device_mesh(strategy.resolved_dims, "cpu")
     strategy._lightning_module = module
-    strategy._cluster_environment = _PlayedRank(torch.distributed.get_rank(), world_size)
+    strategy._cluster_environment = _played_rank(torch.distributed.get_rank(), world_size)
     strategy.parallel_devices = [torch.device("cpu")]  # the root device: CPU plays the GPU (fake tensors)
     strategy._precision_plugin = (MixedPrecision(precision, "cpu") if str(precision).endswith("-mixed")
                                   else Precision())
@@ -90,7 +90,7 @@ def parallelize_offline(strategy: Any, network: nn.Module, world_size: int, prec
     return module
 
 
-def _PlayedRank(rank: int, world_size: int) -> Any:
+def _played_rank(rank: int, world_size: int) -> Any:
     """A cluster environment saying which rank this process plays (``split_pipeline`` asks),
     without Lightning's ``set_global_rank``, which would also set ``rank_zero_only.rank`` for the
     whole process (silencing rank-zero output and loggers afterwards)."""
@@ -135,8 +135,8 @@ def _check_traceable_pipeline(strategy: Any, module: Any) -> None:
     if strategy.frontend == "trace" or (strategy.frontend == "auto" and strategy.stage_forward is None
                                         and not getattr(network, "pipeline_stage_views", False)):
         raise TraceError(f"the pipeline of {type(network).__name__} is cut by torch's tracer in a run, which is not "
-                         f"traced offline: give PipelineStrategy a stage_forward (Hugging Face decoder LMs get one) "
-                         f"or plan it with the closed form")
+                         f"traced offline: give PipelineStrategy a stage_forward (the Hugging Face families in "
+                         f"lightning_scale.adapters.huggingface get theirs) or plan it with the closed form")
 
 
 def make_optimizer(params: Any, optimizer: str = "adamw", implementation: str = "foreach",

@@ -22,10 +22,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torch.distributed.tensor.parallel import ParallelStyle
 
+from lightning_scale.adapters.huggingface import is_hugging_face
 from lightning_scale.core.mesh import ParallelDims
 from lightning_scale.core.tensor_parallel import apply_tp, gpt_tp_plan, validate_tp, vit_tp_plan
 from lightning_scale.strategies.base import MeshStrategy
-from lightning_scale.adapters.huggingface import is_hugging_face
 from lightning_scale.strategies.options import check_sequence_parallel_plan, check_bool, check_tp_plan, renamed_option
 
 
@@ -153,6 +153,8 @@ def parallelize_network(
         # The suite's models: heads, hidden, MLP (and vocab) against tp, named by config field,
         # raised on every rank. (A transformers model without a plan is refused by builtin_plan.)
         validate_tp(config, tp, None, sequence_parallel, shard_vocab=shard_vocab)
+    if plan is not None:
+        _refuse_conv1d(network, plan)  # (builtin_plan refuses a model made of them itself)
     plan = dict(plan) if plan is not None else builtin_plan(network, sequence_parallel, shard_vocab)
     # One layout on every device: every parameter a DTensor (the ones the plan leaves alone
     # Replicate), so the layout tested on CPU is the layout a GPU runs. CUDA needs it anyway:
@@ -218,8 +220,6 @@ class TensorParallelStrategy(MeshStrategy):
     def apply_tensor_parallel(self, local: nn.Module) -> None:
         network = local
         user_plan = relative_plan(self.tp_plan, None if network is self.lightning_module else self.module_name, network)
-        if user_plan:
-            _refuse_conv1d(network, user_plan)
         plan = parallelize_network(network, self.device_mesh["tp"], user_plan, self.sequence_parallel, self.shard_vocab,
                                    src_data_rank=None if self.deferring else 0)
         rank_zero_info(f"TensorParallelStrategy: tp={self.tp}, sequence_parallel={self.sequence_parallel}, {len(plan)} plan entries")
