@@ -68,9 +68,11 @@ def _family_data(family: str):
     return TensorDataset(torch.randint(0, 64, (64, 12), generator=g), torch.randint(0, 4, (64,), generator=g))
 
 
-def _fit(strategy, steps: int, devices: int = 2, family: str = "llama", save_to: str | None = None):
+def _fit(strategy, steps: int, devices: int = 2, family: str = "llama", save_to: str | None = None,
+         resume_from: str | None = None, checkpoint_dir: str | None = None):
     """Train the model (the Llama, or a ``family`` of :func:`_family_model`) with ``strategy`` on
-    ``devices`` ranks; returns the task and this rank's per-step losses."""
+    ``devices`` ranks; returns the task and this rank's per-step losses. ``checkpoint_dir``: a
+    checkpoint at the end of every epoch (``epoch=<n>.ckpt``, Lightning's ModelCheckpoint)."""
     import lightning as L
 
     class HFTask(L.LightningModule):
@@ -95,11 +97,17 @@ def _fit(strategy, steps: int, devices: int = 2, family: str = "llama", save_to:
             losses.append(float(outputs["loss"]))
 
     os.environ["PL_GLOBAL_SEED"] = "0"
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, logger=False, callbacks=[Record()],
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    callbacks = [Record()]
+    if checkpoint_dir is not None:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, filename="{epoch}", save_top_k=-1, every_n_epochs=1))
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, logger=False, callbacks=callbacks,
+                        enable_checkpointing=checkpoint_dir is not None, enable_progress_bar=False,
+                        enable_model_summary=False)
     task = HFTask()
     data = _data() if family == "llama" else _family_data(family)
-    trainer.fit(task, DataLoader(data, batch_size=8, drop_last=True))
+    trainer.fit(task, DataLoader(data, batch_size=8, drop_last=True), ckpt_path=resume_from)
     if save_to is not None:  # the strategy's own checkpoint (every rank takes part)
         trainer.save_checkpoint(save_to)
     return task, losses
@@ -219,3 +227,60 @@ def fit_hf_tp_own_plan(steps: int) -> dict:
     local_q = tuple(task.model.model.layers[0].self_attn.q_proj.weight.to_local().shape)
     local_down = tuple(task.model.model.layers[0].mlp.down_proj.weight.to_local().shape)
     return {"losses": losses, "state": _full_state(task), "local_q": local_q, "local_down": local_down}
+
+
+def fit_family_tp(family: str, steps: int, sequence_parallel: bool = False, checkpoint_dir: str | None = None,
+                  resume_from: str | None = None) -> dict:
+    """TensorParallelStrategy(tensor_parallel_size=2) with no plan: the model's built-in plan (GPT-2:
+    Conv1D styles, c_attn split per q/k/v block)."""
+    from torch.distributed.tensor import DTensor
+
+    from lightning_scale.strategies import TensorParallelStrategy
+
+    task, losses = _fit(TensorParallelStrategy(tensor_parallel_size=2, sequence_parallel=sequence_parallel), steps,
+                        family=family, checkpoint_dir=checkpoint_dir, resume_from=resume_from)
+    attn = task.model.transformer.h[0].attn
+    weight = attn.c_attn.weight
+    return {"losses": losses, "state": _full_state(task), "local_c_attn": tuple(weight.to_local().shape),
+            "local_c_attn_values": weight.to_local().detach().clone(), "split_size": attn.split_size,
+            "all_dtensors": all(isinstance(p, DTensor) for p in task.parameters())}
+
+
+def fit_family_3d(family: str, steps: int, zero_stage: int = 0, pipeline_parallel_size: int = 2,
+                  sequence_parallel: bool = False) -> dict:
+    """Parallel3DStrategy(tensor_parallel_size=2) on 4 ranks with nothing model-specific given: the
+    family's stage forward and built-in TP plan (pp=2 x tp=2, or pp=1 x dp=2 x tp=2 with ZeRO-3)."""
+    from lightning_scale.strategies import Parallel3DStrategy
+
+    strategy = Parallel3DStrategy(pipeline_parallel_size=pipeline_parallel_size, tensor_parallel_size=2, microbatches=4,
+                                  zero_stage=zero_stage, sequence_parallel=sequence_parallel)
+    task, losses = _fit(strategy, steps, devices=4, family=family)
+    return {"losses": losses, "state": _full_state(task)}
+
+
+def load_family_weights(family: str, path: str, strategy_name: str) -> dict:
+    """``weights_from=path`` (a Hugging Face save_pretrained directory) under ``strategy_name``,
+    after setup (no step): this rank's tensors gathered, and the elements it read."""
+    import lightning as L
+    from torch.distributed.tensor import DTensor
+
+    from lightning_scale.strategies import TensorParallelStrategy
+
+    class HFTask(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = _family_model(family)
+
+        def training_step(self, batch, batch_idx):
+            return _loss(self.model(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    strategy = {"tp": lambda: TensorParallelStrategy(tensor_parallel_size=2, weights_from=path)}[strategy_name]()
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    task = HFTask()
+    trainer.fit(task, DataLoader(_family_data(family), batch_size=8))
+    c_attn = task.model.transformer.h[0].attn.c_attn.weight
+    return {"state": _full_state(task), "local_c_attn": c_attn.to_local().detach().clone()}

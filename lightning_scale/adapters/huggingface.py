@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor.parallel import ParallelStyle
 
 
 def _causal_mask(config, hidden: torch.Tensor, positions: torch.Tensor):  # noqa: ANN001, ANN202
@@ -182,6 +183,75 @@ def hf_tp_plan(model: nn.Module, prefix: str = "") -> dict:
     base = getattr(model, "base_model_prefix", "")
     inner = f"{base}." if base and isinstance(getattr(model, base, None), nn.Module) else ""
     return {f"{prefix}{inner}{path}": styles[kind]() for path, kind in plan.items()}
+
+
+def gpt2_attention_paths(model: nn.Module) -> list[str]:
+    """Paths of GPT-2-style attention modules: a fused q|k|v ``c_attn`` and an output ``c_proj``,
+    both ``Conv1D`` (transposed linear), split by ``split_size`` (GPT-2, and models built like it)."""
+    from lightning_scale.core.conv1d_parallel import is_transposed_linear
+
+    return [name for name, m in model.named_modules()
+            if isinstance(getattr(m, "split_size", None), int) and isinstance(getattr(m, "num_heads", None), int)
+            and all(is_transposed_linear(getattr(m, leaf, None) or nn.Identity()) for leaf in ("c_attn", "c_proj"))]
+
+
+class GPT2AttentionHeads(ParallelStyle):
+    """GPT-2's attention computes only its own heads: once ``c_attn`` is split per q/k/v block
+    (``Conv1DColwiseParallel(fused=3)``, (B, T, 3 D) -> this rank's (B, T, 3 D/t)), the attention
+    must split that output at D/t, not at its ``split_size`` D. Sets ``split_size``, ``num_heads``
+    and ``embed_dim`` to this rank's share (H/t whole heads); no parameters, no communication.
+    Idempotent (the global sizes are kept on the module)."""
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:  # noqa: ANN001
+        t = device_mesh.size()
+        split, heads, dim = module.__dict__.setdefault(
+            "_lightning_scale_global_heads", (module.split_size, module.num_heads, module.embed_dim))
+        if heads % t or split % t:
+            raise ValueError(f"{heads} attention heads cannot be split over tp={t} ranks (each rank needs whole heads); "
+                             f"use a tensor_parallel_size that divides {heads}")
+        if getattr(module, "is_cross_attention", False):
+            raise ValueError("GPT2AttentionHeads: cross-attention (add_cross_attention=True) is not tensor-parallel; "
+                             "train this model with ZeroStrategy(stage=3) or the pipeline")
+        module.split_size, module.num_heads, module.embed_dim = split // t, heads // t, dim // t
+        return module
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def gpt2_tp_plan(model: nn.Module, sequence_parallel: bool = False, prefix: str = "") -> dict:
+    """Megatron-style plan for GPT-2 (``transformers``' ``GPT2LMHeadModel`` / ``GPT2Model``, whose
+    config declares no plan), keyed from the model (``prefix``: its path in the LightningModule).
+
+    Per block: ``c_attn`` column-split per q/k/v block (``fused=3``: H/t whole heads per rank), the
+    attention told to split at D/t (:class:`GPT2AttentionHeads`), ``attn.c_proj`` row-split
+    (all-reduce); the MLP's ``c_fc`` column-split and ``c_proj`` row-split. With
+    ``sequence_parallel`` the residual stream between them is a sequence shard (B, T/t, D):
+    ``drop`` slices the embedding sum, ``ln_1``/``ln_2`` are ``SequenceParallel``, ``c_attn``/``c_fc``
+    all-gather their input, the ``c_proj``s reduce-scatter, and ``ln_f`` gathers the sequence back
+    (it then runs replicated, as do the embeddings and the tied head)."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import SequenceParallel
+
+    from lightning_scale.core.conv1d_parallel import Conv1DColwiseParallel, Conv1DRowwiseParallel
+    from lightning_scale.core.tensor_parallel import gather_sequence, shard_sequence
+
+    inner = "transformer." if isinstance(getattr(model, "transformer", None), nn.Module) else ""
+    base = f"{prefix}{inner}"
+    seq = Shard(1) if sequence_parallel else None
+    plan: dict = {}
+    if sequence_parallel:
+        plan[f"{base}drop"] = shard_sequence()  # (B, T, D) embedding sum -> (B, T/t, D)
+        plan[f"{base}h.*.ln_1"] = SequenceParallel()
+        plan[f"{base}h.*.ln_2"] = SequenceParallel()
+    plan[f"{base}h.*.attn"] = GPT2AttentionHeads()
+    plan[f"{base}h.*.attn.c_attn"] = Conv1DColwiseParallel(fused=3, input_layouts=seq)  # (B, T, 3 D/t)
+    plan[f"{base}h.*.attn.c_proj"] = Conv1DRowwiseParallel(output_layouts=seq)
+    plan[f"{base}h.*.mlp.c_fc"] = Conv1DColwiseParallel(input_layouts=seq)  # (B, T, F/t)
+    plan[f"{base}h.*.mlp.c_proj"] = Conv1DRowwiseParallel(output_layouts=seq)
+    if sequence_parallel:
+        plan[f"{base}ln_f"] = gather_sequence()  # (B, T/t, D) -> (B, T, D)
+    return plan
 
 
 def save_pretrained(checkpoint: str, out_dir: str, like: nn.Module, prefix: str = "model.",

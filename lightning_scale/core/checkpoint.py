@@ -195,7 +195,7 @@ def save_sharded(path: str | Path, tensors: dict[str, Any], meta: dict[str, Any]
         _remove(tmp)
         tmp.mkdir(parents=True)
     wait()
-    dcp.save(tensors, checkpoint_id=tmp)
+    dcp.save(_gather_strided(tensors), checkpoint_id=tmp)
     if is_rank_zero:
         torch.save(meta, tmp / META_FILE)
     wait()  # every rank's shard files are written
@@ -207,6 +207,70 @@ def save_sharded(path: str | Path, tensors: dict[str, Any], meta: dict[str, Any]
         tmp.rename(path)
         _remove(old)
     wait()
+
+
+def _strided_entries(tree: Any) -> list[tuple[Any, Any, Any]]:
+    """(container, key, DTensor) for every DTensor in ``tree`` (nested dicts / lists) with a
+    strided shard (a fused q|k|v projection split per block: ``core.conv1d_parallel``)."""
+    from torch.distributed.tensor import DTensor
+
+    from lightning_scale.core.conv1d_parallel import is_strided
+
+    found = []
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for key, value in items:
+        if isinstance(value, DTensor) and any(is_strided(p) for p in value.placements):
+            found.append((tree, key, value))
+        elif isinstance(value, (dict, list)):
+            found.extend(_strided_entries(value))
+    return found
+
+
+def _unstrided(t: Any) -> Any:
+    """``t`` with its strided mesh dimensions replicated (an all-gather over them): the whole
+    tensor, in the model's own layout, which DCP can store (it stores one contiguous block per
+    rank; a strided shard is ``fused`` blocks)."""
+    from torch.distributed.tensor import Replicate
+
+    from lightning_scale.core.conv1d_parallel import is_strided
+
+    return t.redistribute(t.device_mesh, [Replicate() if is_strided(p) else p for p in t.placements])
+
+
+def _gather_strided(tree: Any) -> Any:
+    """``tree`` (nested dicts / lists, containers copied) with strided DTensors gathered (see
+    :func:`_unstrided`): the checkpoint holds the same keys and global shapes either way."""
+    from torch.distributed.tensor import DTensor
+
+    from lightning_scale.core.conv1d_parallel import is_strided
+
+    if isinstance(tree, dict):
+        return {k: _gather_strided(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_gather_strided(v) for v in tree]
+    if isinstance(tree, DTensor) and any(is_strided(p) for p in tree.placements):
+        return _unstrided(tree)
+    return tree
+
+
+def _load_strided(tensors: dict[str, Any], load: Any) -> None:
+    """Run ``load(tensors)`` (DCP's in-place load) with every strided DTensor read whole into a
+    replicated buffer, then sliced into the strided shard it stands for (no communication)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    entries = _strided_entries(tensors)
+    buffers = []
+    for container, key, value in entries:
+        buffers.append(_unstrided(value))
+        container[key] = buffers[-1]
+    try:
+        load(tensors)
+    finally:
+        for (container, key, value), _ in zip(entries, buffers):
+            container[key] = value
+    for (_, _, value), buffer in zip(entries, buffers):
+        full = buffer.full_tensor()  # local: the buffer is replicated over the strided dimensions
+        value.to_local().copy_(distribute_tensor(full, value.device_mesh, value.placements, src_data_rank=None).to_local())
 
 
 def _metadata_globals() -> dict[tuple[str, str], Any]:
@@ -408,7 +472,8 @@ def load_sharded(path: str | Path, tensors: dict[str, Any]) -> None:
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-            dcp.load(tensors, storage_reader=_SafeReader(path, metadata), planner=_SafeLoadPlanner(path), no_dist=no_dist)
+            _load_strided(tensors, lambda t: dcp.load(t, storage_reader=_SafeReader(path, metadata),
+                                                      planner=_SafeLoadPlanner(path), no_dist=no_dist))
     except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
         raise _unwrap(path, err) from err
 

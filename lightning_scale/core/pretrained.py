@@ -129,16 +129,36 @@ class LoadStats:
     missing_buffers: list[str] = field(default_factory=list)  # buffers the source lacks, left as they were
 
 
-def _slice_of(dest: torch.Tensor) -> tuple[slice, ...] | None:
-    """The index of ``dest``'s local part in its global tensor (None: the whole tensor)."""
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(dest, DTensor):
-        return None
+def _slices_of(dest: torch.Tensor) -> tuple[list[tuple[slice, ...] | None], int]:
+    """The pieces of ``dest``'s global tensor that make its local part, and the dimension they are
+    concatenated along: ``[None]`` for a plain tensor (the whole), one index for a contiguous
+    shard, ``fused`` indices for a strided one (a q|k|v projection split per block:
+    ``core.conv1d_parallel``), each this rank's columns of one block."""
+    from torch.distributed.tensor import DTensor, Replicate
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    shape, offset = compute_local_shape_and_global_offset(dest.shape, dest.device_mesh, dest.placements)
-    return tuple(slice(o, o + n) for o, n in zip(offset, shape))
+    from lightning_scale.core.conv1d_parallel import is_strided
+
+    if not isinstance(dest, DTensor):
+        return [None], 0
+    placements = list(dest.placements)
+    strided = [i for i, p in enumerate(placements) if is_strided(p)]
+    if len(strided) > 1:
+        raise ValueError(f"a tensor strided over {len(strided)} mesh dimensions cannot be read in slices")
+    contiguous = [Replicate() if is_strided(p) else p for p in placements]
+    shape, offset = compute_local_shape_and_global_offset(dest.shape, dest.device_mesh, contiguous)
+    index = [slice(o, o + n) for o, n in zip(offset, shape)]
+    if not strided:
+        return [tuple(index)], 0
+    mesh_dim = strided[0]
+    dim, blocks = placements[mesh_dim].dim, placements[mesh_dim].split_factor
+    n, c = dest.device_mesh.size(mesh_dim), dest.device_mesh.get_local_rank(mesh_dim)
+    block = dest.shape[dim] // blocks  # one of the fused blocks (q, k or v), cut into n equal parts
+    pieces = []
+    for j in range(blocks):
+        start = j * block + c * (block // n)
+        pieces.append(tuple(slice(start, start + block // n) if d == dim else index[d] for d in range(len(index))))
+    return pieces, dim
 
 
 def load_into(module: nn.Module, source: WeightSource | str | Path, device: torch.device | str,
@@ -211,7 +231,9 @@ def load_into(module: nn.Module, source: WeightSource | str | Path, device: torc
             if key is None or id(t) in done:
                 continue
             done.add(id(t))
-            part = source.read(key, _slice_of(t))
+            pieces, dim = _slices_of(t)
+            parts = [source.read(key, index) for index in pieces]
+            part = parts[0] if len(parts) == 1 else torch.cat(parts, dim)
             local = t.to_local() if isinstance(t, DTensor) else t
             dev.copy_(local, part).wait()
             stats.tensors += 1

@@ -96,15 +96,23 @@ from torch.distributed.tensor.parallel import (
 )
 
 from lightning_scale.core.blocks import tied_parameter_groups
+from lightning_scale.core.conv1d_parallel import (
+    Conv1DColwiseParallel,
+    Conv1DRowwiseParallel,
+    is_transposed_linear,
+    split_placement,
+)
 
 __all__ = [
     "TPPlan",
     "apply_tp",
     "block_tp_plan",
     "check_plan",
+    "gather_sequence",
     "gpt_tp_plan",
     "local_heads",
     "resolve_plan",
+    "shard_sequence",
     "validate_tp",
     "vit_tp_plan",
 ]
@@ -159,14 +167,14 @@ def block_tp_plan(sequence_parallel: bool = False, prefix: str = "blocks.*") -> 
     }
 
 
-def _shard_sequence() -> PrepareModuleInput:
+def shard_sequence() -> PrepareModuleInput:
     """Replicated (B, T, D) input -> this rank's (B, T/t, D) slice (no communication forward)."""
     return PrepareModuleInput(
         input_layouts=(Replicate(),), desired_input_layouts=(Shard(_SEQ_DIM),), use_local_output=True
     )
 
 
-def _gather_sequence_local() -> PrepareModuleInput:
+def gather_sequence() -> PrepareModuleInput:
     """Sequence-sharded input -> full (B, T, D) plain tensor (all-gather forward, slice backward)."""
     return PrepareModuleInput(
         input_layouts=(Shard(_SEQ_DIM),), desired_input_layouts=(Replicate(),), use_local_output=True
@@ -187,7 +195,7 @@ def gpt_tp_plan(sequence_parallel: bool = False, *, shard_vocab: bool = False) -
         # (B, T) ids, replicated -> masked lookup in the local V/t rows -> all-reduce -> (B, T, D).
         plan["tok_emb"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
     if sequence_parallel:
-        plan["drop"] = _shard_sequence()  # embedding sum (B, T, D) -> (B, T/t, D)
+        plan["drop"] = shard_sequence()  # embedding sum (B, T, D) -> (B, T/t, D)
     plan.update(block_tp_plan(sequence_parallel))
     if sequence_parallel:
         plan["ln_f"] = SequenceParallel(sequence_dim=_SEQ_DIM)
@@ -196,7 +204,7 @@ def gpt_tp_plan(sequence_parallel: bool = False, *, shard_vocab: bool = False) -
         seq_layout: Placement = Shard(_SEQ_DIM) if sequence_parallel else Replicate()
         plan["head"] = ColwiseParallel(input_layouts=seq_layout, output_layouts=Replicate())
     elif sequence_parallel:
-        plan["head"] = _gather_sequence_local()  # replicated head on the full (B, T, D)
+        plan["head"] = gather_sequence()  # replicated head on the full (B, T, D)
     return plan
 
 
@@ -210,10 +218,10 @@ def vit_tp_plan(sequence_parallel: bool = False) -> TPPlan:
     """
     plan: TPPlan = {}
     if sequence_parallel:
-        plan["embed.drop"] = _shard_sequence()  # (B, T, D) -> (B, T/t, D)
+        plan["embed.drop"] = shard_sequence()  # (B, T, D) -> (B, T/t, D)
     plan.update(block_tp_plan(sequence_parallel))
     if sequence_parallel:
-        plan["ln_f"] = _gather_sequence_local()  # (B, T/t, D) -> (B, T, D), ln_f replicated
+        plan["ln_f"] = gather_sequence()  # (B, T/t, D) -> (B, T, D), ln_f replicated
     return plan
 
 
@@ -388,6 +396,10 @@ def resolve_plan(model: nn.Module, plan: Mapping[str, ParallelStyle], *, strict:
 
 def _predicted_placements(module: nn.Module, style: ParallelStyle) -> dict[str, tuple[Placement, ...]]:
     """Parameter name -> placements it will have after ``style`` (``()`` = stays a plain tensor)."""
+    if isinstance(style, Conv1DColwiseParallel):  # weight (in, out): shard out (per fused block); bias (out,)
+        return {"weight": (split_placement(1, style.fused),), "bias": (Shard(0) if style.fused == 1 else Replicate(),)}
+    if isinstance(style, Conv1DRowwiseParallel):  # weight (in, out): shard in; bias replicated
+        return {"weight": (Shard(0),), "bias": (Replicate(),)}
     if isinstance(style, ColwiseParallel):
         if isinstance(module, nn.Linear):  # weight (out, in): shard out; bias (out,)
             return {"weight": (Shard(0),), "bias": (Shard(0),)}
@@ -408,7 +420,9 @@ def _check_shardable(model: nn.Module, resolved: Mapping[str, ParallelStyle], tp
     problems: list[str] = []
     for path, style in resolved.items():
         module = model.get_submodule(path)
-        if isinstance(style, (ColwiseParallel, RowwiseParallel)):
+        if isinstance(style, (Conv1DColwiseParallel, Conv1DRowwiseParallel)):
+            problems.extend(_transposed_linear_problems(model, path, module, style, tp))
+        elif isinstance(style, (ColwiseParallel, RowwiseParallel)):
             kind = "ColwiseParallel" if isinstance(style, ColwiseParallel) else "RowwiseParallel"
             if isinstance(module, nn.Linear):
                 size, what = (module.out_features, "out_features") if kind == "ColwiseParallel" else (module.in_features, "in_features")
@@ -436,6 +450,26 @@ def _check_shardable(model: nn.Module, resolved: Mapping[str, ParallelStyle], tp
                 )
     if problems:
         raise ValueError("cannot apply the TP plan:\n  - " + "\n  - ".join(dict.fromkeys(problems)))
+
+
+def _transposed_linear_problems(model: nn.Module, path: str, module: nn.Module, style: ParallelStyle, tp: int) -> list[str]:
+    """A Conv1D style on a layer it cannot split into tp parts (whole heads for a fused q|k|v)."""
+    kind = type(style).__name__
+    if not is_transposed_linear(module):
+        return [f"{path}: {kind} applies to transformers' Conv1D (weight (nx, nf)), not {type(module).__name__}; "
+                f"use ColwiseParallel / RowwiseParallel for nn.Linear"]
+    if isinstance(style, Conv1DRowwiseParallel):
+        return [] if module.nx % tp == 0 else [f"{path}: {kind} splits nx={module.nx} into tp={tp} parts; use tp in {_divisors(module.nx)}"]
+    block = module.nf // style.fused
+    if module.nf % style.fused or block % tp:
+        return [f"{path}: {kind}(fused={style.fused}) splits each of the {style.fused} blocks of nf={module.nf} into tp={tp} "
+                f"parts; use tp in {_divisors(block) if module.nf % style.fused == 0 else [1]}"]
+    parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else None
+    heads = getattr(parent, "num_heads", None)
+    if style.fused > 1 and isinstance(heads, int) and heads % tp:
+        return [f"{path}: {heads} attention heads cannot be split over tp={tp} ranks (each rank needs whole heads); "
+                f"use tp in {_divisors(heads)}"]
+    return []
 
 
 def _check_ties(

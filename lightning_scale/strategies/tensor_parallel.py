@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torch.distributed.tensor.parallel import ParallelStyle
 
-from lightning_scale.adapters.huggingface import is_hugging_face
+from lightning_scale.adapters.huggingface import gpt2_attention_paths, gpt2_tp_plan, is_hugging_face
 from lightning_scale.core.mesh import ParallelDims
 from lightning_scale.core.tensor_parallel import apply_tp, gpt_tp_plan, validate_tp, vit_tp_plan
 from lightning_scale.strategies.base import MeshStrategy
@@ -39,6 +39,8 @@ def builtin_plan(network: nn.Module, sequence_parallel: bool, shard_vocab: bool 
         return vit_tp_plan(sequence_parallel)
     if getattr(getattr(network, "config", None), "base_model_tp_plan", None):
         return _hugging_face_plan(network, sequence_parallel)
+    if is_hugging_face(network) and gpt2_attention_paths(network):
+        return gpt2_tp_plan(network, sequence_parallel)
     _refuse_conv1d(network, None)
     if is_hugging_face(network):
         raise ValueError(
@@ -56,22 +58,31 @@ def builtin_plan(network: nn.Module, sequence_parallel: bool, shard_vocab: bool 
 
 
 def _refuse_conv1d(network: nn.Module, plan: dict | None) -> None:
-    """``transformers``' ``Conv1D`` (GPT-2-style: weight (in, out), q/k/v fused in ``c_attn``)
-    cannot take torch's column/row styles, which split ``nn.Linear`` weights (out, in), and a
-    plain column split of a fused q/k/v matrix would cut across q, k and v. Refused, named, at
-    setup on every rank (not a NotImplementedError from inside torch)."""
+    """``transformers``' ``Conv1D`` layers (weight (in, out)) take the Conv1D styles, never torch's
+    ``ColwiseParallel``/``RowwiseParallel`` (which split ``nn.Linear``'s (out, in) weight and raise
+    from inside torch on anything else). Without a plan, a Conv1D model that is not GPT-2-shaped
+    (the built-in plan) is refused. Named, at setup, on every rank."""
     import fnmatch
 
-    found = [name for name, module in network.named_modules() if type(module).__name__ == "Conv1D"]
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    from lightning_scale.core.conv1d_parallel import is_transposed_linear
+
+    found = [name for name, module in network.named_modules() if is_transposed_linear(module)]
     if not found:
         return
-    hit = found if plan is None else [n for n in found if any(fnmatch.fnmatchcase(n, pat) for pat in plan)]
+    if plan is None:
+        hit = found
+    else:
+        hit = [n for n in found if any(fnmatch.fnmatchcase(n, pat) and isinstance(style, (ColwiseParallel, RowwiseParallel))
+                                       for pat, style in plan.items())]
     if hit:
         raise ValueError(
             f"{type(network).__name__} projects with transformers' Conv1D ({', '.join(hit[:3])}"
-            f"{', ...' if len(hit) > 3 else ''}): GPT-2-style weights are transposed and c_attn fuses q, k and v, which "
-            f"tensor parallelism does not split yet. Train it with ZeroStrategy(stage=3), the pipeline "
-            f"(PipelineStrategy(stages=2) picks GPT-2's stage forward) or data parallelism"
+            f"{', ...' if len(hit) > 3 else ''}), whose weight is (in, out): torch's ColwiseParallel/RowwiseParallel "
+            f"cannot split it. Use lightning_scale.core.conv1d_parallel's Conv1DColwiseParallel (fused=3 for a q|k|v "
+            f"projection such as c_attn, with adapters.huggingface.GPT2AttentionHeads on its attention) and "
+            f"Conv1DRowwiseParallel in tp_plan, or train it with ZeroStrategy(stage=3) or the pipeline"
         )
 
 
@@ -147,7 +158,8 @@ def parallelize_network(
             f"attention with nn.Linear q/k/v projections and shard those with tp_plan="
         )
     config = getattr(network, "config", None)
-    if plan is None and getattr(config, "base_model_tp_plan", None):
+    if plan is None and (getattr(config, "base_model_tp_plan", None)
+                         or (is_hugging_face(network) and gpt2_attention_paths(network))):
         _check_hugging_face_heads(config, tp)
     elif plan is None and config is not None and not is_hugging_face(network):
         # The suite's models: heads, hidden, MLP (and vocab) against tp, named by config field,
