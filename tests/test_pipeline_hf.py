@@ -127,23 +127,6 @@ def test_a_hugging_face_family_without_a_stage_forward_is_refused_with_the_ways_
     assert mine.stage_forward.__name__ == "<lambda>"
 
 
-def test_gpt2_tensor_parallelism_is_refused_with_the_reason_and_the_alternatives() -> None:
-    # GPT-2's Conv1D projections (transposed weights, fused q/k/v) would be split wrongly by torch's
-    # column/row styles: refused at setup with what to use instead, with or without a user plan.
-    import transformers as tf
-    from torch.distributed.tensor.parallel import ColwiseParallel
-
-    from lightning_scale.strategies.tensor_parallel import _refuse_conv1d, builtin_plan
-
-    model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2))
-    with pytest.raises(ValueError, match=r"GPT2LMHeadModel projects with transformers' Conv1D \(transformer\.h\.0\.attn"
-                                         r"\.c_attn.*ZeroStrategy\(stage=3\), the pipeline"):
-        builtin_plan(model, sequence_parallel=False)
-    with pytest.raises(ValueError, match=r"Conv1D \(transformer\.h\.0\.attn\.c_attn, transformer\.h\.1\.attn\.c_attn\)"):
-        _refuse_conv1d(model, {"transformer.h.*.attn.c_attn": ColwiseParallel()})
-    _refuse_conv1d(model, {"lm_head": ColwiseParallel()})  # a plan that leaves the Conv1D layers alone passes
-
-
 def test_hugging_face_llama_in_3d_from_its_own_plan_and_stage_forward() -> None:
     # pp=2 x tp=2 (4 ranks), Parallel3DStrategy with no tp_plan, stage_forward or block_container:
     # the stage forward and the TP plan both come from the model; 20 steps against one process.

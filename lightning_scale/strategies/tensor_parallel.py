@@ -76,14 +76,23 @@ def _refuse_conv1d(network: nn.Module, plan: dict | None) -> None:
     else:
         hit = [n for n in found if any(fnmatch.fnmatchcase(n, pat) and isinstance(style, (ColwiseParallel, RowwiseParallel))
                                        for pat, style in plan.items())]
-    if hit:
+    if not hit:
+        return
+    listed = f"{', '.join(hit[:3])}{', ...' if len(hit) > 3 else ''}"
+    styles = ("lightning_scale.core.conv1d_parallel's Conv1DColwiseParallel (fused=3 for a q|k|v projection such as "
+              "c_attn, whose attention must then split at the local width: adapters.huggingface.GPT2AttentionHeads for "
+              "GPT-2's) and Conv1DRowwiseParallel")
+    if plan is None:
         raise ValueError(
-            f"{type(network).__name__} projects with transformers' Conv1D ({', '.join(hit[:3])}"
-            f"{', ...' if len(hit) > 3 else ''}), whose weight is (in, out): torch's ColwiseParallel/RowwiseParallel "
-            f"cannot split it. Use lightning_scale.core.conv1d_parallel's Conv1DColwiseParallel (fused=3 for a q|k|v "
-            f"projection such as c_attn, with adapters.huggingface.GPT2AttentionHeads on its attention) and "
-            f"Conv1DRowwiseParallel in tp_plan, or train it with ZeroStrategy(stage=3) or the pipeline"
+            f"{type(network).__name__} projects with transformers' Conv1D ({listed}) and has no built-in tensor-parallel "
+            f"plan (the suite ships one for GPT-2-style attention: split_size, num_heads). Give tp_plan= with {styles}, "
+            f"or train it with ZeroStrategy(stage=3) or the pipeline"
         )
+    raise ValueError(
+        f"{type(network).__name__} projects with transformers' Conv1D ({listed}), whose weight is (in, out): torch's "
+        f"ColwiseParallel/RowwiseParallel cannot split it. Use {styles} in tp_plan, or train it with "
+        f"ZeroStrategy(stage=3) or the pipeline"
+    )
 
 
 def _hugging_face_plan(network: nn.Module, sequence_parallel: bool) -> dict[str, ParallelStyle]:

@@ -1,0 +1,130 @@
+"""Tensor parallelism for GPT-2 (``transformers``' Conv1D layers, q|k|v fused in ``c_attn``) with no
+plan given: the built-in GPT-2 plan, against one process (issue 26). Tiny configs, dropout off,
+real gloo processes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import _hf_targets as targets
+from lightning_scale.testing import run_distributed
+
+
+def _local_columns(full: torch.Tensor, rank: int, blocks: int, tp: int = 2) -> torch.Tensor:
+    """Rank ``rank``'s columns of each of ``blocks`` column blocks of ``full``, side by side."""
+    return torch.cat([b.chunk(tp, 1)[rank] for b in full.chunk(blocks, 1)], 1)
+
+
+def _assert_matches(results: list[dict], ref: dict, steps: int) -> None:
+    assert len(results[0]["losses"]) == len(ref["losses"]) == steps
+    for a, b in zip(results[0]["losses"], ref["losses"]):
+        assert abs(a - b) <= 1e-5 * abs(b)
+    held = {}
+    for r in results:
+        held.update(r["state"])
+    assert set(held) == set(ref["state"])
+    for name, value in held.items():
+        assert (value - ref["state"][name]).abs().max().item() <= 1e-5, name
+
+
+def test_gpt2_tp2_from_its_built_in_plan_matches_single_process() -> None:
+    # TensorParallelStrategy(tensor_parallel_size=2), no plan, 20 steps. Each rank holds H/t whole
+    # heads: c_attn (D, 3 D) = (32, 96) -> (32, 48), this rank's columns of q, of k and of v.
+    steps = 20
+    results = run_distributed(targets.fit_family_tp, 2, "gpt2", steps, init_process_group=False, timeout=300)
+    ref = targets.reference_hf(steps, microbatches=1, family="gpt2")
+    _assert_matches(results, ref, steps)
+    assert results[0]["losses"] == results[1]["losses"]
+    full = results[0]["state"]["model.transformer.h.0.attn.c_attn.weight"]
+    for rank, res in enumerate(results):
+        assert res["all_dtensors"] and res["split_size"] == 16 and res["local_c_attn"] == (32, 48)
+        assert torch.equal(res["local_c_attn_values"], _local_columns(full, rank, blocks=3))
+
+
+def test_gpt2_tp2_sequence_parallel_matches_single_process_and_its_checkpoint_resumes(tmp_path) -> None:
+    # sequence_parallel=True: the residual stream is (B, T/2, D) between the sharded layers. 16
+    # steps with a checkpoint per epoch (8 steps each); the sharded checkpoint holds the model's own
+    # (unpermuted) c_attn; resuming the epoch-0 checkpoint for one step lands on the reference's
+    # 9th step (weights and AdamW state restored: the step's update uses both).
+    from lightning_scale.core.checkpoint import consolidate
+
+    steps = 16
+    results = run_distributed(targets.fit_family_tp, 2, "gpt2", steps, True, str(tmp_path), init_process_group=False,
+                              timeout=300)
+    _assert_matches(results, targets.reference_hf(steps, microbatches=1, family="gpt2"), steps)
+    saved = consolidate(tmp_path / "epoch=1.ckpt")["state_dict"]
+    assert set(saved) == set(results[0]["state"])
+    for name, value in results[0]["state"].items():
+        assert torch.equal(saved[name], value), name
+    resumed = run_distributed(targets.fit_family_tp, 2, "gpt2", 9, True, None, str(tmp_path / "epoch=0.ckpt"),
+                              init_process_group=False, timeout=300)
+    ref9 = targets.reference_hf(9, microbatches=1, family="gpt2")
+    assert len(resumed[0]["losses"]) == 1
+    assert abs(resumed[0]["losses"][0] - ref9["losses"][8]) <= 1e-5 * abs(ref9["losses"][8])
+    for name, value in resumed[0]["state"].items():
+        assert (value - ref9["state"][name]).abs().max().item() <= 1e-5, name
+
+
+def test_gpt2_tp2_weights_from_a_save_pretrained_directory_read_per_block(tmp_path) -> None:
+    # weights_from= a transformers directory (safetensors): each rank reads its q, k and v columns.
+    model = targets._family_model("gpt2")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))  # values the model's own construction cannot give
+    model.save_pretrained(tmp_path / "gpt2")
+    results = run_distributed(targets.load_family_weights, 2, "gpt2", str(tmp_path / "gpt2"), "tp",
+                              init_process_group=False, timeout=300)
+    want = model.state_dict()
+    for rank, res in enumerate(results):
+        assert {k[len("model."):] for k in res["state"]} == set(want)
+        for name, value in res["state"].items():
+            assert torch.equal(value, want[name[len("model."):]]), name
+        assert torch.equal(res["local_c_attn"], _local_columns(want["transformer.h.0.attn.c_attn.weight"], rank, 3))
+
+
+@pytest.mark.parametrize("pp, zero_stage, sequence_parallel, replicas", [
+    (2, 0, True, 1),  # pp=2 x tp=2, sequence parallel: the GPT-2 stage forward and TP plan, both picked
+    (1, 3, False, 2),  # dp=2 x tp=2 with ZeRO-3 over dp (FSDP2 on the tensor-parallel shards)
+], ids=["pp2xtp2_sp", "tp2xzero3_dp2"])
+def test_gpt2_in_3d_on_4_ranks_matches_single_process(pp, zero_stage, sequence_parallel, replicas) -> None:
+    steps = 20
+    results = run_distributed(targets.fit_family_3d, 4, "gpt2", steps, zero_stage, pp, sequence_parallel,
+                              init_process_group=False, timeout=400)
+    _assert_matches(results, targets.reference_hf(steps, microbatches=4, replicas=replicas, family="gpt2"), steps)
+
+
+def test_gpt2_plan_errors_are_raised_before_any_collective() -> None:
+    import transformers as tf
+    from torch.distributed.tensor.parallel import ColwiseParallel
+
+    from lightning_scale.adapters.huggingface import gpt2_tp_plan
+    from lightning_scale.core.conv1d_parallel import Conv1DColwiseParallel, Conv1DRowwiseParallel
+    from lightning_scale.core.tensor_parallel import check_plan
+    from lightning_scale.strategies.tensor_parallel import _refuse_conv1d, builtin_plan
+
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_positions=32, n_embd=48, n_layer=2, n_head=3))
+    plan = builtin_plan(model, sequence_parallel=True)
+    assert isinstance(plan["transformer.h.*.attn.c_attn"], Conv1DColwiseParallel)
+    assert plan["transformer.h.*.attn.c_attn"].fused == 3 and "transformer.ln_f" in plan
+    # 3 heads over 2 ranks: whole heads per rank are impossible, named with the tp that would work.
+    with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.c_attn: 3 attention heads cannot be split over "
+                                         r"tp=2 ranks.*use tp in \[1, 3\]"):
+        check_plan(model, gpt2_tp_plan(model), 2)
+    # torch's Linear styles on a Conv1D layer: refused with the Conv1D styles to use instead.
+    with pytest.raises(ValueError, match=r"Conv1D \(transformer\.h\.0\.attn\.c_attn, transformer\.h\.1\.attn\.c_attn\)"
+                                         r".*Conv1DColwiseParallel \(fused=3"):
+        _refuse_conv1d(model, {"transformer.h.*.attn.c_attn": ColwiseParallel()})
+    _refuse_conv1d(model, {"transformer.h.*.attn.c_attn": Conv1DColwiseParallel(fused=3)})  # the right style passes
+    # A Conv1D model whose attention the suite does not know (OpenAI GPT: n_head, no num_heads): no
+    # built-in plan, refused naming the styles and the other strategies.
+    other = tf.OpenAIGPTLMHeadModel(tf.OpenAIGPTConfig(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2))
+    with pytest.raises(ValueError, match=r"OpenAIGPTLMHeadModel projects with transformers' Conv1D \(transformer\.h\.0"
+                                         r".*no built-in tensor-parallel plan.*Conv1DRowwiseParallel.*ZeroStrategy"):
+        builtin_plan(other, sequence_parallel=False)
+    # A Conv1D style on an nn.Linear, and a nonsense fused count.
+    linear = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"0: Conv1DRowwiseParallel applies to transformers' Conv1D .*not Linear"):
+        check_plan(linear, {"0": Conv1DRowwiseParallel()}, 2)
+    with pytest.raises(ValueError, match=r"fused must be an int >= 1"):
+        Conv1DColwiseParallel(fused=0)
