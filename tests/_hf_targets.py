@@ -241,9 +241,22 @@ def fit_family_tp(family: str, steps: int, sequence_parallel: bool = False, chec
                         family=family, checkpoint_dir=checkpoint_dir, resume_from=resume_from)
     attn = task.model.transformer.h[0].attn
     weight = attn.c_attn.weight
-    return {"losses": losses, "state": _full_state(task), "local_c_attn": tuple(weight.to_local().shape),
-            "local_c_attn_values": weight.to_local().detach().clone(), "split_size": attn.split_size,
-            "all_dtensors": all(isinstance(p, DTensor) for p in task.parameters())}
+    state = _full_state(task)
+    local_values = weight.to_local().detach().clone()
+    # One more backward: every gradient has its parameter's layout, so a foreach optimizer step
+    # (torch's default on CUDA) runs on local shards with no communication.
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    x, y = _family_data(family).tensors
+    task.zero_grad()
+    _loss(task.model(x[:4]), y[:4]).backward()
+    mismatched = [n for n, p in task.named_parameters() if tuple(p.grad.placements) != tuple(p.placements)]
+    with CommDebugMode() as comm:
+        torch.optim.AdamW(task.parameters(), lr=1e-3, foreach=True).step()
+    return {"losses": losses, "state": state, "local_c_attn": tuple(weight.to_local().shape),
+            "local_c_attn_values": local_values, "split_size": attn.split_size,
+            "all_dtensors": all(isinstance(p, DTensor) for p in task.parameters()),
+            "grad_layout_mismatches": mismatched, "foreach_step_collectives": comm.get_total_counts()}
 
 
 def fit_family_3d(family: str, steps: int, zero_stage: int = 0, pipeline_parallel_size: int = 2,

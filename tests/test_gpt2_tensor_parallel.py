@@ -40,6 +40,9 @@ def test_gpt2_tp2_from_its_built_in_plan_matches_single_process() -> None:
     for rank, res in enumerate(results):
         assert res["all_dtensors"] and res["split_size"] == 16 and res["local_c_attn"] == (32, 48)
         assert torch.equal(res["local_c_attn_values"], _local_columns(full, rank, blocks=3))
+        # The fused bias is replicated and its gradient too (left to DTensor's dispatch it came back
+        # strided, and every foreach optimizer step all-gathered it: 12 all-gathers here).
+        assert res["grad_layout_mismatches"] == [] and res["foreach_step_collectives"] == 0
 
 
 def test_gpt2_tp2_sequence_parallel_matches_single_process_and_its_checkpoint_resumes(tmp_path) -> None:

@@ -75,6 +75,10 @@ def _distribute(module: nn.Module, name: str, mesh: DeviceMesh, placement: Place
     module.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
 
 
+def _unbind_bias(module: nn.Module, args: Any, output: Any) -> None:
+    module.__dict__.pop("bias", None)  # the parameter is ``module.bias`` again (returns None: output kept)
+
+
 class Conv1DColwiseParallel(ParallelStyle):
     """Column (output) split of a ``Conv1D``: ``weight`` (nx, nf) -> (nx, nf/t) per rank.
 
@@ -97,16 +101,30 @@ class Conv1DColwiseParallel(ParallelStyle):
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         _require_transposed_linear(module, type(self).__name__)
-        return distribute_module(module, device_mesh, self._partition, self._prepare_input, self._prepare_output)
+        distribute_module(module, device_mesh, self._partition, self._prepare_input, self._prepare_output)
+        if self.fused > 1:
+            module.register_forward_pre_hook(lambda m, args: self._bind_bias(m, device_mesh))
+            module.register_forward_hook(_unbind_bias, always_call=True)
+        return module
+
+    def _bind_bias(self, module: nn.Module, mesh: DeviceMesh) -> None:
+        """For this forward, ``module.bias`` is the replicated bias's strided view (this rank's
+        nf/t entries, no communication), an instance attribute shadowing the parameter. The view
+        is differentiable: its gradient is gathered back to the parameter's ``Replicate`` layout
+        in the backward (one all-gather of nf floats). Left to DTensor's own dispatch, the bias
+        gradient would keep the output's strided layout, unlike its parameter, and every
+        optimizer step would gather it again."""
+        bias = module._parameters.get("bias")
+        if isinstance(bias, DTensor):
+            module.__dict__["bias"] = bias.redistribute(mesh, [split_placement(0, self.fused)])
 
     def _partition(self, name: str, module: nn.Module, mesh: DeviceMesh) -> None:
         if not is_transposed_linear(module):
             return
         _distribute(module, "weight", mesh, split_placement(1, self.fused), self.src_data_rank)  # (nx, nf/t)
-        # A fused bias (nf,) stays replicated (DTensor slices it to the output's columns in the
-        # forward, gathers its gradient in the backward): a strided dim-0 shard could not be
-        # sharded again on dim 0 by ZeRO-3 (FSDP2 describes TP x FSDP on one dimension only for
-        # contiguous TP shards). nf floats per rank.
+        # A fused bias (nf,) stays a replicated parameter (nf floats per rank), used through a
+        # strided view (see _bind_bias): a strided dim-0 shard could not be sharded again on dim 0
+        # by ZeRO-3 (FSDP2 describes TP x FSDP on one dimension only for contiguous TP shards).
         bias = split_placement(0, 1) if self.fused == 1 else Replicate()
         _distribute(module, "bias", mesh, bias, self.src_data_rank)  # (nf/t,) or (nf,)
 
