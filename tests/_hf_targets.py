@@ -55,12 +55,21 @@ def _family_model(family: str):
                             intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
                             attention_probs_dropout_prob=0.0)
         return tf.BertForMaskedLM(cfg)
+    if family == "gpt_neox":  # Pythia-style: partial rotary, parallel residual
+        cfg = tf.GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=32, hidden_dropout=0.0, attention_dropout=0.0,
+                               tie_word_embeddings=False)
+        return tf.GPTNeoXForCausalLM(cfg)
+    if family == "gptj":
+        cfg = tf.GPTJConfig(vocab_size=64, n_embd=32, n_layer=4, n_head=2, rotary_dim=8, n_positions=32,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return tf.GPTJForCausalLM(cfg)
     raise ValueError(family)
 
 
 def _family_data(family: str):
     g = torch.Generator().manual_seed(5)
-    if family in ("gpt2", "bert_mlm"):  # next-token targets (masked-LM: any token targets train the same head)
+    if family in ("gpt2", "bert_mlm", "gpt_neox", "gptj"):  # next-token targets (masked-LM: any token targets train the same head)
         x = torch.randint(0, 64, (64, 12), generator=g)
         return TensorDataset(x, torch.roll(x, -1, 1))
     if family == "vit":

@@ -11,6 +11,10 @@ family            structure                                stage 0 takes -> last
 ================  =======================================  ==========================================
 decoder           ``model.embed_tokens`` -> ``model.layers``  token ids (B, T) -> logits (B, T, V)
                   -> ``model.norm`` -> ``lm_head``, rotary  (Llama, Mistral, Qwen2, ...)
+gpt_neox          ``gpt_neox.embed_in`` -> ``.layers`` ->    token ids (B, T) -> logits (B, T, V)
+                  ``.final_layer_norm`` -> ``lm_head``, rotary  (GPT-NeoX, Pythia)
+gptj              ``transformer.wte`` -> ``transformer.h`` ->  token ids (B, T) -> logits (B, T, V)
+                  ``transformer.ln_f`` -> ``lm_head``, rotary
 gpt2              ``transformer.wte/wpe`` -> ``transformer.h``  token ids (B, T) -> logits (B, T, V)
                   -> ``transformer.ln_f`` -> ``lm_head``
 vit               ``vit.embeddings`` -> ``vit.layers`` ->    images (B, C, H, W) -> logits (B, classes)
@@ -45,22 +49,59 @@ def _causal_mask(config, hidden: torch.Tensor, positions: torch.Tensor):  # noqa
                               position_ids=positions)
 
 
-def decoder_stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """One stage of a Llama-style ``*ForCausalLM``: token ids (B, T) or hidden states (B, T, D) in;
-    hidden states (B, T, D) or logits (B, T, V) out."""
-    body = stage.model
-    hidden = body.embed_tokens(x) if body.embed_tokens is not None else x  # (B, T, D)
+@dataclass(frozen=True)
+class _DecoderParts:
+    """Where a rotary decoder keeps its parts (attribute names; ``dropout`` None: none)."""
+
+    body: str
+    embed: str
+    dropout: str | None
+    layers: str
+    norm: str
+
+
+_LLAMA = _DecoderParts("model", "embed_tokens", None, "layers", "norm")
+_GPT_NEOX = _DecoderParts("gpt_neox", "embed_in", "emb_dropout", "layers", "final_layer_norm")
+_GPTJ = _DecoderParts("transformer", "wte", "drop", "h", "ln_f")
+
+
+def _rotary_decoder_stage(stage: nn.Module, x: torch.Tensor, parts: _DecoderParts) -> torch.Tensor:
+    """One stage of a rotary ``*ForCausalLM`` (embeddings -> dropout -> layers with the model's
+    rotary table and causal mask -> final norm -> ``lm_head``): token ids (B, T) or hidden states
+    (B, T, D) in; hidden states (B, T, D) or logits (B, T, V) out."""
+    body = getattr(stage, parts.body)
+    embed = getattr(body, parts.embed)
+    hidden = embed(x) if embed is not None else x  # (B, T, D)
+    if embed is not None and parts.dropout is not None:
+        hidden = getattr(body, parts.dropout)(hidden)
     positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)  # (1, T)
-    rotary = body.rotary_emb(hidden, position_ids=positions)  # (cos, sin), each (1, T, head_dim)
+    rotary = body.rotary_emb(hidden, position_ids=positions)  # (cos, sin), each (1, T, rotary dim)
     mask = _causal_mask(stage.config, hidden, positions)
-    for layer in body.layers:
+    for layer in getattr(body, parts.layers):
         out = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=positions)
         hidden = out[0] if isinstance(out, tuple) else out
-    if body.norm is not None:
-        hidden = body.norm(hidden)
+    norm = getattr(body, parts.norm)
+    if norm is not None:
+        hidden = norm(hidden)
     if getattr(stage, "lm_head", None) is not None:
         hidden = stage.lm_head(hidden)  # (B, T, V)
     return hidden
+
+
+def decoder_stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One stage of a Llama-style ``*ForCausalLM`` (Llama, Mistral, Qwen2, ...): token ids (B, T)
+    or hidden states (B, T, D) in; hidden states (B, T, D) or logits (B, T, V) out."""
+    return _rotary_decoder_stage(stage, x, _LLAMA)
+
+
+def gpt_neox_stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One stage of a ``GPTNeoXForCausalLM`` (Pythia, GPT-NeoX): as :func:`decoder_stage_forward`."""
+    return _rotary_decoder_stage(stage, x, _GPT_NEOX)
+
+
+def gptj_stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One stage of a ``GPTJForCausalLM``: as :func:`decoder_stage_forward`."""
+    return _rotary_decoder_stage(stage, x, _GPTJ)
 
 
 def gpt2_stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -144,6 +185,11 @@ def stage_family(model: nn.Module) -> StageFamily | None:
         return StageFamily("decoder", "model.layers", decoder_stage_forward)
     if _has(getattr(model, "transformer", None), "wte", "wpe", "h", "ln_f") and _has(model, "lm_head"):
         return StageFamily("gpt2", "transformer.h", gpt2_stage_forward)
+    if _has(getattr(model, "gpt_neox", None), "embed_in", "layers", "final_layer_norm", "rotary_emb") \
+            and _has(model, "lm_head"):
+        return StageFamily("gpt_neox", "gpt_neox.layers", gpt_neox_stage_forward)
+    if _has(getattr(model, "transformer", None), "wte", "h", "ln_f", "rotary_emb") and _has(model, "lm_head"):
+        return StageFamily("gptj", "transformer.h", gptj_stage_forward)
     if _has(getattr(model, "vit", None), "embeddings", "layers", "layernorm") and _has(model, "classifier"):
         return StageFamily("vit", "vit.layers", vit_stage_forward)
     prefix = getattr(model, "base_model_prefix", "")
