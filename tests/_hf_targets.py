@@ -248,9 +248,12 @@ def fit_family_tp(family: str, steps: int, sequence_parallel: bool = False, chec
 
     task, losses = _fit(TensorParallelStrategy(tensor_parallel_size=2, sequence_parallel=sequence_parallel), steps,
                         family=family, checkpoint_dir=checkpoint_dir, resume_from=resume_from)
+    state = _full_state(task)
+    if family != "gpt2":
+        return {"losses": losses, "state": state,
+                "local_shapes": {n: tuple(p.to_local().shape) for n, p in task.named_parameters()}}
     attn = task.model.transformer.h[0].attn
     weight = attn.c_attn.weight
-    state = _full_state(task)
     local_values = weight.to_local().detach().clone()
     # One more backward: every gradient has its parameter's layout, so a foreach optimizer step
     # (torch's default on CUDA) runs on local shards with no communication.

@@ -127,6 +127,18 @@ def test_a_hugging_face_family_without_a_stage_forward_is_refused_with_the_ways_
     assert mine.stage_forward.__name__ == "<lambda>"
 
 
+@pytest.mark.parametrize("family", ["gpt_neox", "gptj"])
+def test_tp_from_the_models_own_plan_with_a_vocabulary_parallel_embedding(family) -> None:
+    # GPT-NeoX (fused per-head query_key_value) and GPT-J declare plans whose embedding is
+    # "embedding_rowwise" (V/t rows per rank, partial lookups summed): translated to torch's
+    # RowwiseParallel on the embedding. TP = 2, no plan given, 20 steps against one process.
+    steps = 20
+    results = run_distributed(targets.fit_family_tp, 2, family, steps, init_process_group=False, timeout=300)
+    _assert_matches(results, targets.reference_hf(steps, microbatches=1, family=family), steps)
+    embedding = {"gpt_neox": "model.gpt_neox.embed_in.weight", "gptj": "model.transformer.wte.weight"}[family]
+    assert results[0]["local_shapes"][embedding] == (32, 32)  # 64 tokens x 32 hidden: half the vocabulary
+
+
 def test_hugging_face_llama_in_3d_from_its_own_plan_and_stage_forward() -> None:
     # pp=2 x tp=2 (4 ranks), Parallel3DStrategy with no tp_plan, stage_forward or block_container:
     # the stage forward and the TP plan both come from the model; 20 steps against one process.

@@ -213,7 +213,9 @@ def hf_tp_plan(model: nn.Module, prefix: str = "") -> dict:
     "layers.*.mlp.down_proj": "rowwise"}``), keyed by paths in the base model
     (``model.base_model_prefix``, ``"model"`` for a ``...ForCausalLM``). ``prefix``: the model's
     path in the LightningModule (``"model."`` when it is ``self.model``). Raises ``ValueError``
-    naming the fix when there is no plan or a style other than colwise / rowwise."""
+    naming the fix when there is no plan or a style without a torch equivalent here (``colwise``,
+    ``rowwise``, ``embedding_rowwise`` (vocabulary-parallel), ``embedding_colwise``,
+    ``colwise_gather_output`` are translated)."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     config = getattr(model, "config", None)
@@ -221,11 +223,22 @@ def hf_tp_plan(model: nn.Module, prefix: str = "") -> dict:
     if not plan:
         raise ValueError(f"{type(model).__name__}'s config declares no tensor-parallel plan (base_model_tp_plan): give "
                          f"TensorParallelStrategy(tp_plan={{'module path pattern': ColwiseParallel() | RowwiseParallel()}})")
-    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    from torch.distributed.tensor import Replicate
+
+    # transformers' names -> torch styles with the same layouts (transformers/distributed/tensor_parallel.py)
+    styles = {
+        "colwise": ColwiseParallel,
+        "rowwise": RowwiseParallel,
+        # vocabulary-parallel embedding: V/t rows per rank, masked lookup, partial sums all-reduced
+        "embedding_rowwise": lambda: RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        # hidden-parallel embedding: D/t columns per rank, gathered
+        "embedding_colwise": lambda: ColwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        "colwise_gather_output": lambda: ColwiseParallel(output_layouts=Replicate()),
+    }
     unknown = sorted({kind for kind in plan.values() if kind not in styles})
     if unknown:
         raise ValueError(f"{type(model).__name__}'s tensor-parallel plan uses {unknown}, which the suite does not "
-                         f"translate (colwise and rowwise only): give tp_plan= yourself")
+                         f"translate ({', '.join(styles)} only): give tp_plan= yourself")
     base = getattr(model, "base_model_prefix", "")
     inner = f"{base}." if base and isinstance(getattr(model, base, None), nn.Module) else ""
     return {f"{prefix}{inner}{path}": styles[kind]() for path, kind in plan.items()}
