@@ -55,6 +55,11 @@ def _family_model(family: str):
                             intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
                             attention_probs_dropout_prob=0.0)
         return tf.BertForMaskedLM(cfg)
+    if family == "bert_clm":  # BERT as a causal LM (is_decoder: causal mask), eager attention: the mask is used
+        cfg = tf.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0, is_decoder=True, attn_implementation="eager")
+        return tf.BertLMHeadModel(cfg)
     if family == "gpt_neox":  # Pythia-style: partial rotary, parallel residual
         cfg = tf.GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
                                intermediate_size=64, max_position_embeddings=32, hidden_dropout=0.0, attention_dropout=0.0,
@@ -69,7 +74,7 @@ def _family_model(family: str):
 
 def _family_data(family: str):
     g = torch.Generator().manual_seed(5)
-    if family in ("gpt2", "bert_mlm", "gpt_neox", "gptj"):  # next-token targets (masked-LM: any token targets train the same head)
+    if family in ("gpt2", "bert_mlm", "bert_clm", "gpt_neox", "gptj"):  # next-token targets (masked-LM: any token targets train the same head)
         x = torch.randint(0, 64, (64, 12), generator=g)
         return TensorDataset(x, torch.roll(x, -1, 1))
     if family == "vit":

@@ -89,7 +89,7 @@ def _assert_matches(results: list[dict], ref: dict, steps: int) -> None:
             assert (value - ref["state"][name]).abs().max().item() <= 1e-5, name
 
 
-@pytest.mark.parametrize("family", ["gpt2", "vit", "bert", "bert_mlm", "gpt_neox", "gptj"])
+@pytest.mark.parametrize("family", ["gpt2", "vit", "bert", "bert_mlm", "bert_clm", "gpt_neox", "gptj"])
 def test_a_hugging_face_family_pipelines_with_no_stage_forward_given(family) -> None:
     # PipelineStrategy(stages=2) and nothing else: the family's shipped stage forward and block
     # container are picked from the model's structure (GPT-2: tied head, its copy on stage 1).

@@ -143,14 +143,18 @@ def vit_stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def bert_stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """One stage of a BERT-style encoder (BERT, RoBERTa): ``*ForSequenceClassification`` or
-    ``*ForMaskedLM``. Token ids (B, T) or hidden states (B, T, D) in; hidden states, logits
+    """One stage of a BERT-style encoder (BERT, RoBERTa): ``*ForSequenceClassification``,
+    ``*ForMaskedLM``, or the causal LMs (``BertLMHeadModel``, ``RobertaForCausalLM``:
+    ``config.is_decoder``, causal mask). Token ids (B, T) or hidden states (B, T, D) in; hidden states, logits
     (B, labels) or token logits (B, T, V) out (the masked-LM head's decoder is tied to the word
     embeddings: the last stage keeps its own copy)."""
     body = getattr(stage, stage.base_model_prefix)
     hidden = body.embeddings(input_ids=x) if body.embeddings is not None else x  # (B, T, D)
+    mask = None  # an encoder: every token attends to every token (no padding)
+    if getattr(stage.config, "is_decoder", False):  # BertLMHeadModel, RobertaForCausalLM: causal, as the model's forward
+        mask = _causal_mask(stage.config, hidden, torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0))
     for layer in body.encoder.layer:
-        out = layer(hidden)
+        out = layer(hidden, attention_mask=mask)
         hidden = out[0] if isinstance(out, tuple) else out
     lm_head = getattr(stage, "cls", None)  # BERT's masked-LM head
     if lm_head is None:
