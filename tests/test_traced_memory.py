@@ -246,6 +246,28 @@ def test_tensor_parallel_from_the_models_own_hugging_face_plan(tmp_path) -> None
     assert traced.after_step == 12 * held + 4 * len(named) + buffers
 
 
+def test_gpt2_tensor_parallel_is_traced_with_its_conv1d_plan(tmp_path) -> None:
+    # TP = 2 with GPT-2's built-in Conv1D plan (its config declares none): between steps a rank
+    # holds 12 bytes per element of half of every Conv1D weight and of c_fc's bias, and of all of
+    # every other tensor (c_attn's fused bias and the row-split biases are replicated; embeddings,
+    # norms; the tied head once), plus a 4-byte Adam step counter per tensor.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lightning_scale.core.planner import Hardware, Layout, Workload
+    from lightning_scale.plan_trace import hf_model_from_config, trace_plan
+
+    cfg = GPT2Config(vocab_size=256, n_embd=64, n_layer=4, n_head=4, n_positions=128)
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(cfg)
+    named = list(model.named_parameters())
+    halved = {"c_attn.weight", "attn.c_proj.weight", "c_fc.weight", "mlp.c_proj.weight", "c_fc.bias"}
+    held = sum(p.numel() // 2 if any(n.endswith(h) for h in halved) else p.numel() for n, p in named)
+    traced = trace_plan(hf_model_from_config(cfg, 64), Workload(batch_size=4, seq_len=64, precision="32-true"),
+                        Layout(tp=2), Hardware(gpus=2, memory_gb=1))
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert traced.after_step == 12 * held + 4 * len(named) + buffers
+
+
 def test_checkpointing_a_hugging_face_model_turns_its_generation_cache_off(tmp_path) -> None:
     # With use_cache=True (the config's default) a training forward keeps every layer's keys and
     # values in a cache that checkpointing cannot free. The suite's checkpointing turns it off,

@@ -75,6 +75,33 @@ def _distribute(module: nn.Module, name: str, mesh: DeviceMesh, placement: Place
     module.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
 
 
+class _StridedView(torch.autograd.Function):
+    """A replicated 1-D DTensor (nf,) -> its strided shard (``fused`` blocks, this rank's nf/t
+    entries of each), no communication; backward: the strided gradient all-gathered back to the
+    replicated layout. What ``redistribute`` does, written with functional collectives on local
+    tensors so that it also runs on fake tensors (the traced planner): torch's strided-shard
+    gather builds index lists with ``.tolist()``, which fake tensors cannot answer."""
+
+    @staticmethod
+    def forward(ctx: Any, full: DTensor, fused: int) -> DTensor:  # noqa: ANN401
+        mesh = full.device_mesh
+        n, rank = mesh.size(), mesh.get_local_rank()
+        ctx.mesh, ctx.fused, ctx.shape, ctx.stride = mesh, fused, full.shape, full.stride()
+        local = full.to_local().view(fused, n, -1)[:, rank].reshape(-1)  # (fused * nf/(fused t),) = (nf/t,)
+        return DTensor.from_local(local, mesh, [split_placement(0, fused)], run_check=False,
+                                  shape=full.shape, stride=full.stride())
+
+    @staticmethod
+    def backward(ctx: Any, grad: DTensor) -> tuple[DTensor, None]:  # noqa: ANN401
+        from torch.distributed._functional_collectives import all_gather_single
+
+        local = grad.to_local().reshape(1, ctx.fused, -1)  # (1, fused, nf/(fused t))
+        gathered = all_gather_single(local, gather_dim=0, group=ctx.mesh)  # (t, fused, nf/(fused t)), rank order
+        full = gathered.transpose(0, 1).reshape(-1)  # block by block: (nf,)
+        return DTensor.from_local(full, ctx.mesh, [Replicate()], run_check=False, shape=ctx.shape,
+                                  stride=ctx.stride), None
+
+
 def _unbind_bias(module: nn.Module, args: Any, output: Any) -> None:
     module.__dict__.pop("bias", None)  # the parameter is ``module.bias`` again (returns None: output kept)
 
@@ -116,7 +143,7 @@ class Conv1DColwiseParallel(ParallelStyle):
         optimizer step would gather it again."""
         bias = module._parameters.get("bias")
         if isinstance(bias, DTensor):
-            module.__dict__["bias"] = bias.redistribute(mesh, [split_placement(0, self.fused)])
+            module.__dict__["bias"] = _StridedView.apply(bias, self.fused)
 
     def _partition(self, name: str, module: nn.Module, mesh: DeviceMesh) -> None:
         if not is_transposed_linear(module):
