@@ -373,8 +373,8 @@ def _trace_pipeline(model: TracedModel, workload: Any, layout: Any, hardware: An
 
     if model.split is None or model.output_loss is None:
         raise TraceError(f"{model.name}: no pipeline stage forward for this model kind (traced: the Hugging Face "
-                         f"families with a shipped stage forward, Llama-style decoders, GPT-2, ViT, BERT/RoBERTa "
-                         f"classifiers and masked LMs, and classes with pipeline_stage_views): the closed form plans it")
+                         f"families with a shipped stage forward: Llama-style decoders, GPT-2, GPT-NeoX, GPT-J, ViT, "
+                         f"BERT/RoBERTa classifiers and masked / causal LMs; and classes with pipeline_stage_views): the closed form plans it")
     if layout.tp > 1 or layout.zero_stage not in (0, 3):
         raise TraceError("the pipeline is traced with data parallelism or ZeRO-3 on the replicas (no TP yet): the "
                          "closed form plans the rest")

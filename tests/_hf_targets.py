@@ -244,14 +244,16 @@ def fit_hf_tp_own_plan(steps: int) -> dict:
 
 
 def fit_family_tp(family: str, steps: int, sequence_parallel: bool = False, checkpoint_dir: str | None = None,
-                  resume_from: str | None = None) -> dict:
+                  resume_from: str | None = None, activation_checkpointing: str | None = None) -> dict:
     """TensorParallelStrategy(tensor_parallel_size=2) with no plan: the model's built-in plan (GPT-2:
     Conv1D styles, c_attn split per q/k/v block)."""
     from torch.distributed.tensor import DTensor
 
     from lightning_scale.strategies import TensorParallelStrategy
 
-    task, losses = _fit(TensorParallelStrategy(tensor_parallel_size=2, sequence_parallel=sequence_parallel), steps,
+    strategy = TensorParallelStrategy(tensor_parallel_size=2, sequence_parallel=sequence_parallel,
+                                      activation_checkpointing=activation_checkpointing)
+    task, losses = _fit(strategy, steps,
                         family=family, checkpoint_dir=checkpoint_dir, resume_from=resume_from)
     state = _full_state(task)
     if family != "gpt2":
@@ -277,14 +279,16 @@ def fit_family_tp(family: str, steps: int, sequence_parallel: bool = False, chec
 
 
 def fit_family_3d(family: str, steps: int, zero_stage: int = 0, pipeline_parallel_size: int = 2,
-                  sequence_parallel: bool = False) -> dict:
+                  sequence_parallel: bool = False, checkpoint_dir: str | None = None,
+                  resume_from: str | None = None) -> dict:
     """Parallel3DStrategy(tensor_parallel_size=2) on 4 ranks with nothing model-specific given: the
     family's stage forward and built-in TP plan (pp=2 x tp=2, or pp=1 x dp=2 x tp=2 with ZeRO-3)."""
     from lightning_scale.strategies import Parallel3DStrategy
 
     strategy = Parallel3DStrategy(pipeline_parallel_size=pipeline_parallel_size, tensor_parallel_size=2, microbatches=4,
                                   zero_stage=zero_stage, sequence_parallel=sequence_parallel)
-    task, losses = _fit(strategy, steps, devices=4, family=family)
+    task, losses = _fit(strategy, steps, devices=4, family=family, checkpoint_dir=checkpoint_dir,
+                        resume_from=resume_from)
     return {"losses": losses, "state": _full_state(task)}
 
 

@@ -29,10 +29,12 @@ def _assert_matches(results: list[dict], ref: dict, steps: int) -> None:
 
 
 def test_gpt2_tp2_from_its_built_in_plan_matches_single_process() -> None:
-    # TensorParallelStrategy(tensor_parallel_size=2), no plan, 20 steps. Each rank holds H/t whole
-    # heads: c_attn (D, 3 D) = (32, 96) -> (32, 48), this rank's columns of q, of k and of v.
+    # TensorParallelStrategy(tensor_parallel_size=2, activation_checkpointing="full"), no plan, 20
+    # steps. Each rank holds H/t whole heads: c_attn (D, 3 D) = (32, 96) -> (32, 48), this rank's
+    # columns of q, of k and of v. (Recomputed blocks rebind the fused bias's view.)
     steps = 20
-    results = run_distributed(targets.fit_family_tp, 2, "gpt2", steps, init_process_group=False, timeout=300)
+    results = run_distributed(targets.fit_family_tp, 2, "gpt2", steps, False, None, None, "full",
+                              init_process_group=False, timeout=300)
     ref = targets.reference_hf(steps, microbatches=1, family="gpt2")
     _assert_matches(results, ref, steps)
     assert results[0]["losses"] == results[1]["losses"]
@@ -90,11 +92,30 @@ def test_gpt2_tp2_weights_from_a_save_pretrained_directory_read_per_block(tmp_pa
     (2, 0, True, 1),  # pp=2 x tp=2, sequence parallel: the GPT-2 stage forward and TP plan, both picked
     (1, 3, False, 2),  # dp=2 x tp=2 with ZeRO-3 over dp (FSDP2 on the tensor-parallel shards)
 ], ids=["pp2xtp2_sp", "tp2xzero3_dp2"])
-def test_gpt2_in_3d_on_4_ranks_matches_single_process(pp, zero_stage, sequence_parallel, replicas) -> None:
+def test_gpt2_in_3d_on_4_ranks_matches_single_process(tmp_path, pp, zero_stage, sequence_parallel, replicas) -> None:
+    # Each run also writes a checkpoint per epoch; the last one, consolidated, holds the reference's
+    # weights at that step (under ZeRO-3 the fused c_attn weight is strided over tp and sharded
+    # over dp: gathered over tp for the write, read back into both).
+    from lightning_scale.core.checkpoint import consolidate
+
     steps = 20
     results = run_distributed(targets.fit_family_3d, 4, "gpt2", steps, zero_stage, pp, sequence_parallel,
-                              init_process_group=False, timeout=400)
+                              str(tmp_path), init_process_group=False, timeout=400)
     _assert_matches(results, targets.reference_hf(steps, microbatches=4, replicas=replicas, family="gpt2"), steps)
+    per_epoch = 64 // 8 // replicas  # 64 samples, batches of 8 per replica
+    last = steps // per_epoch - 1
+    saved = consolidate(tmp_path / f"epoch={last}.ckpt")["state_dict"]
+    ref = targets.reference_hf((last + 1) * per_epoch, microbatches=4, replicas=replicas, family="gpt2")["state"]
+    assert set(saved) == set(ref)
+    for name, value in saved.items():
+        assert (value - ref[name]).abs().max().item() <= 1e-5, name
+    if zero_stage == 3:  # read back into the 2-D (dp x tp) shards: one more step lands on the reference's
+        resumed = run_distributed(targets.fit_family_3d, 4, "gpt2", per_epoch + 1, zero_stage, pp, sequence_parallel,
+                                  None, str(tmp_path / "epoch=0.ckpt"), init_process_group=False, timeout=400)
+        ref = targets.reference_hf(per_epoch + 1, microbatches=4, replicas=replicas, family="gpt2")
+        assert abs(resumed[0]["losses"][0] - ref["losses"][-1]) <= 1e-5 * abs(ref["losses"][-1])
+        for name, value in resumed[0]["state"].items():
+            assert (value - ref["state"][name]).abs().max().item() <= 1e-5, name
 
 
 def test_gpt2_plan_errors_are_raised_before_any_collective() -> None:
@@ -125,6 +146,26 @@ def test_gpt2_plan_errors_are_raised_before_any_collective() -> None:
     with pytest.raises(ValueError, match=r"OpenAIGPTLMHeadModel projects with transformers' Conv1D \(transformer\.h\.0"
                                          r".*no built-in tensor-parallel plan.*Conv1DRowwiseParallel.*ZeroStrategy"):
         builtin_plan(other, sequence_parallel=False)
+    # Cross-attention (an encoder-decoder's GPT-2 decoder): refused, not silently replicated.
+    cross = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                              add_cross_attention=True))
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel has cross-attention \(add_cross_attention=True\).*ZeroStrategy"):
+        builtin_plan(cross, sequence_parallel=False)
+    # A look-alike with GPT-2's attention but another model_type (ImageGPT) gets no built-in plan.
+    image = tf.ImageGPTForCausalImageModeling(tf.ImageGPTConfig(vocab_size=17, n_positions=16, n_embd=32, n_layer=2,
+                                                                n_head=2))
+    with pytest.raises(ValueError, match=r"ImageGPTForCausalImageModeling projects with transformers' Conv1D.*no built-in"):
+        builtin_plan(image, sequence_parallel=False)
+    # Sequence parallelism between pipeline stages with eager attention: the stage would build a
+    # mask for its T/t tokens; refused at setup with the fix.
+    from lightning_scale.strategies.parallel3d import check_stage_masks
+
+    eager = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                              attn_implementation="eager"))
+    with pytest.raises(ValueError, match=r"sequence_parallel=True\) with 2 pipeline stages .*attn_implementation='sdpa'"):
+        check_stage_masks(eager, sequence_parallel=True, pp=2)
+    check_stage_masks(eager, sequence_parallel=True, pp=1)  # one stage: the model's own forward builds the mask
+    check_stage_masks(model, sequence_parallel=True, pp=2)  # SDPA: no mask tensor
     # A Conv1D style on an nn.Linear, and a nonsense fused count.
     linear = torch.nn.Sequential(torch.nn.Linear(4, 4))
     with pytest.raises(ValueError, match=r"0: Conv1DRowwiseParallel applies to transformers' Conv1D .*not Linear"):

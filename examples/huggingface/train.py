@@ -3,9 +3,9 @@ is written the usual way (the model an attribute, the loss inline), and ``--stra
 only change. Nothing model-specific is given to any strategy: the stage forward, block container
 and tensor-parallel plan come from the model.
 
-    python examples/huggingface/train.py --family gpt2 --strategy tp_sp --devices 2
-    python examples/huggingface/train.py --family llama --strategy 3d --devices 4
-    python examples/huggingface/train.py --family vit --strategy pipeline --devices 2
+    python examples/huggingface/train.py --family gpt2 --strategy tp_sp      # 2 ranks
+    python examples/huggingface/train.py --family llama --strategy 3d        # 4 ranks: pp2 x tp2
+    python examples/huggingface/train.py --family vit --strategy pipeline    # 2 ranks
 
 Tiny configs and random data (nothing downloaded). For real weights build the model with
 ``from_pretrained(local_dir)``, or pass ``weights_from=local_dir`` to the strategy (each rank then

@@ -299,6 +299,11 @@ def gpt2_tp_plan(model: nn.Module, sequence_parallel: bool = False, prefix: str 
     from lightning_scale.core.conv1d_parallel import Conv1DColwiseParallel, Conv1DRowwiseParallel
     from lightning_scale.core.tensor_parallel import gather_sequence, shard_sequence
 
+    config = getattr(model, "config", None)
+    if getattr(config, "add_cross_attention", False) or any(
+            getattr(model.get_submodule(p), "is_cross_attention", False) for p in gpt2_attention_paths(model)):
+        raise ValueError(f"{type(model).__name__} has cross-attention (add_cross_attention=True), which GPT-2's "
+                         f"tensor-parallel plan does not split; train it with ZeroStrategy(stage=3) or the pipeline")
     inner = "transformer." if isinstance(getattr(model, "transformer", None), nn.Module) else ""
     base = f"{prefix}{inner}"
     seq = Shard(1) if sequence_parallel else None

@@ -44,6 +44,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
+from lightning_scale.core import device as dev
+
 META_FILE = "meta.pt"
 DCP_METADATA_FILE = ".metadata"
 
@@ -249,19 +251,31 @@ def _gather_strided(tree: Any) -> Any:
     if isinstance(tree, list):
         return [_gather_strided(v) for v in tree]
     if isinstance(tree, DTensor) and any(is_strided(p) for p in tree.placements):
-        return _unstrided(tree)
+        gathered = _unstrided(tree)
+        if all(p.is_replicate() for p in gathered.placements):
+            # The whole tensor on every rank: moved to host one tensor at a time, so a save holds at
+            # most one gathered tensor on the device (fused weights and their Adam moments would
+            # otherwise all be gathered at once). DCP writes a plain tensor that every rank holds
+            # under the same key once.
+            host, transfer = dev.to_host(gathered.to_local())
+            transfer.wait()
+            return host
+        return gathered  # also sharded over another mesh dimension (ZeRO-3's dp): stays a DTensor
     return tree
 
 
 def _load_strided(tensors: dict[str, Any], load: Any) -> None:
     """Run ``load(tensors)`` (DCP's in-place load) with every strided DTensor read whole into a
     replicated buffer, then sliced into the strided shard it stands for (no communication)."""
-    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor import Replicate, distribute_tensor, empty
+
+    from lightning_scale.core.conv1d_parallel import is_strided
 
     entries = _strided_entries(tensors)
     buffers = []
-    for container, key, value in entries:
-        buffers.append(_unstrided(value))
+    for container, key, value in entries:  # empty buffers in the gathered layout: DCP fills them
+        placements = [Replicate() if is_strided(p) else p for p in value.placements]
+        buffers.append(empty(value.shape, dtype=value.dtype, device_mesh=value.device_mesh, placements=placements))
         container[key] = buffers[-1]
     try:
         load(tensors)
@@ -269,7 +283,9 @@ def _load_strided(tensors: dict[str, Any], load: Any) -> None:
         for (container, key, value), _ in zip(entries, buffers):
             container[key] = value
     for (_, _, value), buffer in zip(entries, buffers):
-        full = buffer.full_tensor()  # local: the buffer is replicated over the strided dimensions
+        # The whole tensor: no communication on a tensor-parallel mesh (the buffer is replicated
+        # there), an all-gather over any other sharded dimension (ZeRO-3's dp).
+        full = buffer.full_tensor()
         value.to_local().copy_(distribute_tensor(full, value.device_mesh, value.placements, src_data_rank=None).to_local())
 
 

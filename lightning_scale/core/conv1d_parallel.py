@@ -95,11 +95,23 @@ class _StridedView(torch.autograd.Function):
     def backward(ctx: Any, grad: DTensor) -> tuple[DTensor, None]:  # noqa: ANN401
         from torch.distributed._functional_collectives import all_gather_single
 
-        local = grad.to_local().reshape(1, ctx.fused, -1)  # (1, fused, nf/(fused t))
+        local = grad.to_local().contiguous().reshape(1, ctx.fused, -1)  # (1, fused, nf/(fused t))
         gathered = all_gather_single(local, gather_dim=0, group=ctx.mesh)  # (t, fused, nf/(fused t)), rank order
         full = gathered.transpose(0, 1).reshape(-1)  # block by block: (nf,)
         return DTensor.from_local(full, ctx.mesh, [Replicate()], run_check=False, shape=ctx.shape,
                                   stride=ctx.stride), None
+
+
+def _bind_bias_view(module: nn.Module, args: Any) -> None:
+    """For this forward, ``module.bias`` is the replicated fused bias's strided view (this rank's
+    nf/t entries, no communication; :class:`_StridedView`), an instance attribute shadowing the
+    parameter until :func:`_unbind_bias`. Left to DTensor's own dispatch, the bias gradient kept
+    the output's strided layout, unlike its parameter, and every foreach optimizer step gathered
+    it again."""
+    bias = module._parameters.get("bias")
+    if isinstance(bias, DTensor):
+        fused = next(p for p in module.weight.placements if is_strided(p)).split_factor
+        module.__dict__["bias"] = _StridedView.apply(bias, fused)
 
 
 def _unbind_bias(module: nn.Module, args: Any, output: Any) -> None:
@@ -130,27 +142,16 @@ class Conv1DColwiseParallel(ParallelStyle):
         _require_transposed_linear(module, type(self).__name__)
         distribute_module(module, device_mesh, self._partition, self._prepare_input, self._prepare_output)
         if self.fused > 1:
-            module.register_forward_pre_hook(lambda m, args: self._bind_bias(m, device_mesh))
+            module.register_forward_pre_hook(_bind_bias_view)
             module.register_forward_hook(_unbind_bias, always_call=True)
         return module
-
-    def _bind_bias(self, module: nn.Module, mesh: DeviceMesh) -> None:
-        """For this forward, ``module.bias`` is the replicated bias's strided view (this rank's
-        nf/t entries, no communication), an instance attribute shadowing the parameter. The view
-        is differentiable: its gradient is gathered back to the parameter's ``Replicate`` layout
-        in the backward (one all-gather of nf floats). Left to DTensor's own dispatch, the bias
-        gradient would keep the output's strided layout, unlike its parameter, and every
-        optimizer step would gather it again."""
-        bias = module._parameters.get("bias")
-        if isinstance(bias, DTensor):
-            module.__dict__["bias"] = _StridedView.apply(bias, self.fused)
 
     def _partition(self, name: str, module: nn.Module, mesh: DeviceMesh) -> None:
         if not is_transposed_linear(module):
             return
         _distribute(module, "weight", mesh, split_placement(1, self.fused), self.src_data_rank)  # (nx, nf/t)
         # A fused bias (nf,) stays a replicated parameter (nf floats per rank), used through a
-        # strided view (see _bind_bias): a strided dim-0 shard could not be sharded again on dim 0
+        # strided view (see _bind_bias_view): a strided dim-0 shard could not be sharded again on dim 0
         # by ZeRO-3 (FSDP2 describes TP x FSDP on one dimension only for contiguous TP shards).
         bias = split_placement(0, 1) if self.fused == 1 else Replicate()
         _distribute(module, "bias", mesh, bias, self.src_data_rank)  # (nf/t,) or (nf,)

@@ -152,6 +152,8 @@ def _slices_of(dest: torch.Tensor) -> tuple[list[tuple[slice, ...] | None], int]
         return [tuple(index)], 0
     mesh_dim = strided[0]
     dim, blocks = placements[mesh_dim].dim, placements[mesh_dim].split_factor
+    if any(p.is_shard(dim) for i, p in enumerate(placements) if i != mesh_dim):
+        raise ValueError(f"a tensor strided and also sharded on dimension {dim} ({placements}) cannot be read in slices")
     n, c = dest.device_mesh.size(mesh_dim), dest.device_mesh.get_local_rank(mesh_dim)
     block = dest.shape[dim] // blocks  # one of the fused blocks (q, k or v), cut into n equal parts
     pieces = []

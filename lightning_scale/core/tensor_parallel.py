@@ -462,8 +462,9 @@ def _transposed_linear_problems(model: nn.Module, path: str, module: nn.Module, 
         return [] if module.nx % tp == 0 else [f"{path}: {kind} splits nx={module.nx} into tp={tp} parts; use tp in {_divisors(module.nx)}"]
     block = module.nf // style.fused
     if module.nf % style.fused or block % tp:
-        return [f"{path}: {kind}(fused={style.fused}) splits each of the {style.fused} blocks of nf={module.nf} into tp={tp} "
-                f"parts; use tp in {_divisors(block) if module.nf % style.fused == 0 else [1]}"]
+        what = f"nf={module.nf}" if style.fused == 1 else f"each of the {style.fused} fused blocks of nf={module.nf}"
+        return [f"{path}: {kind} splits {what} into tp={tp} parts; use tp in "
+                f"{_divisors(block) if module.nf % style.fused == 0 else [1]}"]
     parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else None
     heads = getattr(parent, "num_heads", None)
     if style.fused > 1 and isinstance(heads, int) and heads % tp:
@@ -492,8 +493,9 @@ def _check_ties(
             shown = ", ".join(f"{n}: {'/'.join(map(str, v)) or 'replicated (plain tensor)'}" for n, v in layouts.items())
             raise ValueError(
                 f"tied parameters would get different tensor-parallel layouts ({shown}); shard all of them the "
-                f"same way (for GPT: gpt_tp_plan(shard_vocab=True) shards tok_emb and head together) or none of "
-                f"them, or untie the weights"
+                f"same way (for the suite's GPT: gpt_tp_plan(shard_vocab=True) shards tok_emb and head together) or "
+                f"none of them (a Hugging Face model: a tp_plan that leaves the embedding replicated), or untie the "
+                f"weights (tie_word_embeddings=False)"
             )
 
 

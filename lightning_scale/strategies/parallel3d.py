@@ -25,6 +25,26 @@ from lightning_scale.strategies.pipeline import PipelineStrategy
 from lightning_scale.strategies.tensor_parallel import parallelize_network, relative_plan
 
 
+def check_stage_masks(network: nn.Module, sequence_parallel: bool, pp: int) -> None:
+    """Sequence parallelism between pipeline stages of a Hugging Face model needs attention that
+    builds no mask from the stage's input: a stage after the first receives its sequence shard
+    (B, T/t, D), so a shipped stage forward would build a (T/t, T/t) mask for an attention that
+    runs over all T tokens (it gathers them first). Under SDPA the causal mask is the kernel's flag
+    (no mask tensor); eager attention would raise on stage 0 and leave the other stages waiting.
+    Raised at setup, on every rank alike (the same config everywhere)."""
+    from lightning_scale.adapters.huggingface import is_hugging_face
+
+    if not (sequence_parallel and pp > 1 and is_hugging_face(network)):
+        return
+    implementation = getattr(network.config, "_attn_implementation", None)
+    if implementation != "sdpa":
+        raise ValueError(
+            f"Parallel3DStrategy(sequence_parallel=True) with {pp} pipeline stages runs {type(network).__name__}'s "
+            f"attention on sequence shards between stages, which needs attn_implementation='sdpa' (the model uses "
+            f"{implementation!r}): build the model with attn_implementation='sdpa', or use sequence_parallel=False"
+        )
+
+
 class Parallel3DStrategy(PipelineStrategy):
     """Pipeline (``pipeline_parallel_size`` stages) x tensor (``tensor_parallel_size``) x data parallelism.
 
@@ -65,6 +85,7 @@ class Parallel3DStrategy(PipelineStrategy):
         assert self.resolved_dims is not None
         if self.resolved_dims.tp == 1:
             return
+        check_stage_masks(local_network, self.sequence_parallel, self.resolved_dims.pp)
         user_plan = relative_plan(self.tp_plan, None if self.network_is_module else self.module_name, local_network)
         parallelize_network(local_network, self.device_mesh["tp"], user_plan, self.sequence_parallel,
                             src_data_rank=None if self.deferring else 0)

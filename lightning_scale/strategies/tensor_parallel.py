@@ -39,7 +39,7 @@ def builtin_plan(network: nn.Module, sequence_parallel: bool, shard_vocab: bool 
         return vit_tp_plan(sequence_parallel)
     if getattr(getattr(network, "config", None), "base_model_tp_plan", None):
         return _hugging_face_plan(network, sequence_parallel)
-    if is_hugging_face(network) and gpt2_attention_paths(network):
+    if _is_gpt2(network):
         return gpt2_tp_plan(network, sequence_parallel)
     _refuse_conv1d(network, None)
     if is_hugging_face(network):
@@ -55,6 +55,13 @@ def builtin_plan(network: nn.Module, sequence_parallel: bool, shard_vocab: bool 
         f"LightningModule (or to its module_name network), or tp_plan={{}} to replicate every layer (see "
         f"docs/strategies/tensor_parallel.md)"
     )
+
+
+def _is_gpt2(network: nn.Module) -> bool:
+    """A ``transformers`` GPT-2 (``model_type`` "gpt2") with GPT-2's attention: the built-in plan's
+    model. Look-alikes (ImageGPT, DecisionTransformer) are not tested with it and get no plan."""
+    return (is_hugging_face(network) and network.config.model_type == "gpt2"
+            and bool(gpt2_attention_paths(network)))
 
 
 def _refuse_conv1d(network: nn.Module, plan: dict | None) -> None:
@@ -167,8 +174,7 @@ def parallelize_network(
             f"attention with nn.Linear q/k/v projections and shard those with tp_plan="
         )
     config = getattr(network, "config", None)
-    if plan is None and (getattr(config, "base_model_tp_plan", None)
-                         or (is_hugging_face(network) and gpt2_attention_paths(network))):
+    if plan is None and (getattr(config, "base_model_tp_plan", None) or _is_gpt2(network)):
         _check_hugging_face_heads(config, tp)
     elif plan is None and config is not None and not is_hugging_face(network):
         # The suite's models: heads, hidden, MLP (and vocab) against tp, named by config field,
