@@ -16,16 +16,7 @@ def _local_columns(full: torch.Tensor, rank: int, blocks: int, tp: int = 2) -> t
     return torch.cat([b.chunk(tp, 1)[rank] for b in full.chunk(blocks, 1)], 1)
 
 
-def _assert_matches(results: list[dict], ref: dict, steps: int) -> None:
-    assert len(results[0]["losses"]) == len(ref["losses"]) == steps
-    for a, b in zip(results[0]["losses"], ref["losses"]):
-        assert abs(a - b) <= 1e-5 * abs(b)
-    held = {}
-    for r in results:
-        held.update(r["state"])
-    assert set(held) == set(ref["state"])
-    for name, value in held.items():
-        assert (value - ref["state"][name]).abs().max().item() <= 1e-5, name
+_assert_matches = targets.assert_matches
 
 
 def test_gpt2_tp2_from_its_built_in_plan_matches_single_process() -> None:
