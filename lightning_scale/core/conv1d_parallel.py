@@ -24,7 +24,10 @@ model's own tensor: ``full_tensor()`` returns the unchanged ``[Wq | Wk | Wv]``, 
 clipping norm and optimizers see ordinary DTensors, and checkpoints hold the model's own layout
 (:mod:`lightning_scale.core.checkpoint` gathers strided tensors for DCP, which stores only
 contiguous shards). The module that splits the fused output (GPT-2's attention: ``split_size``)
-must split the local width D/t instead: see ``adapters.huggingface.GPT2AttentionHeads``.
+must split the local width D/t instead: see ``adapters.huggingface.GPT2AttentionHeads``. The
+fused bias (3 D,) stays a replicated parameter, used in each forward through its strided view
+(``_StridedView``: a local slice forward, an all-gather of its gradient backward), so that its
+gradient has its parameter's layout and ZeRO-3 can shard it on dim 0 like any replicated tensor.
 """
 
 from __future__ import annotations
