@@ -341,3 +341,27 @@ def load_family_weights(family: str, path: str, strategy_name: str) -> dict:
     trainer.fit(task, DataLoader(_family_data(family), batch_size=8))
     c_attn = task.model.transformer.h[0].attn.c_attn.weight
     return {"state": _full_state(task), "local_c_attn": c_attn.to_local().detach().clone()}
+
+
+def save_after_drift(steps: int, path: str) -> dict:
+    """GPT-2 at TP = 2 for ``steps``, then rank 1's replicated parameters nudged (as rounding
+    drift would, larger), then ``trainer.save_checkpoint(path)``: whether every replicated
+    parameter is equal across the TP ranks after the save."""
+    import torch.distributed as dist
+
+    from lightning_scale.strategies import TensorParallelStrategy
+
+    task, _ = _fit(TensorParallelStrategy(tensor_parallel_size=2), steps, family="gpt2", save_to=None)
+    replicated = [(n, p) for n, p in task.named_parameters() if all(pl.is_replicate() for pl in p.placements)]
+    if dist.get_rank() == 1:
+        with torch.no_grad():
+            for _, p in replicated:
+                p.to_local().add_(1e-3)
+    task.trainer.save_checkpoint(path)
+    differ = []
+    for name, p in replicated:
+        both = [torch.empty_like(p.to_local()) for _ in range(2)]
+        dist.all_gather(both, p.to_local().detach().contiguous())
+        if not torch.equal(both[0], both[1]):
+            differ.append(name)
+    return {"differ_after_save": differ, "replicated": len(replicated)}

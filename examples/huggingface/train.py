@@ -38,7 +38,8 @@ STRATEGIES = {
 
 def gpt2() -> torch.nn.Module:
     return tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=4, n_embd=64, n_head=4, vocab_size=128, n_positions=64,
-                                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+                                            bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                            attn_pdrop=0.0))
 
 
 def llama() -> torch.nn.Module:

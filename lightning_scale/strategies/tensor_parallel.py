@@ -57,6 +57,19 @@ def builtin_plan(network: nn.Module, sequence_parallel: bool, shard_vocab: bool 
     )
 
 
+def plan_source(network: nn.Module, user_plan: Mapping[str, ParallelStyle] | None) -> str:
+    """Where the plan in use came from, for the start-up line."""
+    from lightning_scale.models import GPT, ViT
+
+    if user_plan is not None:
+        return "your tp_plan"
+    if isinstance(network, (GPT, ViT)):
+        return f"the suite's {type(network).__name__} plan"
+    if getattr(getattr(network, "config", None), "base_model_tp_plan", None):
+        return "the model's own plan: config.base_model_tp_plan"
+    return "GPT-2's built-in Conv1D plan"
+
+
 def _is_gpt2(network: nn.Module) -> bool:
     """A ``transformers`` GPT-2 (``model_type`` "gpt2") with GPT-2's attention: the built-in plan's
     model. Look-alikes (ImageGPT, DecisionTransformer) are not tested with it and get no plan."""
@@ -249,7 +262,8 @@ class TensorParallelStrategy(MeshStrategy):
         user_plan = relative_plan(self.tp_plan, None if network is self.lightning_module else self.module_name, network)
         plan = parallelize_network(network, self.device_mesh["tp"], user_plan, self.sequence_parallel, self.shard_vocab,
                                    src_data_rank=None if self.deferring else 0)
-        rank_zero_info(f"TensorParallelStrategy: tp={self.tp}, sequence_parallel={self.sequence_parallel}, {len(plan)} plan entries")
+        rank_zero_info(f"TensorParallelStrategy: tp={self.tp}, sequence_parallel={self.sequence_parallel}, {len(plan)} plan "
+                       f"entries ({plan_source(network, user_plan)})")
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         if self.sequence_parallel:
