@@ -408,12 +408,19 @@ def test_a_traced_pipeline_with_zero3_on_the_replicas_matches_torchs_own_schedul
         lambda: PipelineStrategy(stages=2, schedule="1f1b", microbatches=targets.MICROBATCHES, zero_stage=3,
                                  split_points=["model.layers.2"], stage_forward=decoder_stage_forward),
         world_size=4)
-    # Measured on 2026-12-03 over 5 runs: pipeline rank 0 11,517,164 bytes every time, traced 0.994
-    # (without the no-sync backwards the trace gave 0.969); pipeline rank 1 9,666,036 in 4 runs and
-    # 10,322,420 in one (when its asynchronous sends and reductions complete moves its peak), traced
-    # 1.014 and 0.949: the real run's own spread is 6.8% there.
+    # Measured on 2026-12-03: pipeline rank 0 11,517,164 bytes in every run, traced 0.994 (without
+    # the no-sync backwards the trace gave 0.969). Pipeline rank 1's real peak depends on timing:
+    # 9,666,036 (4 of 5 quiet runs), 10,322,420 and, in a CI run on a busy machine, 10,978,804:
+    # steps of exactly one decoder layer's fp32 parameters (656,384 bytes), an unsharded layer
+    # buffer of FSDP2 still alive because its asynchronous reduction or gather has not completed
+    # (k of the stage's 2 layers). The trace (no asynchrony) must match one of those states
+    # within 2%; a 6% tolerance on the raw peak failed on the busy machine (traced 0.892).
     assert abs(traced[0].peak / measured[0] - 1) <= 0.02, (traced[0].peak, measured[0])
-    assert abs(traced[1].peak / measured[2] - 1) <= 0.06, (traced[1].peak, measured[2])
+    with torch.device("meta"):
+        layer_bytes = 4 * sum(p.numel() for p in model.build().model.layers[0].parameters())
+    assert layer_bytes == 656_384
+    states = [measured[2] - k * layer_bytes for k in range(3)]  # k in-flight layer buffers: 0, 1 or 2
+    assert min(abs(traced[1].peak / state - 1) for state in states) <= 0.02, (traced[1].peak, measured[2])
 
 
 def test_tracing_another_rank_leaves_this_process_rank_zero() -> None:
