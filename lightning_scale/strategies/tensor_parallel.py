@@ -3,7 +3,8 @@ with data parallelism over the remaining ranks.
 
 The network in ``module_name`` is parallelized in place with
 :func:`lightning_scale.core.tensor_parallel.apply_tp` over the ``tp`` sub-mesh: the built-in plan
-of the suite's GPT / ViT, or a user plan (``{module-path pattern: ParallelStyle}``). Every
+of the suite's GPT / ViT, a Hugging Face model's own plan or GPT-2's Conv1D plan, or a user plan
+(``{module-path pattern: ParallelStyle}``). Every
 parameter of the network becomes a DTensor (those the plan leaves alone ``Replicate``), on every
 device: the layout tested on CPU is the layout a GPU runs (:func:`parallelize_network`). The
 training step is the module's own (every TP rank computes the same loss on the same batch);
@@ -214,7 +215,9 @@ class TensorParallelStrategy(MeshStrategy):
             (the sequence length must be divisible by ``tensor_parallel_size``).
         tp_plan: ``{module-path pattern: ParallelStyle}``, paths relative to the network (or to the
             LightningModule, ``"model.blocks.*.fc1"``); default: the built-in plan for the suite's
-            GPT/ViT. ``plan=`` is its deprecated spelling.
+            GPT/ViT, a ``transformers`` model's own plan (``config.base_model_tp_plan``), or
+            GPT-2's Conv1D plan (``adapters.huggingface.gpt2_tp_plan``). ``plan=`` is its
+            deprecated spelling.
         shard_vocab: with the built-in GPT plan, shard the token embedding and head on the vocabulary.
         module_name: attribute of the LightningModule that holds the network.
     """
