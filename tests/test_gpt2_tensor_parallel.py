@@ -64,10 +64,10 @@ def test_gpt2_tp2_sequence_parallel_matches_single_process_and_its_checkpoint_re
 
 def test_a_save_makes_drifted_replicas_equal_and_keeps_the_exported_head_tied(tmp_path) -> None:
     # Replicated parameters (embeddings, norms, the tied head) are updated on each TP rank from a
-    # gradient each computes; with kernels that are not bitwise reproducible (multi-threaded CPU,
-    # GPU atomics) they drift apart by rounding (a new user measured up to 1.2e-7 after 4 steps at
-    # 2 threads per process, and an exported GPT-2 whose head came back untied: DCP wrote wte
-    # from rank 0 and lm_head from rank 1). Drift is simulated here, larger (1e-3 on rank 1): the
+    # gradient each computes; when the ranks' kernels do not compute alike (different CPU thread
+    # counts, fixed by the launched-script test below; GPU atomics) they drift apart by rounding (a
+    # new user measured up to 1.2e-7 after 4 steps, and an exported GPT-2 whose head came back
+    # untied: DCP wrote wte from rank 0 and lm_head from rank 1). Drift is simulated here, larger (1e-3 on rank 1): the
     # save re-syncs the replicas, and the export loads with its head tied.
     from transformers import GPT2LMHeadModel
 
@@ -82,6 +82,29 @@ def test_a_save_makes_drifted_replicas_equal_and_keeps_the_exported_head_tied(tm
     assert torch.equal(written["lm_head.weight"], written["transformer.wte.weight"])
     loaded = GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
+
+
+def test_a_launched_script_gives_every_rank_the_same_threads_and_keeps_replicas_equal(tmp_path) -> None:
+    # Launched as a user does (python script.py, Lightning starting rank 1). Lightning set the
+    # intra-op threads in the launching process only (rank 0: 1 thread, rank 1: 2 on this 2-core
+    # machine), and the replicated TP parameters drifted apart by up to 1.2e-7 in 4 steps. The
+    # strategies apply Lightning's thread rule on every rank: equal threads, bitwise-equal replicas.
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    env.update(WANDB_MODE="disabled", PYTHONPATH=f"{tests.parent}{os.pathsep}{tests}")
+    done = subprocess.run([sys.executable, str(tests / "_launched_tp.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = re.search(r"launched tp: threads \[(\d+), (\d+)\] replicated difference (\S+)", done.stdout)
+    assert found, done.stdout[-2000:]
+    assert found.group(1) == found.group(2)
+    assert float(found.group(3)) == 0.0
 
 
 def test_gpt2_tp2_weights_from_a_save_pretrained_directory_read_per_block(tmp_path) -> None:

@@ -219,9 +219,10 @@ def resync_replicated(tree: Any) -> int:
 
     Why: a parameter the TP plan leaves replicated (embeddings, norms, a tied head) is updated
     on every TP rank from a gradient each rank computes itself. Identical inputs give identical
-    gradients only when the kernels are bitwise reproducible; multi-threaded CPU reductions (and
-    GPU kernels with atomics) need not be, and the replicas drift apart by rounding (measured:
-    up to 1.2e-7 after one step, GPT-2 at TP = 2 with 2 threads per process). DCP writes each
+    gradients only when every rank's kernels compute alike: ranks with different CPU thread
+    counts (measured: up to 1.2e-7 after 4 steps, GPT-2 at TP = 2, 1 thread on rank 0 and 2 on
+    rank 1, which the strategies now prevent) or GPU kernels with atomics let the replicas drift
+    apart by rounding. DCP writes each
     replicated tensor once, from whichever rank its planner picks, so drifted replicas could
     put a tied embedding and head into the checkpoint from different ranks. At every save they
     are made equal again. Collective on every rank of each mesh (the same keys, in order)."""

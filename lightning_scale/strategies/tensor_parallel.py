@@ -58,7 +58,7 @@ def builtin_plan(network: nn.Module, sequence_parallel: bool, shard_vocab: bool 
     )
 
 
-def plan_source(network: nn.Module, user_plan: Mapping[str, ParallelStyle] | None) -> str:
+def _plan_source(network: nn.Module, user_plan: Mapping[str, ParallelStyle] | None) -> str:
     """Where the plan in use came from, for the start-up line."""
     from lightning_scale.models import GPT, ViT
 
@@ -266,7 +266,7 @@ class TensorParallelStrategy(MeshStrategy):
         plan = parallelize_network(network, self.device_mesh["tp"], user_plan, self.sequence_parallel, self.shard_vocab,
                                    src_data_rank=None if self.deferring else 0)
         rank_zero_info(f"TensorParallelStrategy: tp={self.tp}, sequence_parallel={self.sequence_parallel}, {len(plan)} plan "
-                       f"entries ({plan_source(network, user_plan)})")
+                       f"entries ({_plan_source(network, user_plan)})")
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         if self.sequence_parallel:
