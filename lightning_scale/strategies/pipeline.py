@@ -241,7 +241,7 @@ class PipelineStrategy(MeshStrategy):
         if family is None:
             raise ValueError(
                 f"PipelineStrategy: no pipeline stage forward ships for {type(network).__name__} (Hugging Face model_type "
-                f"{network.config.model_type!r}; shipped: Llama-style decoders, GPT-2, ViT, BERT/RoBERTa classifiers and masked LMs). "
+                f"{network.config.model_type!r}; shipped: Llama-style decoders, GPT-2, GPT-NeoX, GPT-J, ViT, BERT/RoBERTa classifiers, masked and causal LMs). "
                 f"Give stage_forward=fn(stage, *inputs) that runs the parts a stage holds (the others are None) and "
                 f"block_container='<path of the layer list>', or try frontend='trace' (torch's tracer on your forward)"
             )
